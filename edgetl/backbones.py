@@ -1,0 +1,187 @@
+"""Build a classifier from a library name and declare how it exports.
+
+Names pass straight to the libraries: ``torchvision:<builder>`` (``torchvision.models.get_model``) and
+``timm:<model>`` (``timm.create_model``). The head is replaced for the dataset's classes. Each backbone carries
+its export contract (input/output names, dynamic axes, tolerance) and the preprocessing its pretrained weights
+expect, so export and the device runner need no other source of truth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetl.config import BackboneCfg
+from edgetl.errors import EdgetlError
+
+
+@dataclass(frozen=True)
+class ExportContract:
+    """What the ONNX graph looks like and how close to PyTorch it must stay."""
+
+    input_names: tuple[str, ...] = ("input",)
+    output_names: tuple[str, ...] = ("logits",)
+    dynamic_axes: dict = field(default_factory=lambda: {"input": {0: "batch"}, "logits": {0: "batch"}})
+    atol: float = 1e-3  # max |ORT - PyTorch| on FP32 logits
+    preprocess: dict = field(default_factory=dict)  # what runner.prepare/normalize need; goes into the bundle
+
+
+@dataclass
+class Backbone:
+    model: Any  # torch.nn.Module
+    blocks: list[list[str]]  # parameter names grouped from input to output, head excluded
+    head: str  # module name of the final Linear
+    contract: ExportContract
+
+
+def _preprocess(input_size: int, crop_pct: float, mean, std, interpolation: str) -> dict:
+    return {
+        "kind": "image",
+        "crop": int(input_size),
+        "resize": int(math.floor(input_size / crop_pct)),  # shorter side before the center crop
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "interpolation": interpolation,
+        "channels": 3,  # grayscale images are replicated to RGB so pretrained stems apply unchanged
+        "layout": "NCHW",
+    }
+
+
+def _load_state(path: str) -> dict:
+    import torch
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EdgetlError(f"backbone.pretrained: weights file not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        raise EdgetlError(f"backbone.pretrained: cannot read weights {p}: {type(e).__name__}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def _load_into(model, path: str) -> None:
+    """Load a local weights file, ignoring the old classifier (it has the wrong number of classes)."""
+    state = _load_state(path)
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(matched) < 0.5 * len(own):
+        raise EdgetlError(
+            f"backbone.pretrained: {path} does not match this architecture ({len(matched)}/{len(own)} tensors fit)"
+        )
+    model.load_state_dict(matched, strict=False)
+
+
+def _last_linear(model) -> str:
+    import torch.nn as nn
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise EdgetlError("backbone has no Linear classifier to replace")
+    return names[-1]
+
+
+def replace_module(model, name: str, new) -> None:
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], new)
+
+
+def _torchvision(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
+    import torch.nn as nn
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise EdgetlError(
+            f"unknown torchvision model '{name}'; valid names: python -c 'import torchvision; "
+            "print(torchvision.models.list_models())'"
+        )
+    weights = None
+    if cfg.pretrained is True:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        from edgetl.assets import install_offline_weights
+
+        install_offline_weights()  # no-op unless an offline weights package is installed
+    try:
+        model = torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise EdgetlError(
+            f"could not load {name} weights ({type(e).__name__}); offline, put the file in the torch hub cache "
+            "or set backbone.pretrained to a weights path"
+        ) from None
+    if isinstance(cfg.pretrained, str):
+        _load_into(model, cfg.pretrained)
+    head = _last_linear(model)
+    old = model.get_submodule(head)
+    replace_module(model, head, nn.Linear(old.in_features, num_classes))
+    if cfg.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = cfg.dropout
+
+    # block groups: children of `features` when the model has it (MobileNet, EfficientNet), else top-level children
+    groups: list[list[str]] = []
+    for child_name, child in model.named_children():
+        children = list(child.named_children()) if child_name == "features" else [("", child)]
+        for sub, mod in children:
+            prefix = f"{child_name}.{sub}" if sub else child_name
+            params = [f"{prefix}.{p}" for p, _ in mod.named_parameters()]
+            params = [p for p in params if not p.startswith(head + ".")]
+            if params:
+                groups.append(params)
+
+    tf = (weights or torchvision.models.get_model_weights(name).DEFAULT).transforms()
+    size = cfg.input_size or tf.crop_size[0]
+    crop_pct = tf.crop_size[0] / tf.resize_size[0]
+    pre = _preprocess(size, crop_pct, tf.mean, tf.std, tf.interpolation.value)
+    return Backbone(model, groups, head, ExportContract(preprocess=pre))
+
+
+def _timm(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
+    import timm
+    from timm.models import group_parameters
+
+    if not timm.is_model(name):
+        raise EdgetlError(f"unknown timm model '{name}'; list valid names with: python -c 'import timm; print(timm.list_models())'")
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if cfg.dropout is not None:
+        kwargs["drop_rate"] = cfg.dropout
+    if cfg.pretrained is True:
+        from edgetl.assets import offline_timm_weights
+
+        local = offline_timm_weights(name)
+        if local:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(local)}
+    try:
+        model = timm.create_model(name, pretrained=cfg.pretrained is True, **kwargs)
+    except (OSError, RuntimeError) as e:
+        raise EdgetlError(
+            f"could not load {name} weights ({type(e).__name__}); offline, set backbone.pretrained to a weights path"
+        ) from None
+    if isinstance(cfg.pretrained, str):
+        _load_into(model, cfg.pretrained)
+    head = _last_linear(model)
+    grouped = group_parameters(model, model.group_matcher(coarse=True))
+    groups = [[p for p in names if not p.startswith(head + ".")] for names in grouped.values()]
+    groups = [g for g in groups if g]
+    pc = model.pretrained_cfg
+    size = cfg.input_size or pc["input_size"][-1]
+    pre = _preprocess(size, pc.get("crop_pct", 0.875), pc["mean"], pc["std"], pc.get("interpolation", "bilinear"))
+    return Backbone(model, groups, head, ExportContract(preprocess=pre))
+
+
+FAMILIES = {"torchvision": _torchvision, "timm": _timm}
+
+
+def build_backbone(cfg: BackboneCfg, num_classes: int) -> Backbone:
+    family, _, name = cfg.name.partition(":")
+    if family not in FAMILIES or not name:
+        raise EdgetlError(
+            f"backbone.name '{cfg.name}' must be '<library>:<model>' with library one of {', '.join(FAMILIES)} "
+            "(e.g. torchvision:mobilenet_v2, timm:tf_efficientnet_lite0)"
+        )
+    return FAMILIES[family](name, cfg, num_classes)

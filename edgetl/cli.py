@@ -1,0 +1,136 @@
+"""The ``edgetl`` command: parse, call the library, print. User mistakes print one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from edgetl.errors import EdgetlError
+
+
+def friendly(fn):
+    """Turn EdgetlError (and a broken bundle) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from edgetl.runner import BundleError
+
+        try:
+            return fn(*args, **kwargs)
+        except (EdgetlError, BundleError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no bundle was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="edgetl")
+def main() -> None:
+    """edgetl: pretrained backbone + your labelled data -> verified ONNX bundle for an edge device.
+
+    \b
+    Quick start:
+      edgetl build models/mobilenet_v2_fmnist.yaml          # fine-tune, export, verify, bundle
+      edgetl build RECIPE.yaml --set finetune.epochs=1      # override any recipe key
+      edgetl predict artifacts/NAME image.png               # top-k labels from a bundle
+      edgetl bench artifacts/NAME/model.onnx --threads 1    # ORT latency p50/p90/p99
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set finetune.epochs=1 --set data.max_train=500 (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Bundle directory [default: artifacts/<recipe name>]. Written to a temp dir, renamed when done.")
+@friendly
+def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
+    """Run the recipe's pipeline and write a verified bundle.
+
+    \b
+    Stages run in order when their recipe section is present:
+      load      backbone (torchvision:/timm: name) + data, stratified train/val/test split
+      finetune  transfer learning: linear_probe | freeze | full | gradual_unfreeze
+      export    FP32 ONNX, checked against PyTorch under ONNX Runtime
+      verify    test accuracy (PyTorch and ORT), latency p50/p90, size, params, MACs; gates
+      bundle    model.onnx, labels, preprocessing, recipe.lock.yaml, report.json, runner.py, manifest
+    A failed stage or gate leaves no bundle behind.
+    """
+    from edgetl.config import load_recipe
+    from edgetl.pipeline import build as run_build
+
+    cfg = load_recipe(recipe, overrides)
+    state = run_build(cfg, out)
+    click.echo(summary(state))
+
+
+def summary(state) -> str:
+    lines = [f"\nbundle: {state.workdir}"]
+    if state.rows:
+        lines.append(f"{'model':<8}{'file':<18}{'acc torch':>10}{'acc ORT':>9}{'agree':>8}{'p50 ms':>8}{'p90 ms':>8}"
+                     f"{'MB':>7}{'params':>10}{'MMACs':>8}")
+        for r in state.rows:
+            lines.append(f"{r['stage']:<8}{r['file']:<18}{r['acc_torch']:>9.2f}%{r['acc_ort']:>8.2f}%"
+                         f"{r['agreement']:>7.1f}%{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['size_mb']:>7.2f}"
+                         f"{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e6:>8.1f}")
+    export = state.metrics.get("export")
+    if export:
+        lines.append(f"ORT parity: max|diff| {export['max_abs_diff']:.2e} (atol {export['atol']:g}), "
+                     f"top-1 agreement {100 * export['top1_agreement']:.2f}%")
+    for g in state.metrics.get("verify", {}).get("gates", []):
+        lines.append(f"gate {g['gate']}: {g['value']:.3g} vs {g['limit']:g} {'PASS' if g['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch", default=1, show_default=True, help="Batch size of the random input.")
+@click.option("--threads", default=1, show_default=True, help="ORT intra-op threads (1 is the fair edge baseline).")
+@click.option("--runs", default=200, show_default=True, help="Timed runs after warm-up.")
+@click.option("--warmup", default=20, show_default=True, help="Untimed runs first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a line.")
+@friendly
+def bench(model: str, batch: int, threads: int, runs: int, warmup: int, as_json: bool) -> None:
+    """ORT latency of an ONNX MODEL: p50/p90/p99 over RUNS runs on random input of the model's shape."""
+    from edgetl.runner import device_info, feed_for, latency, session
+
+    try:
+        sess = session(model, threads)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
+        raise EdgetlError(f"ONNX Runtime cannot load {model}: {str(e).splitlines()[0][:200]}") from None
+    stats = latency(sess, feed_for(sess, batch), runs, warmup)
+    stats.update(model=model, threads=threads, device=device_info())
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+    else:
+        click.echo(f"{model}: p50 {stats['p50_ms']:.3f} ms  p90 {stats['p90_ms']:.3f} ms  p99 {stats['p99_ms']:.3f} ms"
+                   f"  ({threads} thread(s), batch {batch}, {runs} runs)")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def predict(bundle: str, images: tuple[str, ...], top_k: int, as_json: bool) -> None:
+    """Top-k labels for IMAGES using only the BUNDLE's files (manifest checked first)."""
+    from edgetl.runner import Bundle
+
+    results = Bundle(bundle).predict_files(list(images), top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(r["file"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Every recipe setting on one page.
+
+A recipe is YAML that maps onto these frozen dataclasses. Unknown keys and wrong types fail with the key's
+dotted name; ``--set key=value`` overrides are applied to the raw mapping first, so they are checked the same
+way. A pipeline stage runs when its section is present (``None`` means the section was left out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from edgetl.errors import EdgetlError
+
+
+@dataclass(frozen=True)
+class BackboneCfg:
+    name: str  # "torchvision:mobilenet_v2", "timm:tf_efficientnet_lite0", ...
+    pretrained: Union[bool, str] = True  # true: library weights (cache or download); false: random; str: a weights file
+    input_size: Optional[int] = None  # square input side in pixels; None = the pretrained config's size
+    dropout: Optional[float] = None  # classifier dropout; None = the backbone's default
+
+
+@dataclass(frozen=True)
+class AugmentCfg:
+    random_resized_crop: bool = True  # random crop of scale [crop_scale_min, 1] resized back to input_size
+    crop_scale_min: float = 0.6  # smallest crop area as a fraction of the image
+    hflip: bool = True  # random horizontal flip (turn off for text-like or oriented images)
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    kind: Literal["folder", "fashion_mnist", "digits"] = "folder"  # image folder, Fashion-MNIST idx files, sklearn digits
+    path: Optional[str] = None  # folder root (class sub-folders, or train/ val/ test/ splits) or idx directory
+    val_fraction: float = 0.1  # of the training pool, stratified, when no val split is given
+    test_fraction: float = 0.2  # of the whole pool, stratified, when no test split is given
+    max_train: Optional[int] = None  # stratified subsample of the training split (keeps CPU runs short)
+    max_val: Optional[int] = None  # same for validation
+    max_test: Optional[int] = None  # same for test
+    batch_size: int = 64
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+
+
+@dataclass(frozen=True)
+class FinetuneCfg:
+    strategy: Literal["linear_probe", "freeze", "full", "gradual_unfreeze"] = "freeze"
+    epochs: int = 5
+    lr: float = 1e-3  # peak learning rate of the head; the backbone's are lower (see lr_decay)
+    weight_decay: float = 0.01  # AdamW
+    warmup_epochs: float = 0.5  # linear warm-up, then cosine decay to zero
+    label_smoothing: float = 0.1
+    patience: int = 3  # early stopping: epochs without validation improvement
+    freeze_blocks: int = 0  # strategy freeze: the first N backbone blocks stay frozen
+    lr_decay: float = 0.7  # layer-wise LR decay: block k from the top trains at lr * lr_decay**k (full, gradual_unfreeze)
+    unfreeze_every: int = 1  # gradual_unfreeze: one more block group becomes trainable every K epochs
+    unfreeze_group: int = 2  # gradual_unfreeze: blocks per group
+
+
+@dataclass(frozen=True)
+class ExportCfg:
+    opset: int = 17
+    atol: Optional[float] = None  # max |ORT - PyTorch| on logits; None = the backbone's declared tolerance
+    min_top1_agreement: float = 0.99  # ORT and PyTorch must pick the same class on this fraction of inputs
+
+
+@dataclass(frozen=True)
+class VerifyCfg:
+    threads: int = 1  # ORT intra-op threads for latency
+    warmup: int = 10  # untimed runs before latency is measured
+    runs: int = 100  # timed batch-1 runs
+    max_accuracy_drop: Optional[float] = None  # gate, in points: PyTorch fine-tuned accuracy minus shipped ORT accuracy
+    min_speedup: Optional[float] = None  # gate: FP32 ONNX p50 / shipped model p50
+    max_size_mb: Optional[float] = None  # gate: shipped model.onnx size
+    min_accuracy: Optional[float] = None  # gate: shipped ORT test accuracy, in percent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    backbone: BackboneCfg
+    data: DataCfg
+    seed: int = 0
+    finetune: Optional[FinetuneCfg] = None
+    export: Optional[ExportCfg] = field(default_factory=ExportCfg)
+    verify: Optional[VerifyCfg] = field(default_factory=VerifyCfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and build nested dataclasses; raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        # bool before str/float so `true` is not read as a string; first match wins
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except EdgetlError as e:
+                errors.append(str(e))
+        raise EdgetlError(f"recipe key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise EdgetlError(f"recipe key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise EdgetlError(f"recipe key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise EdgetlError(f"recipe key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EdgetlError(f"recipe key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EdgetlError(f"recipe key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise EdgetlError(f"recipe key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")  # a bug in this file, not a user error
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise EdgetlError(f"unknown recipe key '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise EdgetlError(f"recipe key '{key}' is required")
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``1``, ``true``, ``[1,2]``)."""
+    if "=" not in assignment:
+        raise EdgetlError(f"--set expects key=value, got '{assignment}'")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    cls: Any = Recipe
+    node = raw
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise EdgetlError(f"unknown recipe key '{'.'.join(parts[: i + 1])}' in --set {dotted}")
+        if i == len(parts) - 1:
+            node[part] = yaml.safe_load(text) if text != "" else None
+            return
+        tp = hints[part]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        cls = inner[0]
+        if not dataclasses.is_dataclass(cls):
+            raise EdgetlError(f"recipe key '{'.'.join(parts[: i + 1])}' is not a section")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgetlError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise EdgetlError(f"recipe {path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise EdgetlError(f"recipe {path} must be a mapping of sections")
+    return recipe_from_dict(raw, overrides)
+
+
+def recipe_from_dict(raw: dict, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return _build(Recipe, raw)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)

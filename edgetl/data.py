@@ -1,0 +1,263 @@
+"""Datasets, stratified splits and transforms.
+
+Images are decoded once with the device runner's own ``prepare`` (resize shorter side, center crop) and kept
+in memory as uint8, so evaluation sees exactly what a device sees. Training adds augmentation on top.
+Sources return *items* (file paths or arrays) so splitting and subsampling happen before any decoding.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgetl.config import DataCfg
+from edgetl.errors import EdgetlError
+from edgetl.runner import prepare
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+@dataclass
+class Pool:
+    """Undecoded examples: ``load(i)`` returns a PIL image for item i."""
+
+    items: list[Any]
+    labels: np.ndarray
+    load: Callable[[Any], Any]
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 N x H x W x 3, already resized and center-cropped
+    labels: np.ndarray  # int64 N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sources
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise EdgetlError(f"cannot read image {path}: {type(e).__name__} (corrupt or not an image)") from None
+
+
+def _folder_pool(root: Path, classes: list[str] | None = None) -> tuple[Pool, list[str]]:
+    if not root.is_dir():
+        raise EdgetlError(f"data folder not found: {root}")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+        if len(classes) == 0:
+            raise EdgetlError(f"data folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+        if len(classes) == 1:
+            raise EdgetlError(f"data folder {root} has a single class '{classes[0]}': need at least two")
+    elif found != classes:
+        raise EdgetlError(f"classes in {root} ({', '.join(found)}) differ from the training split's ({', '.join(classes)})")
+    items, labels = [], []
+    for idx, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not files:
+            raise EdgetlError(f"class folder {root / name} has no images ({', '.join(sorted(IMAGE_EXTS))})")
+        items += files
+        labels += [idx] * len(files)
+    return Pool(items, np.asarray(labels, np.int64), _open_image), classes
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise EdgetlError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise EdgetlError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise EdgetlError(f"{path} is truncated ({data.size} of {int(np.prod(dims))} values)")
+    return data.reshape(dims)
+
+
+def _array_pool(images: np.ndarray, labels: np.ndarray) -> Pool:
+    from PIL import Image
+
+    return Pool(list(range(len(labels))), labels.astype(np.int64), lambda i: Image.fromarray(images[i]))
+
+
+def _idx_pool(root: Path, prefix: str) -> Pool:
+    def find(stem: str) -> Path:
+        for name in (f"{stem}.gz", stem):
+            if (root / name).is_file():
+                return root / name
+        raise EdgetlError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (Debian: apt-get install dataset-fashion-mnist)")
+
+    images = read_idx(find(f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+    if len(images) != len(labels):
+        raise EdgetlError(f"{root}: {prefix} images and labels differ in count")
+    return _array_pool(images, labels)
+
+
+def open_sources(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
+    """Pools by split name ('pool' when the source has no splits of its own) and class names."""
+    if cfg.kind == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+        return {"pool": _array_pool(images, d.target)}, [str(c) for c in d.target_names]
+    if cfg.kind == "fashion_mnist":
+        root = Path(cfg.path or FASHION_MNIST_DIR)
+        if not root.is_dir():
+            raise EdgetlError(f"Fashion-MNIST folder not found: {root} (Debian: apt-get install dataset-fashion-mnist)")
+        return {"train": _idx_pool(root, "train"), "test": _idx_pool(root, "t10k")}, list(FASHION_MNIST_CLASSES)
+    if not cfg.path:
+        raise EdgetlError("data.path is required for data.kind=folder")
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise EdgetlError(f"data folder not found: {root}")
+    if (root / "train").is_dir():  # given splits
+        pools = {}
+        train, classes = _folder_pool(root / "train")
+        pools["train"] = train
+        for split in ("val", "test"):
+            if (root / split).is_dir():
+                pools[split], _ = _folder_pool(root / split, classes)
+        return pools, classes
+    pool, classes = _folder_pool(root)
+    return {"pool": pool}, classes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# splitting
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, taken) with ``fraction`` of each class in ``taken``."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    if (counts[counts > 0] < 2).any():
+        small = int(np.flatnonzero((counts > 0) & (counts < 2))[0])
+        raise EdgetlError(f"class index {small} has fewer than 2 examples: cannot split it stratified")
+    n_taken = max(int(round(fraction * len(labels))), int((counts > 0).sum()))
+    keep, taken = train_test_split(idx, test_size=n_taken, stratify=labels, random_state=seed)
+    return np.sort(keep), np.sort(taken)
+
+
+def _subsample(idx: np.ndarray, labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    if n is None or n >= len(idx):
+        return idx
+    _, taken = stratified_split(labels[idx], n / len(idx), seed)
+    return idx[taken]
+
+
+def _materialize(pool: Pool, idx: np.ndarray, pre: dict, desc: str) -> Split:
+    from tqdm.auto import tqdm
+
+    arrays = [prepare(pool.load(pool.items[i]), pre) for i in tqdm(idx, desc=f"decode {desc}", leave=False,
+                                                                    disable=len(idx) < 2000)]
+    return Split(np.stack(arrays), pool.labels[idx])
+
+
+def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]] | None = None) -> Data:
+    """Split (stratified, seeded), subsample and decode the dataset; ``sources`` from ``open_sources(cfg)``."""
+    for name in ("val_fraction", "test_fraction"):
+        if not 0.0 < getattr(cfg, name) < 1.0:
+            raise EdgetlError(f"recipe key 'data.{name}' must be between 0 and 1")
+    pools, classes = sources or open_sources(cfg)
+    pools = dict(pools)
+    if "pool" in pools:
+        pool = pools.pop("pool")
+        if len(np.unique(pool.labels)) < 2:
+            raise EdgetlError("the dataset has a single class: need at least two")
+        rest, test = stratified_split(pool.labels, cfg.test_fraction, seed)
+        pools = {"train": pool}
+        test_pool, test_idx = pool, test
+    else:
+        rest = np.arange(len(pools["train"].labels))
+        test_pool = pools.get("test")
+        test_idx = None
+    train_pool = pools["train"]
+    if "val" in pools:
+        train_idx, val_pool, val_idx = rest, pools["val"], np.arange(len(pools["val"].labels))
+    else:
+        keep, val = stratified_split(train_pool.labels[rest], cfg.val_fraction, seed + 1)
+        train_idx, val_pool, val_idx = rest[keep], train_pool, rest[val]
+    if test_pool is None:  # only train/ (and maybe val/) given: carve test out of train
+        keep, test = stratified_split(train_pool.labels[train_idx], cfg.test_fraction, seed + 2)
+        train_idx, test_pool, test_idx = train_idx[keep], train_pool, train_idx[test]
+    elif test_idx is None:
+        test_idx = np.arange(len(test_pool.labels))
+
+    train_idx = _subsample(train_idx, train_pool.labels, cfg.max_train, seed)
+    val_idx = _subsample(val_idx, val_pool.labels, cfg.max_val, seed)
+    test_idx = _subsample(test_idx, test_pool.labels, cfg.max_test, seed)
+    return Data(
+        train=_materialize(train_pool, train_idx, pre, "train"),
+        val=_materialize(val_pool, val_idx, pre, "val"),
+        test=_materialize(test_pool, test_idx, pre, "test"),
+        classes=classes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch side
+
+
+def make_loader(split: Split, pre: dict, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):
+    """A DataLoader of normalized float tensors; ``augment`` (an AugmentCfg) only for training."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
+
+    mean = torch.tensor(pre["mean"]).view(3, 1, 1)
+    std = torch.tensor(pre["std"]).view(3, 1, 1)
+    ops = []
+    if augment is not None:
+        if augment.random_resized_crop:
+            ops.append(v2.RandomResizedCrop(pre["crop"], scale=(augment.crop_scale_min, 1.0), antialias=True))
+        if augment.hflip:
+            ops.append(v2.RandomHorizontalFlip())
+    aug = v2.Compose(ops) if ops else None
+
+    class _Images(Dataset):
+        def __len__(self):
+            return len(split)
+
+        def __getitem__(self, i):
+            x = torch.from_numpy(split.images[i]).permute(2, 0, 1)
+            if aug is not None:
+                x = aug(x)
+            return (x.float() / 255.0 - mean) / std, int(split.labels[i])
+
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(_Images(), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)

@@ -1,0 +1,96 @@
+"""The pipeline: an ordered list of stages, each ``run(state, recipe) -> state``.
+
+A stage whose recipe section is absent is skipped. ``build`` runs them in a temporary directory next to the
+output and renames it into place only when every stage (gates included) passed, so a failed build never
+leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgetl.config import Recipe
+from edgetl.errors import EdgetlError
+
+
+@dataclass(frozen=True)
+class State:
+    recipe: Recipe
+    workdir: Path  # the bundle being written (a temp dir until the end)
+    data: Any = None  # edgetl.data.Data
+    backbone: Any = None  # edgetl.backbones.Backbone; .model is the current model
+    teacher: Any = None  # the fine-tuned FP32 model, kept for distillation and agreement
+    history: dict = field(default_factory=dict)  # stage -> per-epoch rows
+    rows: list = field(default_factory=list)  # report rows, one per measured model
+    onnx: dict = field(default_factory=dict)  # role ("fp32", "int8", ...) -> file name inside workdir
+    models: dict = field(default_factory=dict)  # role -> the PyTorch model that ONNX file was exported from
+    metrics: dict = field(default_factory=dict)  # stage -> whatever it measured
+    timings: dict = field(default_factory=dict)  # stage -> seconds
+
+    def replace(self, **kw) -> "State":
+        return dataclasses.replace(self, **kw)
+
+
+def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Recipe], bool]]]:
+    from edgetl.stages import bundle, export, finetune, load, verify
+
+    always = lambda r: True  # noqa: E731
+    return [
+        ("load", load.run, always),
+        ("finetune", finetune.run, lambda r: r.finetune is not None),
+        ("export", export.run, lambda r: r.export is not None),
+        ("verify", verify.run, lambda r: r.export is not None and r.verify is not None),
+        ("bundle", bundle.run, always),
+    ]
+
+
+def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], None] = print) -> State:
+    """Run every stage the recipe asks for and publish the bundle at ``out`` (default artifacts/<name>)."""
+    import torch
+
+    out = Path(out) if out else Path("artifacts") / recipe.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    state = State(recipe=recipe, workdir=tmp)
+    try:
+        for name, run, wanted in _stages():
+            if not wanted(recipe):
+                continue
+            log(f"[{name}]")
+            t0 = time.perf_counter()
+            state = run(state, recipe)
+            state = state.replace(timings={**state.timings, name: round(time.perf_counter() - t0, 2)})
+        _publish(tmp, out)
+    except EdgetlError as e:
+        report = tmp / "report.json"
+        if report.is_file():  # a failed gate: keep what was measured, but publish no bundle
+            kept = out.with_name(f"{out.name}.failed-report.json")
+            shutil.copyfile(report, kept)
+            e.args = (f"{e.args[0]} (measurements in {kept})",)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return state.replace(workdir=out)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Atomically put ``tmp`` at ``out``, replacing an older bundle only once the new one is complete."""
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise EdgetlError(f"output {out} exists and is not an edgetl bundle; refusing to replace it")
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

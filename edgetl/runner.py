@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Device-side runner for an edgetl bundle: needs only onnxruntime, numpy and Pillow (no torch, no edgetl).
+
+Every bundle ships a copy of this file as ``runner.py``; edgetl itself uses the same functions, so the
+preprocessing a device applies is byte-for-byte the one edgetl verified accuracy with.
+
+    python runner.py BUNDLE_DIR predict IMAGE [IMAGE ...] [--top-k 3]
+    python runner.py BUNDLE_DIR bench [--batch 1] [--threads 1] [--runs 200] [--json]
+
+The manifest (sha256 of every file) is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle that is incomplete, tampered with or unreadable."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_manifest(bundle: Path) -> dict:
+    """Check every file listed in manifest.json against its sha256; return the manifest."""
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle} has no {MANIFEST}: not an edgetl bundle")
+    manifest = json.loads(path.read_text())
+    for name, digest in manifest["files"].items():
+        f = Path(bundle) / name
+        if not f.is_file():
+            raise BundleError(f"bundle file missing: {name}")
+        if sha256(f) != digest:
+            raise BundleError(f"bundle file changed since build (sha256 mismatch): {name}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# image preprocessing: resize the shorter side, center crop, scale to [0, 1], normalize
+
+
+_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
+
+
+def prepare(image, pre: dict) -> np.ndarray:
+    """PIL image -> uint8 HWC array of the model's crop size (RGB)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    short = pre["resize"]
+    if w <= h:
+        nw, nh = short, max(1, round(h * short / w))
+    else:
+        nw, nh = max(1, round(w * short / h)), short
+    image = image.resize((nw, nh), resample=_RESAMPLE.get(pre.get("interpolation", "bilinear"), 2))
+    c = pre["crop"]
+    left, top = (nw - c) // 2, (nh - c) // 2
+    image = image.crop((left, top, left + c, top + c))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(batch: np.ndarray, pre: dict) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW, normalized with the pretrained mean/std."""
+    x = batch.astype(np.float32) / 255.0
+    x = (x - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+def session(model_path: str | Path, threads: int = 1, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def feed_for(sess, batch: int, rng: np.random.Generator | None = None) -> dict:
+    """Random inputs of the model's declared shape (dynamic axes become ``batch``)."""
+    rng = rng or np.random.default_rng(0)
+    feed = {}
+    for inp in sess.get_inputs():
+        shape = [batch if not isinstance(d, int) else d for d in inp.shape]
+        if "int" in inp.type:
+            feed[inp.name] = rng.integers(0, 100, size=shape, dtype=np.int64)
+        else:
+            feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def latency(sess, feed: dict, runs: int = 100, warmup: int = 10) -> dict:
+    """Wall-clock latency of ``sess.run`` on one fixed feed, in milliseconds."""
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    t = np.asarray(times)
+    batch = next(iter(feed.values())).shape[0]
+    return {
+        "p50_ms": float(np.percentile(t, 50)),
+        "p90_ms": float(np.percentile(t, 90)),
+        "p99_ms": float(np.percentile(t, 99)),
+        "mean_ms": float(t.mean()),
+        "throughput_per_s": float(batch * 1e3 / np.percentile(t, 50)),
+        "runs": runs,
+        "batch": batch,
+    }
+
+
+def device_info() -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(), "onnxruntime": ort.__version__}
+
+
+class Bundle:
+    """A verified bundle, ready to predict."""
+
+    def __init__(self, path: str | Path, threads: int = 1, model: str = "model.onnx", check: bool = True):
+        self.path = Path(path)
+        if check:
+            verify_manifest(self.path)
+        self.labels = json.loads((self.path / "labels.json").read_text())
+        self.preprocess = json.loads((self.path / "preprocess.json").read_text())
+        self.session = session(self.path / model, threads)
+
+    def logits_from_arrays(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC (already prepared) -> logits."""
+        name = self.session.get_inputs()[0].name
+        return self.session.run(None, {name: normalize(images, self.preprocess)})[0]
+
+    def predict_files(self, files: list[str], top_k: int = 3) -> list[dict]:
+        from PIL import Image, UnidentifiedImageError
+
+        arrays = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    arrays.append(prepare(im, self.preprocess))
+            except (OSError, UnidentifiedImageError) as e:
+                raise BundleError(f"cannot read image {f}: {type(e).__name__}") from None
+        probs = softmax(self.logits_from_arrays(np.stack(arrays)))
+        out = []
+        for f, p in zip(files, probs):
+            top = np.argsort(-p)[:top_k]
+            out.append({"file": str(f), "top": [{"label": self.labels[i], "prob": float(p[i])} for i in top]})
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle", help="bundle directory (has manifest.json)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("predict", help="top-k labels for images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    b = sub.add_parser("bench", help="latency p50/p90/p99 of the bundle's model")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--runs", type=int, default=200)
+    b.add_argument("--warmup", type=int, default=20)
+    b.add_argument("--model", default="model.onnx")
+    b.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "predict":
+            for r in Bundle(args.bundle).predict_files(args.images, args.top_k):
+                print(r["file"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+        else:
+            bundle = Bundle(args.bundle, threads=args.threads, model=args.model)
+            stats = latency(bundle.session, feed_for(bundle.session, args.batch), args.runs, args.warmup)
+            stats.update(threads=args.threads, model=args.model, device=device_info())
+            if args.json:
+                print(json.dumps(stats, indent=2))
+            else:
+                print(f"{args.model}: p50 {stats['p50_ms']:.2f} ms  p90 {stats['p90_ms']:.2f} ms  "
+                      f"p99 {stats['p99_ms']:.2f} ms  ({args.threads} thread(s), batch {args.batch})")
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Write the bundle: the shipped ONNX model and everything a device or app needs beside it.
+
+    model.onnx          the model to ship (INT8 when a compression stage produced one, else FP32)
+    model.fp32.onnx     the FP32 reference, when model.onnx is not it
+    labels.json         class names in output order
+    preprocess.json     resize / crop / mean / std the runner applies
+    recipe.lock.yaml    the resolved recipe and library versions
+    report.json         per-model measurements, training history, gates, machine
+    runner.py           the device-side runner (onnxruntime + numpy + Pillow only)
+    manifest.json       sha256 of every file above
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from edgetl import __version__
+from edgetl.config import Recipe, recipe_to_dict
+from edgetl.pipeline import State
+from edgetl.runner import MANIFEST, device_info, sha256
+
+LIBRARIES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "torch-pruning", "numpy", "scikit-learn")
+
+
+def versions() -> dict:
+    out = {"edgetl": __version__, "python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_report(state: State) -> Path:
+    report = {
+        "name": state.recipe.name,
+        "backbone": state.recipe.backbone.name,
+        "classes": state.data.classes if state.data else None,
+        "splits": {s: len(getattr(state.data, s)) for s in ("train", "val", "test")} if state.data else None,
+        "rows": state.rows,
+        "history": state.history,
+        "metrics": state.metrics,
+        "timings_s": state.timings,
+        "device": device_info(),
+        "versions": versions(),
+    }
+    path = state.workdir / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
+
+
+def write_manifest(root: Path) -> dict:
+    files = {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    manifest = {"edgetl": __version__, "files": files}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def run(state: State, recipe: Recipe) -> State:
+    from edgetl.stages.verify import SHIP_ORDER
+
+    out = state.workdir
+    onnx = dict(state.onnx)
+    shipped = next((r for r in SHIP_ORDER if r in onnx), None)
+    if shipped is not None:
+        os.replace(out / onnx[shipped], out / "model.onnx")
+        for row in state.rows:
+            if row["file"] == onnx[shipped]:
+                row["file"] = "model.onnx"
+        onnx[shipped] = "model.onnx"
+    state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": {"shipped": shipped, "files": onnx}})
+    (out / "labels.json").write_text(json.dumps(state.data.classes, indent=2))
+    (out / "preprocess.json").write_text(json.dumps(state.backbone.contract.preprocess, indent=2))
+    lock = {"recipe": recipe_to_dict(recipe), "versions": versions()}
+    (out / "recipe.lock.yaml").write_text(yaml.safe_dump(lock, sort_keys=False))
+    shutil.copyfile(Path(__file__).resolve().parent.parent / "runner.py", out / "runner.py")
+    write_report(state)
+    write_manifest(out)
+    return state

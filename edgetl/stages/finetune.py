@@ -1,0 +1,114 @@
+"""Transfer learning: train the new head and as much of the pretrained backbone as the strategy says.
+
+Strategies (``finetune.strategy``), all through ``train.fit``:
+
+- ``linear_probe``: backbone frozen; its features are computed once, cached, and only the head is trained.
+- ``freeze``: the first ``freeze_blocks`` blocks stay frozen (and their BatchNorm statistics), the rest train.
+- ``full``: everything trains; block k from the top at ``lr * lr_decay**k`` (discriminative / layer-wise LR).
+- ``gradual_unfreeze``: starts with the head only; every ``unfreeze_every`` epochs the next ``unfreeze_group``
+  blocks from the top join, each at its layer-wise LR.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from edgetl.backbones import replace_module
+from edgetl.config import FinetuneCfg, Recipe
+from edgetl.data import make_loader
+from edgetl.errors import EdgetlError
+from edgetl.pipeline import State
+from edgetl.train import evaluate, fit
+
+
+def param_groups(backbone, cfg: FinetuneCfg) -> tuple[list[dict], callable]:
+    """AdamW groups with layer-wise LRs, and the epoch hook that sets ``requires_grad`` per strategy."""
+    model = backbone.model
+    params = dict(model.named_parameters())
+    blocks = backbone.blocks
+    n = len(blocks)
+    head = [p for name, p in params.items() if name.startswith(backbone.head + ".")]
+    groups = [{"params": head, "lr": cfg.lr}]
+    for i, names in enumerate(blocks):
+        groups.append({"params": [params[k] for k in names], "lr": cfg.lr * cfg.lr_decay ** (n - i)})
+
+    if cfg.strategy == "freeze" and not 0 <= cfg.freeze_blocks <= n:
+        raise EdgetlError(f"finetune.freeze_blocks must be between 0 and {n} for this backbone (it has {n} blocks)")
+
+    def trainable_blocks(epoch: int) -> int:
+        """How many blocks, counted from the input, are trainable at this epoch."""
+        if cfg.strategy == "full":
+            return n
+        if cfg.strategy == "freeze":
+            return n - cfg.freeze_blocks
+        if cfg.strategy == "gradual_unfreeze":
+            return min(n, (epoch // max(cfg.unfreeze_every, 1)) * cfg.unfreeze_group)
+        return 0
+
+    def on_epoch_start(epoch: int) -> None:
+        k = trainable_blocks(epoch)
+        for i, names in enumerate(blocks):
+            for name in names:
+                params[name].requires_grad_(i >= n - k)
+        for p in head:
+            p.requires_grad_(True)
+
+    on_epoch_start(0)
+    return groups, on_epoch_start
+
+
+def _linear_probe(state: State, cfg: FinetuneCfg, pre: dict, bs: int) -> list[dict]:
+    """Cache backbone features once (no augmentation), then train only the head on them."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = state.backbone.model
+    head_name = state.backbone.head
+    head = model.get_submodule(head_name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replace_module(model, head_name, torch.nn.Identity())
+    try:
+        model.eval()
+        feats = {}
+        with torch.inference_mode():
+            for split in ("train", "val"):
+                loader = make_loader(getattr(state.data, split), pre, bs)
+                feats[split] = torch.cat([model(x) for x, _ in loader]), torch.as_tensor(getattr(state.data, split).labels)
+    finally:
+        replace_module(model, head_name, head)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(state.recipe.seed)
+    train = DataLoader(TensorDataset(*feats["train"]), batch_size=bs, shuffle=True, generator=g)
+    val = DataLoader(TensorDataset(*feats["val"]), batch_size=bs)
+    return fit(head, train, val, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+               warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, patience=cfg.patience,
+               desc="finetune (linear probe)")
+
+
+def run(state: State, recipe: Recipe) -> State:
+    cfg = recipe.finetune
+    pre = state.backbone.contract.preprocess
+    bs = recipe.data.batch_size
+    model = state.backbone.model
+    if cfg.strategy == "linear_probe":
+        history = _linear_probe(state, cfg, pre, bs)
+    else:
+        groups, hook = param_groups(state.backbone, cfg)
+        train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed)
+        val = make_loader(state.data.val, pre, bs)
+        history = fit(model, train, val, param_groups=groups, epochs=cfg.epochs, lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+                      label_smoothing=cfg.label_smoothing, patience=cfg.patience, on_epoch_start=hook,
+                      desc=f"finetune ({cfg.strategy})")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    test = evaluate(model, make_loader(state.data.test, pre, bs))
+    print(f"  fine-tuned: val {max(h['val_acc'] for h in history):.2f}%  test {test['acc']:.2f}%")
+    return state.replace(
+        teacher=copy.deepcopy(model).eval(),
+        history={**state.history, "finetune": history},
+        metrics={**state.metrics, "finetune": {"test_acc": test["acc"], "strategy": cfg.strategy}},
+    )
