@@ -73,9 +73,10 @@ def offline_timm_weights(name: str) -> Path | None:
         return None
     theirs = torch.load(src, map_location="cpu", weights_only=True)
     ours = timm.create_model(name, pretrained=False).state_dict()
-    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs.values(), ours.values())):
+    pairs = zip(theirs.values(), ours.values(), strict=False)
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in pairs):
         return None  # a different release of either library: fall back to the normal download
-    converted = dict(zip(ours.keys(), theirs.values()))
+    converted = dict(zip(ours.keys(), theirs.values(), strict=False))
     tmp = dst.with_suffix(".partial")
     torch.save(converted, tmp)
     os.replace(tmp, dst)

@@ -78,7 +78,7 @@ def _load_into(model, path: str) -> None:
 
 
 def _last_linear(model) -> str:
-    import torch.nn as nn
+    from torch import nn
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
@@ -92,8 +92,8 @@ def replace_module(model, name: str, new) -> None:
 
 
 def _torchvision(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
-    import torch.nn as nn
     import torchvision
+    from torch import nn
 
     if name not in torchvision.models.list_models():
         raise EdgetlError(
@@ -101,8 +101,12 @@ def _torchvision(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
             "print(torchvision.models.list_models())'"
         )
     weights = None
-    if cfg.pretrained is True:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
+    enum = torchvision.models.get_model_weights(name)
+    if isinstance(cfg.pretrained, str) and cfg.pretrained in enum.__members__:  # a weights tag, e.g. IMAGENET1K_V1
+        weights = enum[cfg.pretrained]
+    elif cfg.pretrained is True:
+        weights = enum.DEFAULT
+    if weights is not None:
         from edgetl.assets import install_offline_weights
 
         install_offline_weights()  # no-op unless an offline weights package is installed
@@ -110,10 +114,11 @@ def _torchvision(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
         model = torchvision.models.get_model(name, weights=weights)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         raise EdgetlError(
-            f"could not load {name} weights ({type(e).__name__}); offline, put the file in the torch hub cache "
-            "or set backbone.pretrained to a weights path"
+            f"could not load {name} weights {weights} ({type(e).__name__}); offline, put the file in the torch "
+            f"hub cache, pick cached weights (backbone.pretrained: one of {', '.join(enum.__members__)}) "
+            "or set backbone.pretrained to a weights file"
         ) from None
-    if isinstance(cfg.pretrained, str):
+    if isinstance(cfg.pretrained, str) and weights is None:
         _load_into(model, cfg.pretrained)
     head = _last_linear(model)
     old = model.get_submodule(head)
@@ -134,7 +139,7 @@ def _torchvision(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
             if params:
                 groups.append(params)
 
-    tf = (weights or torchvision.models.get_model_weights(name).DEFAULT).transforms()
+    tf = (weights or enum.DEFAULT).transforms()
     size = cfg.input_size or tf.crop_size[0]
     crop_pct = tf.crop_size[0] / tf.resize_size[0]
     pre = _preprocess(size, crop_pct, tf.mean, tf.std, tf.interpolation.value)
@@ -146,7 +151,9 @@ def _timm(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     from timm.models import group_parameters
 
     if not timm.is_model(name):
-        raise EdgetlError(f"unknown timm model '{name}'; list valid names with: python -c 'import timm; print(timm.list_models())'")
+        raise EdgetlError(
+            f"unknown timm model '{name}'; list valid names with: python -c 'import timm; print(timm.list_models())'"
+        )
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if cfg.dropout is not None:
         kwargs["drop_rate"] = cfg.dropout

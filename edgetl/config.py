@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -22,9 +22,10 @@ from edgetl.errors import EdgetlError
 @dataclass(frozen=True)
 class BackboneCfg:
     name: str  # "torchvision:mobilenet_v2", "timm:tf_efficientnet_lite0", ...
-    pretrained: Union[bool, str] = True  # true: library weights (cache or download); false: random; str: a weights file
-    input_size: Optional[int] = None  # square input side in pixels; None = the pretrained config's size
-    dropout: Optional[float] = None  # classifier dropout; None = the backbone's default
+    pretrained: bool | str = True  # true: default library weights; false: random init; a torchvision tag
+    # (IMAGENET1K_V1) picks those weights; any other string is a local weights file
+    input_size: int | None = None  # square input side in pixels; None = the pretrained config's size
+    dropout: float | None = None  # classifier dropout; None = the backbone's default
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,14 @@ class AugmentCfg:
 
 @dataclass(frozen=True)
 class DataCfg:
-    kind: Literal["folder", "fashion_mnist", "digits"] = "folder"  # image folder, Fashion-MNIST idx files, sklearn digits
-    path: Optional[str] = None  # folder root (class sub-folders, or train/ val/ test/ splits) or idx directory
+    # image folder, Fashion-MNIST idx files, or sklearn digits (tests)
+    kind: Literal["folder", "fashion_mnist", "digits"] = "folder"
+    path: str | None = None  # folder root (class sub-folders, or train/ val/ test/ splits) or idx directory
     val_fraction: float = 0.1  # of the training pool, stratified, when no val split is given
     test_fraction: float = 0.2  # of the whole pool, stratified, when no test split is given
-    max_train: Optional[int] = None  # stratified subsample of the training split (keeps CPU runs short)
-    max_val: Optional[int] = None  # same for validation
-    max_test: Optional[int] = None  # same for test
+    max_train: int | None = None  # stratified subsample of the training split (keeps CPU runs short)
+    max_val: int | None = None  # same for validation
+    max_test: int | None = None  # same for test
     batch_size: int = 64
     augment: AugmentCfg = field(default_factory=AugmentCfg)
 
@@ -57,15 +59,50 @@ class FinetuneCfg:
     label_smoothing: float = 0.1
     patience: int = 3  # early stopping: epochs without validation improvement
     freeze_blocks: int = 0  # strategy freeze: the first N backbone blocks stay frozen
-    lr_decay: float = 0.7  # layer-wise LR decay: block k from the top trains at lr * lr_decay**k (full, gradual_unfreeze)
+    lr_decay: float = 0.7  # layer-wise LR decay: block k from the top trains at lr * lr_decay**k
     unfreeze_every: int = 1  # gradual_unfreeze: one more block group becomes trainable every K epochs
     unfreeze_group: int = 2  # gradual_unfreeze: blocks per group
 
 
 @dataclass(frozen=True)
+class PruneCfg:
+    ratio: float = 0.3  # fraction of channels removed from every prunable layer (Torch-Pruning, DepGraph)
+    target_macs: float | None = None  # instead of ratio: keep pruning steps until MACs <= this fraction of the start
+    importance: Literal["magnitude", "taylor", "bn_scale", "lamp"] = "magnitude"  # how channels are ranked
+    protect: tuple = ("stem", "head")  # never pruned: the first conv (input channels) and the classifier
+    steps: int = 3  # iterative pruning: ratio reached in this many steps
+    recovery_epochs: int = 1  # short fine-tune after each step (through the same fit loop)
+    lr: float = 5e-4
+    round_to: int | None = 8  # keep channel counts multiples of this (int8 kernels like multiples of 8)
+
+
+@dataclass(frozen=True)
+class DistillCfg:
+    epochs: int = 3
+    alpha: float = 0.7  # weight of the temperature-scaled KL to the teacher; 1 - alpha on the labels
+    temperature: float = 4.0
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    patience: int = 3
+
+
+@dataclass(frozen=True)
+class QuantizeCfg:
+    method: Literal["qat", "ptq"] = "qat"  # qat: quantization-aware fine-tuning, then ORT QDQ; ptq: calibration only
+    epochs: int = 2  # QAT epochs (ignored for ptq)
+    lr: float = 1e-4
+    calibration_size: int = 256  # training images for activation ranges
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True  # int8 per-output-channel weights
+    reduce_range: bool | None = None  # 7-bit weights; None = decide from the CPU (on without VNNI/dot-product)
+    distill: bool = True  # QAT learns from the fine-tuned teacher as well as the labels
+    fallback_to_ptq: bool = True  # ship ORT PTQ if QAT fails or is less accurate on validation
+
+
+@dataclass(frozen=True)
 class ExportCfg:
     opset: int = 17
-    atol: Optional[float] = None  # max |ORT - PyTorch| on logits; None = the backbone's declared tolerance
+    atol: float | None = None  # max |ORT - PyTorch| on logits; None = the backbone's declared tolerance
     min_top1_agreement: float = 0.99  # ORT and PyTorch must pick the same class on this fraction of inputs
 
 
@@ -74,10 +111,10 @@ class VerifyCfg:
     threads: int = 1  # ORT intra-op threads for latency
     warmup: int = 10  # untimed runs before latency is measured
     runs: int = 100  # timed batch-1 runs
-    max_accuracy_drop: Optional[float] = None  # gate, in points: PyTorch fine-tuned accuracy minus shipped ORT accuracy
-    min_speedup: Optional[float] = None  # gate: FP32 ONNX p50 / shipped model p50
-    max_size_mb: Optional[float] = None  # gate: shipped model.onnx size
-    min_accuracy: Optional[float] = None  # gate: shipped ORT test accuracy, in percent
+    max_accuracy_drop: float | None = None  # gate, in points: PyTorch fine-tuned accuracy minus shipped ORT accuracy
+    min_speedup: float | None = None  # gate: FP32 ONNX p50 / shipped model p50
+    max_size_mb: float | None = None  # gate: shipped model.onnx size
+    min_accuracy: float | None = None  # gate: shipped ORT test accuracy, in percent
 
 
 @dataclass(frozen=True)
@@ -86,9 +123,12 @@ class Recipe:
     backbone: BackboneCfg
     data: DataCfg
     seed: int = 0
-    finetune: Optional[FinetuneCfg] = None
-    export: Optional[ExportCfg] = field(default_factory=ExportCfg)
-    verify: Optional[VerifyCfg] = field(default_factory=VerifyCfg)
+    finetune: FinetuneCfg | None = None
+    prune: PruneCfg | None = None
+    distill: DistillCfg | None = None
+    quantize: QuantizeCfg | None = None
+    export: ExportCfg | None = field(default_factory=ExportCfg)
+    verify: VerifyCfg | None = field(default_factory=VerifyCfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,15 +146,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own error names the exact key
+            return _coerce(value, real[0], key)
         # bool before str/float so `true` is not read as a string; first match wins
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except EdgetlError as e:
-                errors.append(str(e))
+            except EdgetlError:
+                continue
         raise EdgetlError(f"recipe key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -125,6 +167,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise EdgetlError(f"recipe key '{key}': expected a mapping, got {value!r}")
         return _build(tp, value, key + ".")
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise EdgetlError(f"recipe key '{key}': expected a list of names, got {value!r}")
+        return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise EdgetlError(f"recipe key '{key}': expected true/false, got {value!r}")
@@ -134,6 +180,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise EdgetlError(f"recipe key '{key}': expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EdgetlError(f"recipe key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -149,7 +200,8 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise EdgetlError(f"unknown recipe key '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(names))})")
+        known = ", ".join(sorted(names))
+        raise EdgetlError(f"unknown recipe key '{prefix}{unknown[0]}' (known in this section: {known})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = prefix + f.name

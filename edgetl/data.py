@@ -8,9 +8,10 @@ Sources return *items* (file paths or arrays) so splitting and subsampling happe
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,9 @@ def _folder_pool(root: Path, classes: list[str] | None = None) -> tuple[Pool, li
         if len(classes) == 1:
             raise EdgetlError(f"data folder {root} has a single class '{classes[0]}': need at least two")
     elif found != classes:
-        raise EdgetlError(f"classes in {root} ({', '.join(found)}) differ from the training split's ({', '.join(classes)})")
+        raise EdgetlError(
+            f"classes in {root} ({', '.join(found)}) differ from the training split's ({', '.join(classes)})"
+        )
     items, labels = [], []
     for idx, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -116,7 +119,9 @@ def _idx_pool(root: Path, prefix: str) -> Pool:
         for name in (f"{stem}.gz", stem):
             if (root / name).is_file():
                 return root / name
-        raise EdgetlError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (Debian: apt-get install dataset-fashion-mnist)")
+        raise EdgetlError(
+            f"Fashion-MNIST file {stem}[.gz] not found in {root} (Debian: apt-get install dataset-fashion-mnist)"
+        )
 
     images = read_idx(find(f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))

@@ -11,9 +11,10 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgetl.config import Recipe
 from edgetl.errors import EdgetlError
@@ -33,14 +34,15 @@ class State:
     metrics: dict = field(default_factory=dict)  # stage -> whatever it measured
     timings: dict = field(default_factory=dict)  # stage -> seconds
 
-    def replace(self, **kw) -> "State":
+    def replace(self, **kw) -> State:
         return dataclasses.replace(self, **kw)
 
 
 def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Recipe], bool]]]:
     from edgetl.stages import bundle, export, finetune, load, verify
 
-    always = lambda r: True  # noqa: E731
+    def always(r):
+        return True
     return [
         ("load", load.run, always),
         ("finetune", finetune.run, lambda r: r.finetune is not None),

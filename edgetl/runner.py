@@ -180,7 +180,7 @@ class Bundle:
                 raise BundleError(f"cannot read image {f}: {type(e).__name__}") from None
         probs = softmax(self.logits_from_arrays(np.stack(arrays)))
         out = []
-        for f, p in zip(files, probs):
+        for f, p in zip(files, probs, strict=False):
             top = np.argsort(-p)[:top_k]
             out.append({"file": str(f), "top": [{"label": self.labels[i], "prob": float(p[i])} for i in top]})
         return out

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from edgetl.errors import EdgetlError
 
@@ -38,7 +39,7 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
 
 def freeze_frozen_batchnorm(model) -> None:
     """BatchNorm layers whose affine parameters are frozen keep their running statistics too."""
-    import torch.nn as nn
+    from torch import nn
 
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
@@ -134,7 +135,8 @@ def fit(
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{run_loss / seen:.3f}",
                             val_acc=f"{history[-1]['val_acc']:.1f}" if history else "-")
         val = evaluate(model, val_loader)
-        row = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1), "val_loss": val["loss"], "val_acc": val["acc"]}
+        row = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1), "val_loss": val["loss"],
+               "val_acc": val["acc"]}
         history.append(row)
         bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.1f}")
         if val["acc"] > best_acc:

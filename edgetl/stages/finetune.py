@@ -74,7 +74,8 @@ def _linear_probe(state: State, cfg: FinetuneCfg, pre: dict, bs: int) -> list[di
         with torch.inference_mode():
             for split in ("train", "val"):
                 loader = make_loader(getattr(state.data, split), pre, bs)
-                feats[split] = torch.cat([model(x) for x, _ in loader]), torch.as_tensor(getattr(state.data, split).labels)
+                labels = torch.as_tensor(getattr(state.data, split).labels)
+                feats[split] = torch.cat([model(x) for x, _ in loader]), labels
     finally:
         replace_module(model, head_name, head)
     for p in head.parameters():
@@ -107,8 +108,10 @@ def run(state: State, recipe: Recipe) -> State:
     model.eval()
     test = evaluate(model, make_loader(state.data.test, pre, bs))
     print(f"  fine-tuned: val {max(h['val_acc'] for h in history):.2f}%  test {test['acc']:.2f}%")
+    teacher = copy.deepcopy(model).eval()
     return state.replace(
-        teacher=copy.deepcopy(model).eval(),
+        teacher=teacher,
+        models={**state.models, "fp32": teacher},
         history={**state.history, "finetune": history},
         metrics={**state.metrics, "finetune": {"test_acc": test["acc"], "strategy": cfg.strategy}},
     )

@@ -47,7 +47,8 @@ def measure(state: State, role: str, model, cfg) -> dict:
     with torch.inference_mode():
         logits = torch.cat([model(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)])
         teacher = state.teacher or model
-        t_pred = torch.cat([teacher(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)]).argmax(-1)
+        t_logits = [teacher(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)]
+        t_pred = torch.cat(t_logits).argmax(-1)
     acc_torch = 100.0 * float((logits.argmax(-1).numpy() == labels).mean())
     row = {"stage": role, "file": path.name, "acc_torch": acc_torch}
     row.update(ort_eval(path, inputs, labels, t_pred.numpy(), cfg.threads))

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny recipes on sklearn digits, an image folder made from digits, one built bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "backbone": {"name": "timm:mobilenetv3_small_050", "pretrained": False, "input_size": 32},
+    "data": {"kind": "digits", "batch_size": 128, "augment": {"hflip": False}},
+    "finetune": {"strategy": "full", "epochs": 2, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
+    "verify": {"runs": 5, "warmup": 2},
+}
+
+
+@pytest.fixture
+def tiny_raw():
+    import copy
+
+    return copy.deepcopy(TINY)
+
+
+def write_recipe(path, raw) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """digits 0, 1, 2 as PNG files in class sub-folders (real decoding through PIL)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path / "images"
+    for cls in (0, 1, 2):
+        (root / f"digit{cls}").mkdir(parents=True)
+        for j, img in enumerate(d.images[d.target == cls][:30]):
+            Image.fromarray((img * 15.9).astype(np.uint8)).save(root / f"digit{cls}" / f"{j}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    """One real `edgetl build` through the CLI on digits, shared by the bundle/predict/runner tests."""
+    from edgetl.cli import main
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    recipe = write_recipe(tmp / "tiny.yaml", TINY)
+    out = tmp / "tiny"
+    result = CliRunner().invoke(main, ["build", recipe, "--out", str(out), "--set", "finetune.epochs=3"])
+    assert result.exit_code == 0, result.output
+    return out, result.output

@@ -1,0 +1,188 @@
+"""End to end through the CLI: the bundle, its manifest, atomic writes and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from edgetl.cli import main
+from edgetl.runner import Bundle, sha256, verify_manifest
+from tests.conftest import write_recipe
+
+BUNDLE_FILES = {"model.onnx", "labels.json", "preprocess.json", "recipe.lock.yaml", "report.json", "runner.py",
+                "manifest.json"}
+
+
+def test_build_writes_a_complete_verified_bundle(bundle):
+    out, output = bundle
+    assert {p.name for p in out.iterdir()} == BUNDLE_FILES
+    manifest = verify_manifest(out)
+    assert set(manifest["files"]) == BUNDLE_FILES - {"manifest.json"}
+    assert manifest["files"]["model.onnx"] == sha256(out / "model.onnx")
+    report = json.loads((out / "report.json").read_text())
+    row = report["rows"][0]
+    assert row["file"] == "model.onnx" and row["acc_ort"] > 30  # digits: chance is 10%
+    assert abs(row["acc_ort"] - row["acc_torch"]) < 1.0
+    assert row["p50_ms"] > 0 and row["params"] > 0 and row["macs"] > 0
+    assert report["history"]["finetune"][0]["epoch"] == 1
+    lock = (out / "recipe.lock.yaml").read_text()
+    assert "epochs: 3" in lock and "onnxruntime:" in lock  # the --set override and the versions are recorded
+    assert "bundle:" in output and "ORT parity" in output
+
+
+def test_onnx_carries_labels_and_preprocessing(bundle):
+    out, _ = bundle
+    model = onnx.load(str(out / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["edgetl.labels"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["edgetl.preprocess"])["crop"] == 32
+    assert model.opset_import[0].version >= 17
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param  # dynamic batch axis
+
+
+def test_tampered_bundle_is_refused(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle[0], copy)
+    with open(copy / "labels.json", "a") as f:
+        f.write(" ")
+    result = CliRunner().invoke(main, ["predict", str(copy), "x.png"])
+    assert result.exit_code == 2 and "(sha256 mismatch): labels.json" in result.output
+
+
+def _png(tmp_path, digit=3):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    path = tmp_path / f"digit{digit}.png"
+    Image.fromarray((d.images[d.target == digit][0] * 15.9).astype(np.uint8)).save(path)
+    return path
+
+
+def test_predict_cli_and_standalone_runner_agree_without_torch(bundle, tmp_path):
+    out, _ = bundle
+    img = _png(tmp_path)
+    result = CliRunner().invoke(main, ["predict", str(out), str(img), "--json", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    cli_top = json.loads(result.output)[0]["top"]
+    assert len(cli_top) == 2 and cli_top[0]["prob"] >= cli_top[1]["prob"]
+    # the bundle's runner.py with torch and edgetl made unimportable
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['edgetl'] = None; "
+            f"sys.argv = ['runner.py', {str(out)!r}, 'predict', {str(img)!r}, '--top-k', '2']; "
+            f"runpy.run_path({str(out / 'runner.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\t")[1].split()[0] == cli_top[0]["label"]
+
+
+def test_runner_bench_json(bundle):
+    out, _ = bundle
+    proc = subprocess.run([sys.executable, str(out / "runner.py"), str(out), "bench", "--runs", "5", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["p50_ms"] > 0 and stats["p50_ms"] <= stats["p99_ms"] and "cpu" in stats["device"]
+
+
+def test_bench_command(bundle):
+    result = CliRunner().invoke(main, ["bench", str(bundle[0] / "model.onnx"), "--runs", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["p90_ms"] > 0
+    bad = bundle[0].parent / "bad.onnx"
+    bad.write_bytes(b"nope")
+    result = CliRunner().invoke(main, ["bench", str(bad)])
+    assert result.exit_code == 2 and result.output.startswith("error: ONNX Runtime cannot load")
+
+
+def test_bundle_runner_matches_edgetl_accuracy(bundle):
+    """The device runner's preprocessing is the one accuracy was measured with."""
+    from edgetl.config import DataCfg
+    from edgetl.data import load_data
+
+    out, _ = bundle
+    b = Bundle(out)
+    d = load_data(DataCfg(kind="digits"), b.preprocess, seed=0)
+    acc = 100 * float((b.logits_from_arrays(d.test.images).argmax(-1) == d.test.labels).mean())
+    report = json.loads((out / "report.json").read_text())
+    assert acc == pytest.approx(report["rows"][0]["acc_ort"], abs=1e-6)
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["finetune"].update(epochz=1), "unknown recipe key 'finetune.epochz'"),
+    (lambda r: r["backbone"].update(name="timm:nonexistent_net"), "unknown timm model"),
+    (lambda r: r.update(data={"kind": "folder", "path": "/definitely/missing"}), "data folder not found"),
+    (lambda r: r["finetune"].update(lr="fast"), "'finetune.lr'"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_raw, mutate, message):
+    mutate(tiny_raw)
+    out = tmp_path / "out"
+    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out))
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.output.strip().count("\n") == 0 or "Traceback" not in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
+
+
+def test_bad_input_as_a_real_process_prints_one_line(tmp_path, tiny_raw):
+    tiny_raw["data"] = {"kind": "folder", "path": str(tmp_path / "nope")}
+    proc = subprocess.run([sys.executable, "-m", "edgetl.cli", "build", write_recipe(tmp_path / "r.yaml", tiny_raw),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: data folder not found: {tmp_path / 'nope'}"]
+
+
+def test_failed_build_keeps_the_old_bundle_and_leaves_no_partial(tmp_path, tiny_raw, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_raw)
+    out = tmp_path / "out"
+    assert _invoke("build", recipe, "--out", str(out), "--set", "finetune.epochs=1").exit_code == 0
+    before = sha256(out / "model.onnx")
+
+    import edgetl.stages.bundle as bundle_stage
+
+    def explode(state, recipe):
+        (state.workdir / "model.onnx").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(bundle_stage, "run", explode)
+    result = _invoke("build", recipe, "--out", str(out))
+    assert result.exit_code != 0
+    assert sha256(out / "model.onnx") == before  # the previous bundle is untouched
+    verify_manifest(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_failed_gate_fails_the_build_but_keeps_the_measurements(tmp_path, tiny_raw):
+    tiny_raw["verify"]["min_accuracy"] = 101.0
+    out = tmp_path / "out"
+    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out),
+                     "--set", "finetune.epochs=1")
+    assert result.exit_code == 2
+    assert "gate min_accuracy failed" in result.output
+    assert not out.exists()
+    report = json.loads((tmp_path / "out.failed-report.json").read_text())
+    assert report["metrics"]["verify"]["gates"][0]["passed"] is False and report["rows"]
+
+
+def test_help_teaches():
+    result = _invoke("--help")
+    assert result.exit_code == 0 and "edgetl build" in result.output
+    result = _invoke("build", "--help")
+    assert "gradual_unfreeze" in result.output and "--set" in result.output
+
+
+def test_export_parity_gate_fails_the_build(tmp_path, tiny_raw):
+    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(tmp_path / "o"),
+                     "--set", "finetune.epochs=1", "--set", "export.atol=1e-12")
+    assert result.exit_code == 2 and "ONNX export does not match PyTorch" in result.output

@@ -1,0 +1,90 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from edgetl.config import DataCfg
+from edgetl.data import load_data, read_idx, stratified_split
+from edgetl.errors import EdgetlError
+
+PRE = {"resize": 16, "crop": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+
+
+def test_stratified_split_keeps_class_proportions():
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    keep, taken = stratified_split(labels, 0.2, seed=0)
+    assert len(set(keep) & set(taken)) == 0 and len(keep) + len(taken) == len(labels)
+    np.testing.assert_allclose(np.bincount(labels[taken]), [20, 10, 6, 4], atol=1)
+    # same seed, same split
+    assert np.array_equal(stratified_split(labels, 0.2, seed=0)[1], taken)
+
+
+def test_digits_splits_are_disjoint_and_stratified():
+    d = load_data(DataCfg(kind="digits", val_fraction=0.1, test_fraction=0.2), PRE, seed=0)
+    assert d.train.images.shape[1:] == (16, 16, 3) and d.train.images.dtype == np.uint8
+    n = len(d.train) + len(d.val) + len(d.test)
+    assert n == 1797
+    for split in (d.val, d.test):
+        frac = np.bincount(split.labels, minlength=10) / len(split)
+        assert np.abs(frac - 0.1).max() < 0.03
+
+
+def test_max_train_subsamples_stratified():
+    d = load_data(DataCfg(kind="digits", max_train=200), PRE, seed=0)
+    assert len(d.train) == 200
+    assert np.bincount(d.train.labels).min() >= 18
+
+
+def test_image_folder(image_folder):
+    d = load_data(DataCfg(kind="folder", path=str(image_folder), test_fraction=0.2), PRE, seed=0)
+    assert d.classes == ["digit0", "digit1", "digit2"]
+    assert len(d.train) + len(d.val) + len(d.test) == 90
+    assert set(d.test.labels) == {0, 1, 2}
+
+
+def test_given_split_folders(image_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "splits"
+    shutil.copytree(image_folder, root / "train")
+    shutil.copytree(image_folder, root / "test")
+    d = load_data(DataCfg(kind="folder", path=str(root)), PRE, seed=0)
+    assert len(d.test) == 90 and len(d.train) + len(d.val) == 90
+
+
+def test_corrupt_image_is_named(image_folder):
+    bad = image_folder / "digit1" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(EdgetlError, match="broken.png"):
+        load_data(DataCfg(kind="folder", path=str(image_folder)), PRE, seed=0)
+
+
+def test_bad_folders_are_named(image_folder, tmp_path):
+    with pytest.raises(EdgetlError, match="not found"):
+        load_data(DataCfg(kind="folder", path=str(tmp_path / "missing")), PRE, seed=0)
+    (image_folder / "empty_class").mkdir()
+    with pytest.raises(EdgetlError, match="empty_class.*no images"):
+        load_data(DataCfg(kind="folder", path=str(image_folder)), PRE, seed=0)
+    single = tmp_path / "single"
+    (single / "only").mkdir(parents=True)
+    with pytest.raises(EdgetlError, match="single class"):
+        load_data(DataCfg(kind="folder", path=str(single)), PRE, seed=0)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 60), ("t10k", 20)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    assert read_idx(tmp_path / "train-images-idx3-ubyte.gz").shape == (60, 28, 28)
+    d = load_data(DataCfg(kind="fashion_mnist", path=str(tmp_path), val_fraction=0.2), PRE, seed=0)
+    assert len(d.test) == 20 and len(d.train) + len(d.val) == 60 and d.classes[0] == "T-shirt/top"
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x10"))
+    with pytest.raises(EdgetlError, match="truncated"):
+        load_data(DataCfg(kind="fashion_mnist", path=str(tmp_path)), PRE, seed=0)
