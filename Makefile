@@ -41,3 +41,6 @@ lint: setup
 
 clean:
 	rm -rf artifacts .pytest_cache
+
+bench: assets
+	$(PY) benchmarks/compression.py

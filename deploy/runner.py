@@ -1,0 +1,1 @@
+../edgetl/runner.py

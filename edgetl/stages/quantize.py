@@ -1,0 +1,302 @@
+"""INT8: quantization-aware training and/or ORT post-training quantization, ending in a QDQ ONNX model that
+ONNX Runtime executes with int8 kernels (QLinearConv / MatMulInteger), never slower than FP32 unannounced.
+
+Design (measured on this stack, see README): Q/DQ placement is left to ONNX Runtime's own static quantizer,
+because it puts them exactly where ORT fuses (uint8 activations, int8 per-channel weights, QDQ format). QAT
+makes the *weights* robust to that quantization: a fake-quant pass mirrors it during fine-tuning
+
+- weights: symmetric per-output-channel int8 (7-bit with ``reduce_range``), straight-through gradients. BatchNorm
+  statistics are frozen, and since per-channel symmetric scales follow any per-channel factor, quantizing the
+  unfolded weight is the same grid as quantizing the BN-folded weight ORT sees;
+- activations: asymmetric uint8 on the input of every Conv/Linear, ranges tracked by EMA min/max.
+
+After QAT the fake-quant is removed, the trained FP32 weights are exported and ORT quantizes them with
+calibration. ORT's PTQ of the same model is always built too: it is the baseline, and the fallback when QAT
+is less accurate on validation or fails. Finally the INT8 model must beat the FP32 one on measured latency;
+if it does not, only Conv/MatMul/Gemm are quantized, and if that is still slower FP32 ships and the report
+says why.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.config import QuantizeCfg, Recipe
+from edgetl.errors import EdgetlError
+from edgetl.pipeline import State, float_role
+
+FUSED_OPS = ("Conv", "MatMul", "Gemm")  # the conservative placement: only what ORT runs as int8 kernels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ORT static quantization
+
+
+def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, cfg: QuantizeCfg, reduce_range: bool,
+                  op_types: tuple[str, ...] | None = None) -> Path:
+    """ORT static quantization of ``src`` into QDQ ``dst`` with ``calib`` (float32 NCHW) as calibration data."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    input_name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{input_name: calib[i : i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = dst.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantize the raw export instead
+        pre = src
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
+    try:
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types) if op_types else None, per_channel=cfg.per_channel,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=method, extra_options={"ActivationSymmetric": False})
+    finally:
+        if pre != src:
+            pre.unlink(missing_ok=True)
+    return dst
+
+
+def optimized_ops(path: Path) -> dict:
+    """Op-type counts of the graph ORT actually runs (after its optimizer fused Q/DQ into int8 kernels)."""
+    import onnx
+    import onnxruntime as ort
+
+    out = path.with_suffix(".opt.onnx")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    counts: dict = {}
+    for node in onnx.load(str(out)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    out.unlink(missing_ok=True)
+    return counts
+
+
+def float_compute_ops(counts: dict) -> int:
+    """Float convolutions / matrix products left on the hot path of an optimized graph."""
+    return sum(counts.get(op, 0) for op in ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fake quantization for QAT
+
+
+def _weight_fq(qmax: int):
+    import torch
+
+    class WeightFakeQuant(torch.nn.Module):
+        """Symmetric per-output-channel int8 fake quantization (straight-through gradient)."""
+
+        def forward(self, w):
+            dims = tuple(range(1, w.dim()))
+            scale = (w.detach().abs().amax(dim=dims) / qmax).clamp(min=1e-8).float()
+            zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+            return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -qmax, qmax)
+
+    return WeightFakeQuant()
+
+
+def _act_fq(momentum: float = 0.1):
+    import torch
+
+    class ActFakeQuant(torch.nn.Module):
+        """Asymmetric uint8 fake quantization with EMA min/max ranges (frozen in eval mode)."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("lo", torch.tensor(0.0))
+            self.register_buffer("hi", torch.tensor(0.0))
+            self.register_buffer("seen", torch.tensor(False))
+
+        def forward(self, x):
+            if self.training:
+                lo, hi = x.detach().min(), x.detach().max()
+                if not bool(self.seen):
+                    self.lo.copy_(lo), self.hi.copy_(hi), self.seen.fill_(True)
+                else:
+                    self.lo.lerp_(lo, momentum), self.hi.lerp_(hi, momentum)
+            lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
+            if hi - lo < 1e-8:
+                return x
+            scale = (hi - lo) / 255.0
+            zero = int(min(max(round(-lo / scale), 0), 255))
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+
+    return ActFakeQuant()
+
+
+def attach_fake_quant(model, reduce_range: bool) -> list:
+    """Fake-quantize the weights and inputs of every Conv/Linear in place; returns hook handles for detach."""
+    import torch.nn as nn
+    from torch.nn.utils import parametrize
+
+    qmax = 63 if reduce_range else 127
+    handles = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            parametrize.register_parametrization(m, "weight", _weight_fq(qmax))
+            m.edgetl_act_fq = _act_fq()
+            handles.append(m.register_forward_pre_hook(lambda mod, args: (mod.edgetl_act_fq(args[0]), *args[1:])))
+    return handles
+
+
+def detach_fake_quant(model, handles: list) -> None:
+    """Back to a plain float model holding the QAT-trained weights."""
+    import torch.nn as nn
+    from torch.nn.utils import parametrize
+
+    for h in handles:
+        h.remove()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            del m.edgetl_act_fq
+
+
+def qat(state: State, recipe: Recipe, cfg: QuantizeCfg, reduce_range: bool):
+    """Quantization-aware fine-tuning of a copy of the current model; returns (float model, history)."""
+    import torch
+
+    from edgetl.data import make_loader
+    from edgetl.train import Distill, fit, freeze_frozen_batchnorm
+
+    model = copy.deepcopy(state.backbone.model)
+    for m in model.modules():  # BN statistics and affine frozen: the folded weights ORT sees stay put
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters():
+                p.requires_grad_(False)
+    handles = attach_fake_quant(model, reduce_range)
+    pre = state.backbone.contract.preprocess
+    bs = recipe.data.batch_size
+    train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed + 30)
+    val = make_loader(state.data.val, pre, bs)
+    model.train()
+    freeze_frozen_batchnorm(model)
+    with torch.no_grad():  # initialise activation ranges before the first update
+        for i, (x, _) in enumerate(train):
+            model(x)
+            if i == 3:
+                break
+    distill = Distill(state.teacher, 0.5, 2.0) if cfg.distill and state.teacher is not None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    history = fit(model, train, val, param_groups=[{"params": params, "lr": cfg.lr}], epochs=cfg.epochs, lr=cfg.lr,
+                  warmup_epochs=0.0, distill=distill, desc="qat")
+    detach_fake_quant(model, handles)
+    return model.eval(), history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _ort_acc(path: Path, inputs: np.ndarray, labels: np.ndarray) -> float:
+    from edgetl.runner import session
+
+    sess = session(path, threads=2)
+    name = sess.get_inputs()[0].name
+    preds = np.concatenate([sess.run(None, {name: inputs[i : i + 64]})[0].argmax(-1)
+                            for i in range(0, len(inputs), 64)])
+    return 100.0 * float((preds == labels).mean())
+
+
+def _speedup(fp32: Path, int8: Path, runs: int = 60) -> float:
+    """p50(FP32) / p50(INT8) at batch 1, one thread, measured interleaved."""
+    from edgetl.runner import feed_for, interleaved_latency, session
+
+    sessions = {"fp32": session(fp32, 1), "int8": session(int8, 1)}
+    lat = interleaved_latency(sessions, feed_for(sessions["fp32"], 1), runs=runs, warmup=5)
+    return lat["fp32"]["p50_ms"] / lat["int8"]["p50_ms"]
+
+
+def run(state: State, recipe: Recipe) -> State:
+    import torch
+
+    from edgetl.runner import cpu_int8_features, normalize
+    from edgetl.stages.export import bundle_metadata, export_onnx
+
+    cfg = recipe.quantize
+    src_role = float_role(state)
+    if src_role is None:
+        raise EdgetlError("quantize needs an FP32 ONNX model: keep the export section")
+    src = state.workdir / state.onnx[src_role]
+    pre = state.backbone.contract.preprocess
+    features = cpu_int8_features()
+    reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not features["vnni_or_dot"]
+    calib = normalize(state.data.train.images[: cfg.calibration_size], pre)
+    val_x, val_y = normalize(state.data.val.images, pre), state.data.val.labels
+
+    onnx, models, notes = dict(state.onnx), dict(state.models), []
+    float_src = {"ptq": src}  # the FP32 ONNX each INT8 candidate was quantized from
+    ptq = quantize_onnx(src, state.workdir / "model.ptq.onnx", calib, cfg, reduce_range)
+    onnx["ptq"], models["ptq"] = ptq.name, state.backbone.model
+    candidates = {"ptq": _ort_acc(ptq, val_x, val_y)}
+    history = None
+    if cfg.method == "qat":
+        try:
+            qat_model, history = qat(state, recipe, cfg, reduce_range)
+            qat_fp32 = export_onnx(qat_model, state.backbone.contract, state.workdir / "model.qat.fp32.onnx",
+                                   torch.from_numpy(val_x[:1]), recipe.export.opset, bundle_metadata(state))
+            float_src["qat"] = qat_fp32
+            qat_path = quantize_onnx(qat_fp32, state.workdir / "model.qat.onnx", calib, cfg, reduce_range)
+            onnx["qat"], models["qat"] = qat_path.name, qat_model
+            candidates["qat"] = _ort_acc(qat_path, val_x, val_y)
+        except EdgetlError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a QAT failure falls back to PTQ when allowed, and says so
+            if not cfg.fallback_to_ptq:
+                raise EdgetlError(f"QAT failed ({type(e).__name__}: {e}); set quantize.fallback_to_ptq: true") from None
+            notes.append(f"QAT failed ({type(e).__name__}: {e}); shipped ORT PTQ instead")
+    chosen = "qat" if "qat" in candidates and (candidates["qat"] >= candidates["ptq"] or not cfg.fallback_to_ptq) \
+        else "ptq"
+    if "qat" in candidates and chosen == "ptq":
+        notes.append(f"QAT val accuracy {candidates['qat']:.2f}% < PTQ {candidates['ptq']:.2f}%: shipped PTQ")
+
+    # INT8 must not ship slower than FP32 without saying so
+    speedup = _speedup(src, state.workdir / onnx[chosen])
+    if speedup < 1.0 and cfg.require_speedup:
+        conservative = quantize_onnx(float_src[chosen], state.workdir / "model.int8-conv.onnx", calib, cfg,
+                                     reduce_range, op_types=FUSED_OPS)
+        s2 = _speedup(src, conservative)
+        notes.append(f"full INT8 was {speedup:.2f}x FP32 speed; Conv/MatMul/Gemm-only INT8 is {s2:.2f}x")
+        if s2 >= 1.0:
+            onnx["int8_conv"], models["int8_conv"] = conservative.name, models[chosen]
+            candidates["int8_conv"] = _ort_acc(conservative, val_x, val_y)
+            chosen, speedup = "int8_conv", s2
+        else:
+            conservative.unlink()
+            notes.append("INT8 is slower than FP32 on this CPU: shipping FP32")
+            chosen = None
+    for path in float_src.values():
+        if path != src:
+            path.unlink(missing_ok=True)
+    ops = optimized_ops(state.workdir / onnx[chosen]) if chosen else {}
+    for note in notes:
+        print(f"  note: {note}")
+    if chosen:
+        print(f"  shipped INT8: {chosen} (val acc {candidates[chosen]:.2f}%, {speedup:.2f}x FP32 at 1 thread), "
+              f"float Conv/MatMul left in ORT graph: {float_compute_ops(ops)}")
+    metrics = {"method": cfg.method, "chosen": chosen, "source": src_role, "val_acc_ort": candidates,
+               "speedup_vs_fp32_1thread": speedup, "reduce_range": reduce_range, "cpu_int8": features,
+               "optimized_ops": ops, "float_compute_ops_left": float_compute_ops(ops), "notes": notes}
+    hist = {**state.history, "qat": history} if history else state.history
+    return state.replace(onnx=onnx, models=models, history=hist, metrics={**state.metrics, "quantize": metrics})

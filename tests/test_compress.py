@@ -1,0 +1,164 @@
+"""Compression: pruning really removes channels, KD is the right loss, QAT ends in int8 kernels, gates bite."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgetl.backbones import build_backbone
+from edgetl.cli import main
+from edgetl.config import BackboneCfg, PruneCfg, QuantizeCfg
+from edgetl.stages.export import export_onnx, parity
+from edgetl.stages.prune import make_pruner, protected_layers, prune_step
+from edgetl.stages.quantize import attach_fake_quant, detach_fake_quant, float_compute_ops, optimized_ops, quantize_onnx
+from edgetl.stages.verify import count_params_macs
+from edgetl.train import kd_loss
+from tests.conftest import write_recipe
+
+
+def _mnv2():
+    torch.manual_seed(0)
+    return build_backbone(BackboneCfg(name="torchvision:mobilenet_v2", pretrained=False, input_size=32), 5)
+
+
+def test_pruning_removes_channels_and_still_exports(tmp_path):
+    b = _mnv2()
+    model = b.model.eval()
+    params0, macs0 = count_params_macs(model, 32)
+    example = torch.randn(1, 3, 32, 32)
+    pruner = make_pruner(model, example, PruneCfg(ratio=0.5, steps=1), b.head)
+    prune_step(pruner, model, example)
+    params1, macs1 = count_params_macs(model, 32)
+    assert params1 < 0.5 * params0 and macs1 < 0.5 * macs0
+    assert model.features[0][0].in_channels == 3  # stem input protected
+    assert model.get_submodule(b.head).out_features == 5  # classifier output protected
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    path = export_onnx(model, b.contract, tmp_path / "p.onnx", torch.from_numpy(x[:1]), 17)
+    check = parity(model, path, x)
+    assert check["max_abs_diff"] < b.contract.atol and check["top1_agreement"] == 1.0
+
+
+def test_protected_layers_come_from_the_model_being_pruned():
+    b = _mnv2()
+    layers = protected_layers(b.model, b.head, ("stem", "head"))
+    own = list(b.model.modules())
+    assert all(any(layer is m for m in own) for layer in layers) and len(layers) == 2
+
+
+def test_kd_loss_is_cross_entropy_at_alpha_zero_and_matches_teacher_at_one():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 5, generator=g), torch.randn(16, 5, generator=g)
+    y = torch.randint(0, 5, (16,), generator=g)
+    ce = torch.nn.functional.cross_entropy(s, y, label_smoothing=0.1)
+    assert torch.allclose(kd_loss(s, t, y, alpha=0.0, temperature=4.0, label_smoothing=0.1), ce)
+    assert kd_loss(t, t, y, alpha=1.0, temperature=4.0).abs() < 1e-6  # student == teacher: nothing to learn
+    assert kd_loss(s, t, y, alpha=1.0, temperature=4.0) > 0
+
+
+def _qat_onnx(tmp_path, reduce_range=False):
+    b = _mnv2()
+    model = b.model
+    handles = attach_fake_quant(model, reduce_range)
+    model.train()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        model(x)  # ranges
+    loss = model(x).sum()
+    loss.backward()  # gradients flow through the fake quantizers
+    assert model.features[0][0].parametrizations.weight.original.grad is not None
+    detach_fake_quant(model, handles)
+    assert not any(hasattr(m, "edgetl_act_fq") for m in model.modules())
+    model.eval()
+    calib = np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32)
+    fp32 = export_onnx(model, b.contract, tmp_path / "qat.fp32.onnx", torch.from_numpy(calib[:1]), 17)
+    int8 = quantize_onnx(fp32, tmp_path / "qat.int8.onnx", calib, QuantizeCfg(), reduce_range)
+    return model, fp32, int8, calib
+
+
+def test_qat_export_is_qdq_and_runs_int8_kernels_with_no_float_conv(tmp_path):
+    _, _, int8, _ = _qat_onnx(tmp_path)
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    optimized = optimized_ops(int8)
+    assert optimized.get("QLinearConv", 0) >= 50  # every MobileNetV2 conv runs as an int8 kernel
+    assert optimized.get("Conv", 0) == 0 and optimized.get("FusedConv", 0) == 0
+    assert float_compute_ops({k: v for k, v in optimized.items() if k != "Gemm"}) == 0
+
+
+def test_int8_agrees_with_pytorch_on_a_fixed_batch(tmp_path):
+    from edgetl.runner import session
+
+    model, _, int8, calib = _qat_onnx(tmp_path)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(calib)).numpy()
+    got = session(int8).run(None, {"input": calib})[0]
+    assert (ref.argmax(-1) == got.argmax(-1)).mean() >= 0.8
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.95
+
+
+COMPRESS = {
+    "prune": {"ratio": 0.3, "steps": 1, "recovery_epochs": 1, "lr": 0.002},
+    "distill": {"epochs": 1, "lr": 0.002},
+    "quantize": {"method": "qat", "epochs": 1, "lr": 0.0005, "require_speedup": False, "calibration_size": 128},
+}
+
+
+@pytest.fixture(scope="session")
+def compressed(tmp_path_factory):
+    from tests.conftest import TINY
+
+    raw = json.loads(json.dumps(TINY))
+    raw["finetune"].update(epochs=4, lr=0.01)
+    raw.update(COMPRESS)
+    tmp = tmp_path_factory.mktemp("compressed")
+    out = tmp / "c"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp / "c.yaml", raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "report.json").read_text()), result.output
+
+
+def test_report_has_one_row_per_stage_and_ships_int8(compressed):
+    out, report, output = compressed
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert set(rows) == {"fp32", "pruned", "distilled", "ptq", "qat"}
+    for r in rows.values():
+        assert {"acc_torch", "acc_ort", "agreement", "params", "macs", "size_mb", "p50_ms", "p90_ms"} <= set(r)
+    assert rows["pruned"]["params"] < rows["fp32"]["params"] and rows["pruned"]["macs"] < rows["fp32"]["macs"]
+    chosen = report["metrics"]["quantize"]["chosen"]
+    assert chosen in ("qat", "ptq") and rows[chosen]["shipped"] and rows[chosen]["file"] == "model.onnx"
+    assert rows[chosen]["size_mb"] < 0.5 * rows["distilled"]["size_mb"]  # int8 weights
+    assert {p.name for p in out.glob("*.onnx")} == {"model.onnx", "model.fp32.onnx"}
+    assert report["metrics"]["quantize"]["float_compute_ops_left"] <= 1  # at most the classifier Gemm
+    assert "history" in report and report["history"]["qat"] and report["history"]["distill"]
+
+
+def test_slower_int8_is_not_shipped_silently(tmp_path, tiny_raw, monkeypatch):
+    import edgetl.stages.quantize as q
+
+    monkeypatch.setattr(q, "_speedup", lambda fp32, int8, runs=60: 0.8)
+    tiny_raw["finetune"]["epochs"] = 1
+    tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["quantize"]["chosen"] is None
+    assert "shipping FP32" in result.output
+    assert next(r for r in report["rows"] if r["shipped"])["stage"] == "fp32"
+
+
+@pytest.mark.parametrize("gate, value, message", [
+    ("min_speedup", 1000.0, "gate min_speedup failed"),
+    ("max_size_mb", 0.001, "gate max_size_mb failed"),
+    ("max_accuracy_drop", -100.0, "gate max_accuracy_drop failed"),
+])
+def test_each_gate_fails_the_build(tmp_path, tiny_raw, gate, value, message):
+    tiny_raw["finetune"]["epochs"] = 1
+    tiny_raw["verify"][gate] = value
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
+    assert result.exit_code == 2 and message in result.output
+    assert not out.exists() and (tmp_path / "o.failed-report.json").is_file()
