@@ -35,6 +35,7 @@ demo: assets
 test: setup
 	$(PY) -m edgetl.assets
 	$(PY) -m pytest -q
+	deploy/node/run_test.sh
 
 lint: setup
 	$(VENV)/bin/ruff check edgetl tests benchmarks deploy

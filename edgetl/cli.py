@@ -63,9 +63,13 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
       bundle    model.onnx, labels, preprocessing, recipe.lock.yaml, report.json, runner.py, manifest
     A failed stage or gate leaves no bundle behind.
     """
+    import signal
+
     from edgetl.config import load_recipe
     from edgetl.pipeline import build as run_build
 
+    # a terminated build unwinds like Ctrl-C, so its temporary directory is removed too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cfg = load_recipe(recipe, overrides)
     state = run_build(cfg, out)
     click.echo(summary(state))
@@ -98,18 +102,23 @@ def summary(state) -> str:
 @click.option("--threads", default=1, show_default=True, help="ORT intra-op threads (1 is the fair edge baseline).")
 @click.option("--runs", default=200, show_default=True, help="Timed runs after warm-up.")
 @click.option("--warmup", default=20, show_default=True, help="Untimed runs first.")
+@click.option("--providers", default="cpu", show_default=True,
+              help="Comma-separated execution providers: cpu, cuda, tensorrt (the first available one runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a line.")
 @friendly
-def bench(model: str, batch: int, threads: int, runs: int, warmup: int, as_json: bool) -> None:
+def bench(model: str, batch: int, threads: int, runs: int, warmup: int, providers: str, as_json: bool) -> None:
     """ORT latency of an ONNX MODEL: p50/p90/p99 over RUNS runs on random input of the model's shape."""
-    from edgetl.runner import device_info, feed_for, latency, session
+    from edgetl.runner import BundleError, device_info, feed_for, latency, peak_rss_mb, session
 
     try:
-        sess = session(model, threads)
+        sess = session(model, threads, providers.split(","))
+    except BundleError:
+        raise
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
         raise EdgetlError(f"ONNX Runtime cannot load {model}: {str(e).splitlines()[0][:200]}") from None
     stats = latency(sess, feed_for(sess, batch), runs, warmup)
-    stats.update(model=model, threads=threads, device=device_info())
+    stats.update(model=model, threads=threads, providers=sess.get_providers(), peak_rss_mb=peak_rss_mb(),
+                 device=device_info())
     if as_json:
         click.echo(json.dumps(stats, indent=2))
     else:

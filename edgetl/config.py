@@ -105,11 +105,13 @@ class ExportCfg:
     opset: int = 17
     atol: float | None = None  # max |ORT - PyTorch| on logits; None = the backbone's declared tolerance
     min_top1_agreement: float = 0.99  # ORT and PyTorch must pick the same class on this fraction of inputs
+    ort_format: bool = False  # also write model.ort (ONNX Runtime Mobile) and run ORT's mobile usability check
 
 
 @dataclass(frozen=True)
 class VerifyCfg:
     threads: int = 1  # ORT intra-op threads for latency
+    providers: tuple = ("cpu",)  # execution providers to measure the shipped model on (cpu, cuda, tensorrt)
     warmup: int = 10  # untimed runs before latency is measured
     runs: int = 100  # timed batch-1 runs
     max_accuracy_drop: float | None = None  # gate, in points: PyTorch fine-tuned accuracy minus shipped ORT accuracy

@@ -53,7 +53,7 @@ def shipped_role(state: State) -> str | None:
 
 def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Recipe], bool]]]:
     """The one ordered list of stages, each with the recipe condition under which it runs."""
-    from edgetl.stages import bundle, distill, export, finetune, load, prune, quantize, verify
+    from edgetl.stages import bundle, distill, export, finetune, load, ort_format, prune, quantize, verify
 
     def exported(r: Recipe) -> bool:
         return r.export is not None
@@ -66,6 +66,7 @@ def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Rec
         ("export", export.run, exported),
         ("quantize", quantize.run, lambda r: r.quantize is not None and exported(r)),
         ("verify", verify.run, lambda r: r.verify is not None and exported(r)),
+        ("ort_format", ort_format.run, lambda r: exported(r) and r.export.ort_format),
         ("bundle", bundle.run, lambda r: True),
     ]
 
@@ -93,6 +94,10 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
         if report.is_file():  # a failed gate: keep what was measured, but publish no bundle
             kept = out.with_name(f"{out.name}.failed-report.json")
             shutil.copyfile(report, kept)
+            from edgetl.report import write_html
+
+            html = write_html(tmp)
+            shutil.copyfile(html, out.with_name(f"{out.name}.failed-report.html"))
             e.args = (f"{e.args[0]} (measurements in {kept})",)
         shutil.rmtree(tmp, ignore_errors=True)
         raise

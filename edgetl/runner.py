@@ -93,6 +93,26 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # ONNX Runtime
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+             "coreml": "CoreMLExecutionProvider", "nnapi": "NnapiExecutionProvider",
+             "openvino": "OpenVINOExecutionProvider", "dml": "DmlExecutionProvider"}
+
+
+def resolve_providers(names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Short or full provider names -> ORT provider names; a missing one is an error listing what is available."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    out = []
+    for name in names or ["cpu"]:
+        full = PROVIDERS.get(name.strip().lower(), name.strip())
+        if full not in available:
+            short = [k for k, v in PROVIDERS.items() if v in available]
+            raise BundleError(f"execution provider '{name}' is not available here; available: {', '.join(short)}")
+        out.append(full)
+    return out
+
+
 def session(model_path: str | Path, threads: int = 1, providers: list[str] | None = None):
     import onnxruntime as ort
 
@@ -100,7 +120,7 @@ def session(model_path: str | Path, threads: int = 1, providers: list[str] | Non
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), opts, providers=resolve_providers(providers))
 
 
 def feed_for(sess, batch: int, rng: np.random.Generator | None = None) -> dict:
@@ -164,6 +184,17 @@ def interleaved_latency(sessions: dict, feed: dict, runs: int = 100, warmup: int
     return out
 
 
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process (model + runtime), in MB."""
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024.0 if sys.platform != "darwin" else rss / 1e6
+    except (ImportError, OSError):
+        return None
+
+
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 
@@ -199,13 +230,14 @@ def device_info() -> dict:
 class Bundle:
     """A verified bundle, ready to predict."""
 
-    def __init__(self, path: str | Path, threads: int = 1, model: str = "model.onnx", check: bool = True):
+    def __init__(self, path: str | Path, threads: int = 1, model: str = "model.onnx", check: bool = True,
+                 providers: list[str] | None = None):
         self.path = Path(path)
         if check:
             verify_manifest(self.path)
         self.labels = json.loads((self.path / "labels.json").read_text())
         self.preprocess = json.loads((self.path / "preprocess.json").read_text())
-        self.session = session(self.path / model, threads)
+        self.session = session(self.path / model, threads, providers)
 
     def logits_from_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC (already prepared) -> logits."""
@@ -243,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--runs", type=int, default=200)
     b.add_argument("--warmup", type=int, default=20)
     b.add_argument("--model", default="model.onnx")
+    b.add_argument("--providers", default="cpu", help="comma-separated: cpu, cuda, tensorrt, coreml, nnapi, ...")
     b.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -250,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             for r in Bundle(args.bundle).predict_files(args.images, args.top_k):
                 print(r["file"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
         else:
-            bundle = Bundle(args.bundle, threads=args.threads, model=args.model)
+            bundle = Bundle(args.bundle, threads=args.threads, model=args.model, providers=args.providers.split(","))
             stats = latency(bundle.session, feed_for(bundle.session, args.batch), args.runs, args.warmup)
-            stats.update(threads=args.threads, model=args.model, device=device_info())
+            stats.update(threads=args.threads, model=args.model, providers=bundle.session.get_providers(),
+                         peak_rss_mb=peak_rss_mb(), device=device_info())
             if args.json:
                 print(json.dumps(stats, indent=2))
             else:

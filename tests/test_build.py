@@ -13,8 +13,8 @@ from edgetl.cli import main
 from edgetl.runner import Bundle, sha256, verify_manifest
 from tests.conftest import write_recipe
 
-BUNDLE_FILES = {"model.onnx", "labels.json", "preprocess.json", "recipe.lock.yaml", "report.json", "runner.py",
-                "manifest.json"}
+BUNDLE_FILES = {"model.onnx", "labels.json", "preprocess.json", "recipe.lock.yaml", "report.json", "report.html",
+                "runner.py", "manifest.json"}
 
 
 def test_build_writes_a_complete_verified_bundle(bundle):
@@ -171,6 +171,7 @@ def test_failed_gate_fails_the_build_but_keeps_the_measurements(tmp_path, tiny_r
     assert result.exit_code == 2
     assert "gate min_accuracy failed" in result.output
     assert not out.exists()
+    assert (tmp_path / "out.failed-report.html").is_file()
     report = json.loads((tmp_path / "out.failed-report.json").read_text())
     assert report["metrics"]["verify"]["gates"][0]["passed"] is False and report["rows"]
 
@@ -186,3 +187,52 @@ def test_export_parity_gate_fails_the_build(tmp_path, tiny_raw):
     result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(tmp_path / "o"),
                      "--set", "finetune.epochs=1", "--set", "export.atol=1e-12")
     assert result.exit_code == 2 and "does not match PyTorch" in result.output
+
+
+def test_ort_mobile_format_is_written_and_loads(tmp_path, tiny_raw):
+    import onnxruntime as ort
+
+    tiny_raw["finetune"]["epochs"] = 1
+    tiny_raw["export"] = {"ort_format": True}
+    out = tmp_path / "o"
+    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "model.ort" in verify_manifest(out)["files"]
+    sess = ort.InferenceSession(str(out / "model.ort"), providers=["CPUExecutionProvider"])
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    ref = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(sess.run(None, {"input": x})[0], ref, atol=1e-4)
+    info = json.loads((out / "report.json").read_text())["metrics"]["ort_format"]
+    assert info["file"] == "model.ort" and isinstance(info["nnapi_or_coreml_worth_trying"], bool) and info["log"]
+
+
+def test_missing_execution_provider_is_one_line_listing_available(bundle, tmp_path, tiny_raw):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here; the missing-provider path cannot be shown")
+    result = _invoke("bench", str(bundle[0] / "model.onnx"), "--providers", "cuda")
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: execution provider 'cuda' is not available here; available: cpu"
+    tiny_raw["verify"]["providers"] = ["cpu", "tensorrt"]
+    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(tmp_path / "o"),
+                     "--set", "finetune.epochs=1")
+    assert result.exit_code == 2 and "verify.providers: execution provider 'tensorrt' is not available" in result.output
+
+
+def test_gpu_providers_measure_latency_and_parity(bundle):
+    """Runs on a machine with onnxruntime-gpu; elsewhere it says why it is skipped."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA execution provider in this onnxruntime build (CPU-only machine)")
+    result = _invoke("bench", str(bundle[0] / "model.onnx"), "--providers", "cuda", "--runs", "20", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["providers"][0] == "CUDAExecutionProvider"
+
+
+def test_runner_bench_reports_memory_and_device(bundle):
+    proc = subprocess.run([sys.executable, str(bundle[0] / "runner.py"), str(bundle[0]), "bench", "--runs", "5",
+                           "--json"], capture_output=True, text=True)
+    stats = json.loads(proc.stdout)
+    assert stats["peak_rss_mb"] > 10 and stats["throughput_per_s"] > 0 and "int8" in stats["device"]

@@ -6,6 +6,8 @@
     preprocess.json     resize / crop / mean / std the runner applies
     recipe.lock.yaml    the resolved recipe and library versions
     report.json         per-model measurements, training history, gates, machine
+    report.html         the same as one self-contained page with plots (no network needed to view it)
+    model.ort           ONNX Runtime Mobile format of model.onnx, when export.ort_format is true
     runner.py           the device-side runner (onnxruntime + numpy + Pillow only)
     manifest.json       sha256 of every file above
 """
@@ -24,6 +26,7 @@ import yaml
 from edgetl import __version__
 from edgetl.config import Recipe, recipe_to_dict
 from edgetl.pipeline import State
+from edgetl.report import write_html
 from edgetl.runner import MANIFEST, device_info, sha256
 
 LIBRARIES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "torch-pruning", "numpy", "scikit-learn")
@@ -89,5 +92,6 @@ def run(state: State, recipe: Recipe) -> State:
     (out / "recipe.lock.yaml").write_text(yaml.safe_dump(lock, sort_keys=False))
     shutil.copyfile(Path(__file__).resolve().parent.parent / "runner.py", out / "runner.py")
     write_report(state)
+    write_html(out)
     write_manifest(out)
     return state

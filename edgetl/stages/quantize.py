@@ -197,7 +197,10 @@ def qat(state: State, recipe: Recipe, cfg: QuantizeCfg, reduce_range: bool):
             model(x)
             if i == 3:
                 break
-    distill = Distill(state.teacher, 0.5, 2.0) if cfg.distill and state.teacher is not None else None
+    distill = None
+    if cfg.distill and state.teacher is not None:  # same KD weights as the distill stage when there is one
+        kd = recipe.distill
+        distill = Distill(state.teacher, kd.alpha, kd.temperature) if kd else Distill(state.teacher)
     params = [p for p in model.parameters() if p.requires_grad]
     history = fit(model, train, val, param_groups=[{"params": params, "lr": cfg.lr}], epochs=cfg.epochs, lr=cfg.lr,
                   warmup_epochs=0.0, distill=distill, desc="qat")

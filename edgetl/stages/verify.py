@@ -23,14 +23,17 @@ def count_params_macs(model, input_size: int) -> tuple[int, int]:
 
 
 def ort_eval(onnx_path, inputs: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray, threads: int,
-             batch: int = 64) -> dict:
+             n_classes: int, batch: int = 64) -> dict:
     from edgetl.runner import session
 
     sess = session(onnx_path, threads=max(threads, 2))
     name = sess.get_inputs()[0].name
     preds = np.concatenate([sess.run(None, {name: inputs[i : i + batch]})[0].argmax(-1)
                             for i in range(0, len(inputs), batch)])
-    return {"acc_ort": 100.0 * float((preds == labels).mean()), "agreement": 100.0 * float((preds == ref_pred).mean())}
+    confusion = np.zeros((n_classes, n_classes), dtype=int)  # rows: true class, columns: ORT prediction
+    np.add.at(confusion, (labels, preds), 1)
+    return {"acc_ort": 100.0 * float((preds == labels).mean()), "agreement": 100.0 * float((preds == ref_pred).mean()),
+            "confusion": confusion.tolist()}
 
 
 def measure(state: State, role: str, model, cfg) -> dict:
@@ -49,7 +52,8 @@ def measure(state: State, role: str, model, cfg) -> dict:
             return torch.cat([m(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)]).argmax(-1)
 
     row = {"stage": role, "file": path.name, "acc_torch": 100.0 * float((predict(model).numpy() == labels).mean())}
-    row.update(ort_eval(path, inputs, labels, predict(state.teacher or model).numpy(), cfg.threads))
+    row.update(ort_eval(path, inputs, labels, predict(state.teacher or model).numpy(), cfg.threads,
+                        len(state.data.classes)))
     row["params"], row["macs"] = count_params_macs(model, pre["crop"])
     row["size_mb"] = path.stat().st_size / 1e6
     return row
@@ -66,6 +70,28 @@ def add_latency(state: State, rows: list[dict], cfg) -> None:
         r.update(p50_ms=lat[r["stage"]]["p50_ms"], p90_ms=lat[r["stage"]]["p90_ms"], threads=cfg.threads)
         if fp32:
             r["speedup_vs_fp32"] = fp32["p50_ms"] / r["p50_ms"]
+
+
+def provider_rows(state: State, path, cfg) -> list[dict]:
+    """Latency and parity (against the CPU EP) of the shipped model on every requested provider."""
+    from edgetl.runner import BundleError, feed_for, latency, normalize, resolve_providers, session
+
+    try:
+        providers = resolve_providers(cfg.providers)
+    except BundleError as e:
+        raise EdgetlError(f"verify.providers: {e}") from None
+    x = normalize(state.data.val.images[:64], state.backbone.contract.preprocess)
+    cpu = session(path, cfg.threads, ["cpu"])
+    ref = cpu.run(None, {cpu.get_inputs()[0].name: x})[0]
+    rows = []
+    for provider in providers:
+        sess = session(path, cfg.threads, [provider])
+        got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        lat = latency(sess, feed_for(sess, 1), runs=cfg.runs, warmup=cfg.warmup)
+        rows.append({"provider": provider, "p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"],
+                     "max_abs_diff_vs_cpu": float(np.abs(got - ref).max()),
+                     "top1_agreement_vs_cpu": float((got.argmax(-1) == ref.argmax(-1)).mean())})
+    return rows
 
 
 def gates(cfg, rows: list[dict], shipped: dict, reference_acc: float | None) -> list[dict]:
@@ -98,13 +124,18 @@ def run(state: State, recipe: Recipe) -> State:
     for r in rows:
         r["shipped"] = r["stage"] == shipped
     ship_row = next(r for r in rows if r["shipped"])
+    providers = provider_rows(state, state.workdir / ship_row["file"], cfg) if set(cfg.providers) != {"cpu"} else []
     reference = state.metrics.get("finetune", {}).get("test_acc")
     results = gates(cfg, rows, ship_row, reference)
     for r in rows:
         print(f"  {r['stage']:>9}: acc torch {r['acc_torch']:.2f}% ort {r['acc_ort']:.2f}%  "
               f"agree {r['agreement']:.1f}%  p50 {r['p50_ms']:.2f} ms  {r['size_mb']:.2f} MB"
               f"{'  <- ships' if r['shipped'] else ''}")
-    state = state.replace(rows=rows, metrics={**state.metrics, "verify": {"shipped": shipped, "gates": results}})
+    for p in providers:
+        agree = 100 * p["top1_agreement_vs_cpu"]
+        print(f"  {p['provider']}: p50 {p['p50_ms']:.2f} ms, top-1 agreement with CPU {agree:.1f}%")
+    verify = {"shipped": shipped, "gates": results, "providers": providers}
+    state = state.replace(rows=rows, metrics={**state.metrics, "verify": verify})
     failed = [g for g in results if not g["passed"]]
     if failed:
         g = failed[0]

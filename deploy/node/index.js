@@ -1,0 +1,271 @@
+#!/usr/bin/env node
+'use strict';
+/**
+ * Run an edgetl bundle from Node.js: onnxruntime-node for the model, pngjs (pure JS) to decode PNG.
+ *
+ *   node index.js BUNDLE_DIR [--top-k 3] [--threads 1] INPUT [INPUT ...]
+ *
+ * INPUT is a PNG file, or a JSON file {"shape": [crop, crop, 3], "data": [uint8, ...]} holding an image that is
+ * already prepared (resized + cropped, HWC RGB): then only normalization runs. Prints JSON, one entry per input,
+ * in the shape `runner.py` uses: [{"file", "top": [{"label", "prob"}]}].
+ *
+ * Preprocessing is a port of edgetl/runner.py prepare() + normalize(), including Pillow's fixed-point resampling
+ * (bilinear / bicubic), so an 8-bit PNG prepared here is byte-identical to what Python prepares and the float
+ * input is bit-identical to what edgetl verified accuracy with. The manifest (sha256 of every file) is checked
+ * before the model is loaded, as runner.py does.
+ */
+
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+
+class BundleError extends Error {}
+
+function sha256(file) {
+  return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+}
+
+function verifyManifest(dir) {
+  const file = path.join(dir, 'manifest.json');
+  if (!fs.existsSync(file)) throw new BundleError(`${dir} has no manifest.json: not an edgetl bundle`);
+  const manifest = JSON.parse(fs.readFileSync(file, 'utf8'));
+  for (const [name, digest] of Object.entries(manifest.files)) {
+    const f = path.join(dir, name);
+    if (!fs.existsSync(f)) throw new BundleError(`bundle file missing: ${name}`);
+    if (sha256(f) !== digest) throw new BundleError(`bundle file changed since build (sha256 mismatch): ${name}`);
+  }
+  return manifest;
+}
+
+async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx' } = {}) {
+  const ort = require('onnxruntime-node'); // loaded here so the preprocessing can be used without it
+  if (check) verifyManifest(dir);
+  const read = (name) => JSON.parse(fs.readFileSync(path.join(dir, name), 'utf8'));
+  const preprocess = read('preprocess.json');
+  if ((preprocess.layout || 'NCHW') !== 'NCHW' || (preprocess.channels || 3) !== 3) {
+    throw new BundleError(`unsupported preprocess layout ${preprocess.layout} / channels ${preprocess.channels}`);
+  }
+  const session = await ort.InferenceSession.create(path.join(dir, model), {
+    executionProviders: ['cpu'], intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'all',
+  });
+  return { dir, labels: read('labels.json'), preprocess, session, ort };
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Pillow's Image.resize for 8-bit images (libImaging/Resample.c): separable passes, coefficients normalized and
+// rounded to 22-bit fixed point, accumulated in integers with a rounding offset, clipped to 0..255.
+
+const PRECISION_BITS = 32 - 8 - 2;
+const FILTERS = {
+  bilinear: { support: 1, fn: (x) => (Math.abs(x) < 1 ? 1 - Math.abs(x) : 0) },
+  bicubic: {
+    support: 2,
+    fn: (x) => {
+      const a = -0.5;
+      x = Math.abs(x);
+      if (x < 1) return ((a + 2) * x - (a + 3)) * x * x + 1;
+      if (x < 2) return (((x - 5) * x + 8) * x - 4) * a;
+      return 0;
+    },
+  },
+};
+
+function coefficients(inSize, outSize, filter) {
+  const scale = inSize / outSize;
+  const filterscale = Math.max(scale, 1);
+  const support = filter.support * filterscale;
+  const ksize = Math.ceil(support) * 2 + 1;
+  const bounds = new Int32Array(outSize * 2);
+  const kk = new Float64Array(outSize * ksize);
+  for (let xx = 0; xx < outSize; xx++) {
+    const center = (xx + 0.5) * scale;
+    const ss = 1 / filterscale;
+    const xmin = Math.max(0, Math.trunc(center - support + 0.5));
+    const xmax = Math.min(inSize, Math.trunc(center + support + 0.5)) - xmin;
+    let ww = 0;
+    for (let x = 0; x < xmax; x++) {
+      const w = filter.fn((x + xmin - center + 0.5) * ss);
+      kk[xx * ksize + x] = w;
+      ww += w;
+    }
+    for (let x = 0; x < xmax; x++) {
+      const k = ww !== 0 ? kk[xx * ksize + x] / ww : kk[xx * ksize + x];
+      const fixed = k * (1 << PRECISION_BITS);
+      kk[xx * ksize + x] = Math.trunc(k < 0 ? fixed - 0.5 : fixed + 0.5);
+    }
+    bounds[xx * 2] = xmin;
+    bounds[xx * 2 + 1] = xmax;
+  }
+  return { ksize, bounds, kk };
+}
+
+function clip8(v) {
+  if (v >= 2 ** (PRECISION_BITS + 8)) return 255;
+  return v <= 0 ? 0 : Math.floor(v / 2 ** PRECISION_BITS);
+}
+
+/** One pass along x (horizontal) or y of an RGB HWC image; returns the new image. */
+function resamplePass(src, w, h, outSize, filter, horizontal) {
+  const { ksize, bounds, kk } = coefficients(horizontal ? w : h, outSize, filter);
+  const ow = horizontal ? outSize : w;
+  const oh = horizontal ? h : outSize;
+  const out = new Uint8Array(ow * oh * 3);
+  for (let y = 0; y < oh; y++) {
+    for (let x = 0; x < ow; x++) {
+      const o = horizontal ? x : y;
+      const [min, n] = [bounds[o * 2], bounds[o * 2 + 1]];
+      for (let c = 0; c < 3; c++) {
+        let ss = 1 << (PRECISION_BITS - 1);
+        for (let i = 0; i < n; i++) {
+          const idx = horizontal ? (y * w + min + i) * 3 + c : ((min + i) * w + x) * 3 + c;
+          ss += src[idx] * kk[o * ksize + i];
+        }
+        out[(y * ow + x) * 3 + c] = clip8(ss);
+      }
+    }
+  }
+  return out;
+}
+
+function resize(rgb, w, h, nw, nh, interpolation) {
+  const filter = FILTERS[interpolation];
+  if (!filter) throw new BundleError(`interpolation ${interpolation} is not supported here (bilinear, bicubic)`);
+  let img = rgb;
+  if (nw !== w) img = resamplePass(img, w, h, nw, filter, true);
+  if (nh !== h) img = resamplePass(img, nw, h, nh, filter, false);
+  return img;
+}
+
+/** Python's round(): halves go to the even neighbour. */
+function pyRound(x) {
+  const f = Math.floor(x);
+  const d = x - f;
+  return d > 0.5 ? f + 1 : d < 0.5 ? f : f % 2 === 0 ? f : f + 1;
+}
+
+/** RGB uint8 HWC of any size -> uint8 HWC crop x crop: runner.py prepare() (shorter side to `resize`, center crop). */
+function prepare(rgb, w, h, pre) {
+  const short = pre.resize;
+  const [nw, nh] = w <= h
+    ? [short, Math.max(1, pyRound((h * short) / w))]
+    : [Math.max(1, pyRound((w * short) / h)), short];
+  const img = resize(rgb, w, h, nw, nh, pre.interpolation || 'bilinear');
+  const c = pre.crop;
+  const [left, top] = [Math.floor((nw - c) / 2), Math.floor((nh - c) / 2)];
+  const out = new Uint8Array(c * c * 3); // Pillow's crop fills outside the image with 0
+  for (let y = 0; y < c; y++) {
+    for (let x = 0; x < c; x++) {
+      const [sx, sy] = [x + left, y + top];
+      if (sx < 0 || sy < 0 || sx >= nw || sy >= nh) continue;
+      for (let k = 0; k < 3; k++) out[(y * c + x) * 3 + k] = img[(sy * nw + sx) * 3 + k];
+    }
+  }
+  return out;
+}
+
+/** uint8 HWC (crop x crop) -> float32 CHW, (x / 255 - mean) / std with float32 rounding at each step like numpy. */
+function normalize(u8, pre) {
+  const hw = u8.length / 3;
+  const out = new Float32Array(u8.length);
+  const f = Math.fround;
+  for (let c = 0; c < 3; c++) {
+    const [mean, std] = [f(pre.mean[c]), f(pre.std[c])];
+    for (let i = 0; i < hw; i++) out[c * hw + i] = f(f(f(u8[i * 3 + c] / 255) - mean) / std);
+  }
+  return out;
+}
+
+/** A PNG file -> {rgb, width, height}: alpha dropped, grey expanded, like PIL's convert("RGB"). */
+function readPng(file) {
+  const { PNG } = require('pngjs');
+  let png;
+  try {
+    png = PNG.sync.read(fs.readFileSync(file));
+  } catch (e) {
+    throw new BundleError(`cannot read image ${file}: ${e.message}`);
+  }
+  const rgb = new Uint8Array(png.width * png.height * 3);
+  for (let i = 0; i < png.width * png.height; i++) for (let k = 0; k < 3; k++) rgb[i * 3 + k] = png.data[i * 4 + k];
+  return { rgb, width: png.width, height: png.height };
+}
+
+/** An input file (PNG, or prepared JSON) -> uint8 HWC crop x crop. */
+function loadInput(file, pre) {
+  if (!fs.existsSync(file)) throw new BundleError(`no such file: ${file}`);
+  if (file.toLowerCase().endsWith('.json')) {
+    let parsed;
+    try {
+      parsed = JSON.parse(fs.readFileSync(file, 'utf8'));
+    } catch (e) {
+      throw new BundleError(`cannot read ${file}: ${e.message}`);
+    }
+    const { shape, data } = parsed;
+    const c = pre.crop;
+    if (!shape || shape[0] !== c || shape[1] !== c || shape[2] !== 3 || !data || data.length !== c * c * 3) {
+      throw new BundleError(`${file}: expected {"shape": [${c}, ${c}, 3], "data": [...]} (prepared uint8 HWC)`);
+    }
+    return Uint8Array.from(data);
+  }
+  const { rgb, width, height } = readPng(file);
+  return prepare(rgb, width, height, pre);
+}
+
+function softmax(logits) {
+  const m = Math.max(...logits);
+  const e = Array.from(logits, (v) => Math.exp(v - m));
+  const s = e.reduce((a, b) => a + b, 0);
+  return e.map((v) => v / s);
+}
+
+/** Prepared uint8 HWC images -> logits (array of Float32Array), one batch through the session. */
+async function logits(bundle, images) {
+  const c = bundle.preprocess.crop;
+  const size = 3 * c * c;
+  const x = new Float32Array(images.length * size);
+  images.forEach((u8, i) => x.set(normalize(u8, bundle.preprocess), i * size));
+  const feeds = { [bundle.session.inputNames[0]]: new bundle.ort.Tensor('float32', x, [images.length, 3, c, c]) };
+  const out = (await bundle.session.run(feeds))[bundle.session.outputNames[0]];
+  const n = out.dims[out.dims.length - 1];
+  return images.map((_, i) => out.data.slice(i * n, (i + 1) * n));
+}
+
+async function predictFiles(bundle, files, topK = 3) {
+  const all = await logits(bundle, files.map((f) => loadInput(f, bundle.preprocess)));
+  return files.map((file, i) => {
+    const p = softmax(all[i]);
+    const order = p.map((v, j) => j).sort((a, b) => p[b] - p[a]).slice(0, topK);
+    return { file, top: order.map((j) => ({ label: bundle.labels[j], prob: p[j] })) };
+  });
+}
+
+const USAGE = 'usage: node index.js BUNDLE_DIR [--top-k 3] [--threads 1] INPUT...';
+
+async function main(argv) {
+  const args = { topK: 3, threads: 1, files: [] };
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === '--top-k') args.topK = Number(argv[++i]);
+    else if (argv[i] === '--threads') args.threads = Number(argv[++i]);
+    else if (argv[i] === '-h' || argv[i] === '--help') return console.log(USAGE), 0;
+    else if (!args.bundle) args.bundle = argv[i];
+    else args.files.push(argv[i]);
+  }
+  if (!args.bundle || args.files.length === 0) {
+    console.error(USAGE);
+    return 2;
+  }
+  try {
+    const bundle = await loadBundle(args.bundle, { threads: args.threads });
+    console.log(JSON.stringify(await predictFiles(bundle, args.files, args.topK), null, 2));
+  } catch (e) {
+    if (!(e instanceof BundleError)) throw e;
+    console.error(`error: ${e.message}`);
+    return 2;
+  }
+  return 0;
+}
+
+module.exports = {
+  BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
+};
+
+if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

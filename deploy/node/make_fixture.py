@@ -1,0 +1,113 @@
+"""Build a tiny bundle on sklearn digits and write what Python's runner makes of a few PNG images, so the Node
+example can be checked against it (test/predict.test.js reads OUT/fixture.json).
+
+    .venv/bin/python deploy/node/make_fixture.py OUT_DIR [--bundle EXISTING_BUNDLE]
+
+For each image: the PNG, the array runner.prepare() made of it (prepared uint8 HWC as JSON, the Node example's
+second input format), the float32 input runner.normalize() made of that, the bundle runner's probabilities and
+top-k labels, and prepare()'s output under a few other resize / crop / interpolation settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+# the tests' tiny recipe (tests/conftest.py TINY) with 3 epochs, so predictions are not near-ties
+RECIPE = {
+    "name": "tiny_node",
+    "seed": 0,
+    "backbone": {"name": "timm:mobilenetv3_small_050", "pretrained": False, "input_size": 32},
+    "data": {"kind": "digits", "batch_size": 128, "augment": {"hflip": False}},
+    "finetune": {"strategy": "full", "epochs": 3, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
+    "verify": {"runs": 5, "warmup": 2},
+}
+# (width, height, PIL mode): smaller, equal to and larger than the crop, both orientations, grey / RGB / RGBA
+SHAPES = [(8, 8, "L"), (32, 32, "RGB"), (45, 30, "RGB"), (30, 61, "RGBA"), (37, 37, "RGB"), (100, 64, "L"),
+          (33, 35, "P")]
+TOP_K = 3
+# more preprocessing settings, checked for byte parity of the prepared arrays only (crop > resize pads with 0)
+VARIANTS = [{"resize": 32, "crop": 32, "interpolation": "bilinear"},
+            {"resize": 50, "crop": 40, "interpolation": "bicubic"},
+            {"resize": 20, "crop": 24, "interpolation": "bilinear"}]
+
+
+def build_bundle(out: Path) -> Path:
+    recipe = out / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    edgetl = Path(sys.executable).parent / "edgetl"
+    subprocess.run([str(edgetl), "build", str(recipe), "--out", str(out / "bundle")], check=True)
+    return out / "bundle"
+
+
+def load_runner(bundle: Path):
+    """The bundle's own runner.py: the same code a device runs."""
+    spec = importlib.util.spec_from_file_location("bundle_runner", bundle / "runner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def images(out: Path) -> list[Path]:
+    """Digits upscaled to various sizes, with seeded colour noise so resampling has texture to get wrong."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h, mode) in enumerate(SHAPES):
+        digit = Image.fromarray((digits.images[i * 7] * 15.9).astype(np.uint8)).resize((w, h), Image.NEAREST)
+        rgb = np.stack([np.asarray(digit)] * 3, axis=-1).astype(int) + rng.integers(-40, 40, (h, w, 3))
+        img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+        if mode == "RGBA":
+            img.putalpha(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)))
+        img = img.convert(mode) if mode in ("L", "P") else img
+        path = out / f"img{i}_{w}x{h}_{mode}.png"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--bundle", type=Path, help="use this bundle instead of building one")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bundle = (args.bundle or build_bundle(args.out)).resolve()
+    runner = load_runner(bundle)
+    model = runner.Bundle(bundle)
+
+    from PIL import Image
+
+    cases = []
+    for png in images(args.out):
+        with Image.open(png) as im:
+            arr = runner.prepare(im, model.preprocess)
+        prepared = png.with_suffix(".json")
+        prepared.write_text(json.dumps({"shape": list(arr.shape), "data": arr.ravel().tolist()}))
+        probs = runner.softmax(model.logits_from_arrays(arr[None]))[0]
+        top = model.predict_files([str(png)], TOP_K)[0]["top"]
+        with Image.open(png) as im:
+            variants = [base64.b64encode(runner.prepare(im, {**model.preprocess, **v}).tobytes()).decode()
+                        for v in VARIANTS]
+        normalized = base64.b64encode(runner.normalize(arr[None], model.preprocess).tobytes()).decode()
+        cases.append({"png": str(png.resolve()), "prepared": str(prepared.resolve()), "probs": probs.tolist(),
+                      "top": [t["label"] for t in top], "variants": variants, "normalized": normalized})
+    fixture = {"bundle": str(bundle), "top_k": TOP_K, "preprocess": model.preprocess, "variants": VARIANTS,
+               "cases": cases}
+    (args.out / "fixture.json").write_text(json.dumps(fixture, indent=2))
+    print(f"fixture: {args.out / 'fixture.json'} ({len(cases)} images, bundle {bundle})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+'use strict';
+// The Node example against Python's runner on the same bundle and images. EDGETL_NODE_FIXTURE names the
+// fixture.json that make_fixture.py wrote (run_test.sh does both); without it every test is skipped.
+
+const assert = require('node:assert/strict');
+const { spawnSync } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { test } = require('node:test');
+
+const edgetl = require('..');
+
+const FIXTURE = process.env.EDGETL_NODE_FIXTURE;
+const skip = FIXTURE ? false : 'EDGETL_NODE_FIXTURE is not set: run deploy/node/run_test.sh';
+const fx = FIXTURE ? JSON.parse(fs.readFileSync(FIXTURE, 'utf8')) : { cases: [] };
+const INDEX = path.join(__dirname, '..', 'index.js');
+const TOL = 1e-4; // ORT versions differ (npm vs PyPI) and Python's softmax is float32: probabilities, not bits
+
+function preparedFromJson(file) {
+  return Uint8Array.from(JSON.parse(fs.readFileSync(file, 'utf8')).data);
+}
+
+function assertSameBytes(actual, expected, what) {
+  assert.equal(actual.length, expected.length, `${what}: length`);
+  let differ = 0;
+  let worst = 0;
+  for (let i = 0; i < actual.length; i++) {
+    if (actual[i] !== expected[i]) differ += 1;
+    worst = Math.max(worst, Math.abs(actual[i] - expected[i]));
+  }
+  assert.equal(differ, 0, `${what}: ${differ} of ${actual.length} bytes differ from Python (max ${worst})`);
+}
+
+/** Top-k labels must match unless Python's own top-k+1 holds a near tie (then the order is not meaningful). */
+function assertSameTop(labels, c, what) {
+  const sorted = [...c.probs].sort((a, b) => b - a).slice(0, fx.top_k + 1);
+  const tie = sorted.some((v, i) => i > 0 && sorted[i - 1] - v < TOL);
+  if (!tie) assert.deepEqual(labels, c.top, `${what}: top-${fx.top_k} labels`);
+  else assert.equal(labels[0], c.top[0], `${what}: top-1 label`);
+}
+
+function cli(args) {
+  return spawnSync(process.execPath, [INDEX, ...args], { encoding: 'utf8' });
+}
+
+test('PNG preprocessing is byte-identical to runner.py prepare()', { skip }, () => {
+  for (const c of fx.cases) {
+    const { rgb, width, height } = edgetl.readPng(c.png);
+    assertSameBytes(edgetl.prepare(rgb, width, height, fx.preprocess), preparedFromJson(c.prepared), c.png);
+  }
+});
+
+test('other resize / crop / interpolation settings match Pillow byte for byte', { skip }, () => {
+  for (const c of fx.cases) {
+    const { rgb, width, height } = edgetl.readPng(c.png);
+    fx.variants.forEach((v, i) => {
+      const expected = Buffer.from(c.variants[i], 'base64');
+      const actual = edgetl.prepare(rgb, width, height, { ...fx.preprocess, ...v });
+      assertSameBytes(actual, expected, `${c.png} ${JSON.stringify(v)}`);
+    });
+  }
+});
+
+test('normalization is bit-identical to runner.py normalize() (float32 rounding at every step)', { skip }, () => {
+  for (const c of fx.cases) {
+    const x = edgetl.normalize(preparedFromJson(c.prepared), fx.preprocess);
+    assertSameBytes(new Uint8Array(x.buffer), Buffer.from(c.normalized, 'base64'), `${c.png} normalized`);
+  }
+});
+
+test('prepared arrays give the Python runner\'s probabilities and top-k labels', { skip }, async () => {
+  const bundle = await edgetl.loadBundle(fx.bundle);
+  const all = await edgetl.logits(bundle, fx.cases.map((c) => preparedFromJson(c.prepared)));
+  fx.cases.forEach((c, i) => {
+    const p = edgetl.softmax(all[i]);
+    p.forEach((v, j) => assert.ok(Math.abs(v - c.probs[j]) < TOL, `${c.png}: class ${j} prob ${v} vs ${c.probs[j]}`));
+    const order = p.map((v, j) => j).sort((a, b) => p[b] - p[a]).slice(0, fx.top_k);
+    assertSameTop(order.map((j) => bundle.labels[j]), c, c.png);
+  });
+});
+
+test('the CLI prints the same top-k for PNG and prepared JSON inputs as Python', { skip }, () => {
+  const inputs = fx.cases.flatMap((c) => [c.png, c.prepared]);
+  const r = cli([fx.bundle, '--top-k', String(fx.top_k), ...inputs]);
+  assert.equal(r.status, 0, r.stderr);
+  const out = JSON.parse(r.stdout);
+  assert.equal(out.length, inputs.length);
+  fx.cases.forEach((c, i) => {
+    const [png, prepared] = [out[2 * i], out[2 * i + 1]];
+    assert.deepEqual(png.top, prepared.top, `${c.png}: PNG and prepared JSON must agree exactly`);
+    assertSameTop(png.top.map((t) => t.label), c, c.png);
+  });
+});
+
+test('a tampered bundle or a bad input is refused with one error line and exit code 2', { skip }, () => {
+  const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'edgetl-node-'));
+  try {
+    fs.cpSync(fx.bundle, copy, { recursive: true });
+    const labels = path.join(copy, 'labels.json');
+    fs.writeFileSync(labels, JSON.stringify(JSON.parse(fs.readFileSync(labels, 'utf8')).reverse()));
+    let r = cli([copy, fx.cases[0].png]);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /^error: .*sha256 mismatch.*labels\.json\n$/);
+
+    const bad = path.join(copy, 'not-a.png');
+    fs.writeFileSync(bad, 'not a png');
+    r = cli([fx.bundle, bad]);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /^error: cannot read image/);
+  } finally {
+    fs.rmSync(copy, { recursive: true, force: true });
+  }
+});

@@ -1,0 +1,278 @@
+"""Render a bundle's report.json as one self-contained HTML page: plots are inline base64 PNGs, styles are inline,
+nothing is fetched, so the file can be mailed or opened offline next to the bundle.
+
+Every key except ``name`` and ``rows`` is optional (a build without finetune has no history, older reports have
+no confusion matrices): sections render what exists and say what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable
+from html import escape
+from pathlib import Path
+from typing import Any
+
+COLUMNS = {"stage": "stage", "file": "file", "acc_torch": "acc PyTorch %", "acc_ort": "acc ORT %",
+           "agreement": "agrees w/ teacher %", "params": "params", "macs": "MACs", "size_mb": "size MB",
+           "p50_ms": "p50 ms", "p90_ms": "p90 ms", "speedup_vs_fp32": "speed-up vs fp32", "shipped": "ships"}
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0;font-size:92%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3;font-size:90%}td:first-child,th:first-child{text-align:left}tr.ship{background:#e8f4ff;font-weight:600}
+.pass{color:#16794a;font-weight:600}.fail{color:#b3261e;font-weight:600}.muted{color:#777}
+img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}"""
+
+
+def write_html(bundle_dir: str | Path) -> Path:
+    """Read ``bundle_dir/report.json``, write ``bundle_dir/report.html`` beside it and return its path."""
+    bundle_dir = Path(bundle_dir)
+    report = json.loads((bundle_dir / "report.json").read_text())
+    path = bundle_dir / "report.html"
+    path.write_text(render(report), encoding="utf-8")
+    return path
+
+
+def render(report: dict) -> str:
+    """The whole page as a string; a section that cannot be drawn shows a note instead of failing the build."""
+    name = escape(str(report.get("name", "edgetl bundle")))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: edgetl report</title>"
+             f"<style>{CSS}</style></head><body>"]
+    for title, section in SECTIONS:
+        try:
+            body = section(report)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
+            body = f"<p class='muted'>not rendered: {escape(type(e).__name__)}: {escape(str(e))}</p>"
+        if body:
+            parts.append((f"<h2>{escape(title)}</h2>" if title else "") + body)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:,.2f}"
+    return escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join(f"<tr class='{(classes or [''] * len(rows))[i]}'>" + "".join(f"<td>{c}</td>" for c in r)
+                   + "</tr>" for i, r in enumerate(rows))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _png(fig: Any) -> str:
+    """A matplotlib Figure as an inline <img> (data: URI)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return f"<img alt='' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+
+def _figure(w: float, h: float, ncols: int = 1) -> tuple[Any, Any]:
+    # Figure + Agg directly, not pyplot: no global backend switch, no GUI, safe inside any process
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h))
+    return fig, fig.subplots(1, ncols)
+
+
+def _shipped(report: dict) -> dict | None:
+    return next((r for r in report.get("rows") or [] if r.get("shipped")), None)
+
+
+def _row(report: dict, stage: str) -> dict | None:
+    return next((r for r in report.get("rows") or [] if r.get("stage") == stage), None)
+
+
+def _classes(report: dict, n: int) -> list[str]:
+    classes = report.get("classes") or []
+    return [str(c) for c in classes] if len(classes) == n else [str(i) for i in range(n)]
+
+
+def _rotation(names: list[str]) -> dict:
+    """Slanted tick labels only when class names are long enough to collide."""
+    return {"rotation": 45, "ha": "right"} if max(map(len, names), default=0) > 3 else {}
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sections: each takes the report and returns HTML ("" = nothing to show)
+
+
+def header(report: dict) -> str:
+    m = report.get("metrics") or {}
+    ship = _shipped(report)
+    shipped = ship["stage"] if ship else ((m.get("bundle") or {}).get("shipped")
+                                          or (m.get("verify") or {}).get("shipped"))
+    splits = report.get("splits") or {}
+    failed = (m.get("verify") or {}).get("failed")
+    classes = [str(c) for c in report.get("classes") or []]
+    names = ", ".join(classes[:30]) + (", ..." if len(classes) > 30 else "")
+    items = [("backbone", report.get("backbone")), ("classes", f"{len(classes)} ({names})" if classes else None),
+             ("train / val / test", " / ".join(_fmt(splits.get(s)) for s in ("train", "val", "test")) if splits
+              else None), ("would ship" if failed else "ships", f"{shipped} ({ship.get('file')})" if ship else shipped)]
+    lines = "".join(f"<li><b>{escape(k)}</b>: {escape(str(v))}</li>" for k, v in items if v is not None)
+    banner = "<p class='fail'>BUILD FAILED: a gate was not met, nothing was shipped</p>" if failed else ""
+    return f"<h1>{escape(str(report.get('name', '')))}</h1>{banner}<ul>{lines}</ul>"
+
+
+def models_table(report: dict) -> str:
+    rows = report.get("rows") or []
+    if not rows:
+        return "<p class='muted'>no models were measured</p>"
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    note = "<p class='muted'>test set; agreement = top-1 agreement with the fine-tuned teacher; latency at batch 1</p>"
+    return _table([COLUMNS[c] for c in cols], cells, ["ship" if r.get("shipped") else "" for r in rows]) + note
+
+
+def tradeoff_plot(report: dict) -> str:
+    pts = [r for r in report.get("rows") or [] if r.get("acc_ort") is not None and r.get("p50_ms") is not None]
+    if not pts:
+        return ""
+    fig, ax = _figure(7, 4.2)
+    biggest = max(r.get("size_mb") or 0 for r in pts) or 1.0
+    for i, r in enumerate(pts):
+        size = 40 + 600 * (r.get("size_mb") or 0) / biggest
+        ax.scatter(r["p50_ms"], r["acc_ort"], s=size, alpha=0.6, edgecolors="black" if r.get("shipped") else "none",
+                   linewidths=2)
+        label = r["stage"] + (" (ships)" if r.get("shipped") else "")
+        ax.annotate(label, (r["p50_ms"], r["acc_ort"]), textcoords="offset points", xytext=(8, 6 if i % 2 else -12))
+    ax.set(xlabel="ORT p50 latency, batch 1 (ms)", ylabel="test accuracy, ORT (%)",
+           title="accuracy vs latency (marker area ~ model size)")
+    ax.margins(0.2)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def training_curves(report: dict) -> str:
+    history = {k: v for k, v in (report.get("history") or {}).items() if v}
+    if not history:
+        return ""
+    fig, (loss, acc) = _figure(11, 3.8, ncols=2)
+    x0 = 0  # stages follow each other on one axis, in pipeline order, so the build reads left to right
+    for i, (stage, epochs) in enumerate(history.items()):
+        xs = list(range(x0 + 1, x0 + len(epochs) + 1))
+        color = f"C{i % 10}"
+        loss.plot(xs, [_num(e.get("train_loss")) for e in epochs], "o-", color=color, label=f"{stage} train")
+        loss.plot(xs, [_num(e.get("val_loss")) for e in epochs], "s--", color=color, label=f"{stage} val")
+        acc.plot(xs, [_num(e.get("val_acc")) for e in epochs], "o-", color=color, label=stage)
+        x0 += len(epochs)
+    loss.set(xlabel="epoch (all stages in order)", ylabel="loss", title="loss (solid: train, dashed: val)")
+    acc.set(xlabel="epoch (all stages in order)", ylabel="val accuracy (%)", title="validation accuracy")
+    for ax in (loss, acc):
+        ax.grid(alpha=0.3)
+    fig.legend(*acc.get_legend_handles_labels(), loc="lower center", ncols=len(history), bbox_to_anchor=(0.5, -0.14))
+    return _png(fig)
+
+
+def confusion(report: dict) -> str:
+    ship = _shipped(report)
+    if not ship or not ship.get("confusion"):
+        return "<p class='muted'>no confusion matrix for the shipped model</p>"
+    import numpy as np
+
+    cm = np.asarray(ship["confusion"], dtype=float)
+    names = _classes(report, len(cm))
+    side = min(4 + 0.45 * len(cm), 12)
+    fig, ax = _figure(side, side * 0.85)
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if len(cm) <= 20:
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=8,
+                    color="white" if v > cm.max() / 2 else "black")
+    ticks = range(len(cm)) if len(cm) <= 40 else []
+    ax.set_xticks(list(ticks), [names[t] for t in ticks], **_rotation(names))
+    ax.set_yticks(list(ticks), [names[t] for t in ticks])
+    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix: {ship['stage']} (test set)")
+    return _png(fig)
+
+
+def per_class_change(report: dict) -> str:
+    ship, teacher = _shipped(report), _row(report, "fp32")
+    if not ship or not teacher or ship is teacher or not ship.get("confusion") or not teacher.get("confusion"):
+        return ""
+    import numpy as np
+
+    def recall(cm: list) -> Any:
+        a = np.asarray(cm, dtype=float)
+        return 100 * np.diag(a) / np.maximum(a.sum(axis=1), 1)
+
+    delta = recall(ship["confusion"]) - recall(teacher["confusion"])
+    names = _classes(report, len(delta))
+    fig, ax = _figure(max(6, 0.5 * len(delta)), 3.5)
+    ax.bar(range(len(delta)), delta, color=["#b3261e" if d < 0 else "#16794a" for d in delta])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(delta)), names, **_rotation(names))
+    ax.set(ylabel="points", title=f"per-class accuracy: {ship['stage']} minus fp32 teacher (test set)")
+    ax.grid(alpha=0.3, axis="y")
+    return f"<h2>Per-class accuracy change</h2>{_png(fig)}"
+
+
+def parity(report: dict) -> str:
+    export = (report.get("metrics") or {}).get("export") or {}
+    roles = {k: v for k, v in export.items() if isinstance(v, dict)}
+    if not roles:
+        return ""
+    rows = [[escape(k), _fmt(v.get("max_abs_diff")), _fmt(v.get("atol")), _fmt(v.get("top1_agreement")),
+             _fmt(v.get("n"))] for k, v in roles.items()]
+    opset = f"<p>ONNX opset {_fmt(export.get('opset'))}</p>" if "opset" in export else ""
+    return opset + _table(["model", "max |ORT - PyTorch|", "atol", "top-1 agreement", "images"], rows)
+
+
+def gates(report: dict) -> str:
+    found = ((report.get("metrics") or {}).get("verify") or {}).get("gates") or []
+    if not found:
+        return "<p class='muted'>no gates set in the recipe</p>"
+    rows = [[escape(str(g.get("gate"))), _fmt(g.get("value")), _fmt(g.get("limit")),
+             "<span class='pass'>PASS</span>" if g.get("passed") else "<span class='fail'>FAIL</span>"] for g in found]
+    return _table(["gate", "value", "limit", "result"], rows)
+
+
+def quantize_notes(report: dict) -> str:
+    q = (report.get("metrics") or {}).get("quantize")
+    if not q:
+        return ""
+    facts = [("chosen INT8 model", (q.get("chosen") or "none (FP32 ships)") if "chosen" in q else None),
+             ("INT8 speed-up vs FP32, 1 thread", q.get("speedup_vs_fp32_1thread")),
+             ("7-bit weights (reduce_range)", q.get("reduce_range")),
+             ("CPU int8 features", ", ".join(k for k, v in (q.get("cpu_int8") or {}).items() if v) or None),
+             ("float compute ops left", q.get("float_compute_ops_left"))]
+    items = "".join(f"<li><b>{escape(k)}</b>: {_fmt(v) if not isinstance(v, bool) else str(v)}</li>"
+                    for k, v in facts if v is not None)
+    notes = "".join(f"<li>{escape(str(n))}</li>" for n in q.get("notes") or [])
+    return f"<h2>Quantization</h2><ul>{items}</ul>" + (f"<p>Notes:</p><ul>{notes}</ul>" if notes else "")
+
+
+def machine(report: dict) -> str:
+    device, versions = report.get("device") or {}, report.get("versions") or {}
+    threads = sorted({r["threads"] for r in report.get("rows") or [] if r.get("threads") is not None})
+    items = [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in device.items()]
+    items += [("threads used for latency", ", ".join(map(str, threads)))] if threads else []
+    out = "".join(f"<li><b>{escape(str(k))}</b>: {escape(str(v))}</li>" for k, v in items)
+    vers = _table(["library", "version"], [[escape(str(k)), escape(str(v))] for k, v in versions.items()])
+    return (f"<ul>{out}</ul>" if out else "") + (vers if versions else "")
+
+
+SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
+    ("", header), ("Models", models_table), ("Accuracy vs latency", tradeoff_plot),
+    ("Training curves", training_curves), ("Confusion matrix (shipped model)", confusion), ("", per_class_change),
+    ("Export parity (ONNX Runtime vs PyTorch)", parity), ("Gates", gates), ("", quantize_notes),
+    ("Machine", machine),
+]
