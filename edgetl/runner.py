@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Device-side runner for an edgetl bundle: needs only onnxruntime, numpy and Pillow (no torch, no edgetl).
+"""Device-side runner for an edgetl bundle: needs only onnxruntime and numpy, plus Pillow for image bundles or
+tokenizers for text bundles (no torch, no transformers, no edgetl).
 
 Every bundle ships a copy of this file as ``runner.py``; edgetl itself uses the same functions, so the
 preprocessing a device applies is byte-for-byte the one edgetl verified accuracy with.
 
-    python runner.py BUNDLE_DIR predict IMAGE [IMAGE ...] [--top-k 3]
+    python runner.py BUNDLE_DIR predict IMAGE [IMAGE ...] [--top-k 3]     (text bundles: TEXT [TEXT ...])
     python runner.py BUNDLE_DIR bench [--batch 1] [--threads 1] [--runs 200] [--json]
 
 The manifest (sha256 of every file) is checked before the model is loaded.
@@ -81,6 +82,34 @@ def normalize(batch: np.ndarray, pre: dict) -> np.ndarray:
     x = batch.astype(np.float32) / 255.0
     x = (x - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text: the backbone's own tokenizer.json, truncated to max_length, padded to the longest text in the batch
+
+
+def load_tokenizer(path: str | Path, max_length: int):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length)
+    return tok
+
+
+def encode_texts(tokenizer, texts: list, pre: dict, pad_to: int | None = None) -> dict:
+    """Texts (or (text, pair) tuples) -> int64 input_ids / attention_mask [/ token_type_ids], padded with pad_id."""
+    pairs = isinstance(texts[0], (tuple, list))
+    encs = tokenizer.encode_batch([tuple(t) for t in texts] if pairs else list(texts))
+    length = pad_to or max(len(e.ids) for e in encs)
+    ids = np.full((len(encs), length), pre.get("pad_id", 0), np.int64)
+    mask = np.zeros((len(encs), length), np.int64)
+    types = np.zeros((len(encs), length), np.int64)
+    for i, e in enumerate(encs):
+        k = min(len(e.ids), length)
+        ids[i, :k], mask[i, :k], types[i, :k] = e.ids[:k], 1, e.type_ids[:k]
+    out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: out[name] for name in pre["inputs"]}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -238,6 +267,28 @@ class Bundle:
         self.labels = json.loads((self.path / "labels.json").read_text())
         self.preprocess = json.loads((self.path / "preprocess.json").read_text())
         self.session = session(self.path / model, threads, providers)
+        self.tokenizer = None
+        if self.preprocess.get("kind") == "text":
+            self.tokenizer = load_tokenizer(self.path / "tokenizer.json", self.preprocess["max_length"])
+
+    def _top(self, names: list[str], logits: np.ndarray, top_k: int, key: str) -> list[dict]:
+        out = []
+        for name, p in zip(names, softmax(logits), strict=True):
+            top = np.argsort(-p)[:top_k]
+            out.append({key: name, "top": [{"label": self.labels[i], "prob": float(p[i])} for i in top]})
+        return out
+
+    def predict_texts(self, texts: list[str], top_k: int = 3) -> list[dict]:
+        if self.tokenizer is None:
+            raise BundleError("this bundle classifies images, not text")
+        if any(not t.strip() for t in texts):
+            raise BundleError("empty text")
+        logits = self.session.run(None, encode_texts(self.tokenizer, list(texts), self.preprocess))[0]
+        return self._top(list(texts), logits, top_k, "text")
+
+    def predict(self, inputs: list[str], top_k: int = 3) -> list[dict]:
+        """Image files or texts, whichever this bundle takes."""
+        return self.predict_texts(inputs, top_k) if self.tokenizer else self.predict_files(inputs, top_k)
 
     def logits_from_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC (already prepared) -> logits."""
@@ -254,20 +305,21 @@ class Bundle:
                     arrays.append(prepare(im, self.preprocess))
             except (OSError, UnidentifiedImageError) as e:
                 raise BundleError(f"cannot read image {f}: {type(e).__name__}") from None
-        probs = softmax(self.logits_from_arrays(np.stack(arrays)))
-        out = []
-        for f, p in zip(files, probs, strict=False):
-            top = np.argsort(-p)[:top_k]
-            out.append({"file": str(f), "top": [{"label": self.labels[i], "prob": float(p[i])} for i in top]})
-        return out
+        return self._top([str(f) for f in files], self.logits_from_arrays(np.stack(arrays)), top_k, "file")
+
+
+def format_top(result: dict) -> str:
+    """One tab-separated line: the input, then label and probability of each of the top-k."""
+    top = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in result["top"])
+    return f"{result.get('file', result.get('text'))}\t{top}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", help="bundle directory (has manifest.json)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("predict", help="top-k labels for images")
-    p.add_argument("images", nargs="+")
+    p = sub.add_parser("predict", help="top-k labels for images (or texts, for a text bundle)")
+    p.add_argument("images", nargs="+", metavar="INPUT")
     p.add_argument("--top-k", type=int, default=3)
     b = sub.add_parser("bench", help="latency p50/p90/p99 of the bundle's model")
     b.add_argument("--batch", type=int, default=1)
@@ -280,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "predict":
-            for r in Bundle(args.bundle).predict_files(args.images, args.top_k):
-                print(r["file"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+            for r in Bundle(args.bundle).predict(args.images, args.top_k):
+                print(format_top(r))
         else:
             bundle = Bundle(args.bundle, threads=args.threads, model=args.model, providers=args.providers.split(","))
             stats = latency(bundle.session, feed_for(bundle.session, args.batch), args.runs, args.warmup)

@@ -37,6 +37,11 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
     return alpha * t * t * kl + (1.0 - alpha) * ce
 
 
+def call(model, x):
+    """Run ``model`` on a batch: a tensor (images) or a dict of named tensors (tokens)."""
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
 def freeze_frozen_batchnorm(model) -> None:
     """BatchNorm layers whose affine parameters are frozen keep their running statistics too."""
     from torch import nn
@@ -55,7 +60,7 @@ def evaluate(model, loader) -> dict:
     correct, total, loss, outs = 0, 0, 0.0, []
     with torch.inference_mode():
         for x, y in loader:
-            logits = model(x)
+            logits = call(model, x)
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
@@ -120,12 +125,12 @@ def fit(
         freeze_frozen_batchnorm(model)
         run_loss, seen = 0.0, 0
         for x, y in train_loader:
-            if channels_last and x.dim() == 4:
+            if channels_last and not isinstance(x, dict) and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logits = model(x)
+            logits = call(model, x)
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = call(teacher, x)
                 loss = kd_loss(logits, t_logits, y, distill.alpha, distill.temperature, label_smoothing)
             else:
                 loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)

@@ -36,8 +36,8 @@ def test_pruning_removes_channels_and_still_exports(tmp_path):
     assert model.features[0][0].in_channels == 3  # stem input protected
     assert model.get_submodule(b.head).out_features == 5  # classifier output protected
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    path = export_onnx(model, b.contract, tmp_path / "p.onnx", torch.from_numpy(x[:1]), 17)
-    check = parity(model, path, x)
+    path = export_onnx(model, b.contract, tmp_path / "p.onnx", {"input": x[:1]}, 17)
+    check = parity(model, path, [{"input": x}])
     assert check["max_abs_diff"] < b.contract.atol and check["top1_agreement"] == 1.0
 
 
@@ -73,8 +73,9 @@ def _qat_onnx(tmp_path, reduce_range=False):
     assert not any(hasattr(m, "edgetl_act_fq") for m in model.modules())
     model.eval()
     calib = np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32)
-    fp32 = export_onnx(model, b.contract, tmp_path / "qat.fp32.onnx", torch.from_numpy(calib[:1]), 17)
-    int8 = quantize_onnx(fp32, tmp_path / "qat.int8.onnx", calib, QuantizeCfg(), reduce_range)
+    fp32 = export_onnx(model, b.contract, tmp_path / "qat.fp32.onnx", {"input": calib[:1]}, 17)
+    int8 = quantize_onnx(fp32, tmp_path / "qat.int8.onnx", [{"input": calib[i : i + 8]} for i in range(0, 32, 8)],
+                         QuantizeCfg(), reduce_range)
     return model, fp32, int8, calib
 
 
@@ -138,7 +139,7 @@ def test_report_has_one_row_per_stage_and_ships_int8(compressed):
 def test_slower_int8_is_not_shipped_silently(tmp_path, tiny_raw, monkeypatch):
     import edgetl.stages.quantize as q
 
-    monkeypatch.setattr(q, "_speedup", lambda fp32, int8, runs=60: 0.8)
+    monkeypatch.setattr(q, "_speedup", lambda fp32, int8, feed, runs=60: 0.8)
     tiny_raw["finetune"]["epochs"] = 1
     tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
     out = tmp_path / "o"
@@ -162,3 +163,23 @@ def test_each_gate_fails_the_build(tmp_path, tiny_raw, gate, value, message):
     result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
     assert result.exit_code == 2 and message in result.output
     assert not out.exists() and (tmp_path / "o.failed-report.json").is_file()
+
+
+def test_same_padding_shape_arithmetic_stays_float(tmp_path):
+    """timm's dynamic "same" padding computes pads from tensor shapes; quantizing that arithmetic shrank feature
+    maps (EfficientNet-Lite0 87% -> 50%). Those nodes are excluded and the INT8 graph keeps FP32's shapes."""
+    from edgetl.stages.quantize import _float_nodes
+
+    torch.manual_seed(0)
+    b = build_backbone(BackboneCfg(name="timm:tf_efficientnet_lite0", pretrained=False, input_size=64), 3)
+    x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    fp32 = export_onnx(b.model.eval(), b.contract, tmp_path / "lite.onnx", {"input": x[:1]}, 17)
+    excluded = _float_nodes(fp32)
+    assert excluded and all(n for n in excluded)
+    assert len(_float_nodes(fp32, float_leading_convs=2)) == len(excluded) + 2
+    int8 = quantize_onnx(fp32, tmp_path / "lite.int8.onnx", [{"input": x}], QuantizeCfg(), reduce_range=True)
+    from edgetl.runner import session
+
+    ref = session(fp32).run(None, {"input": x})[0]
+    got = session(int8).run(None, {"input": x})[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.9

@@ -8,7 +8,8 @@
     report.json         per-model measurements, training history, gates, machine
     report.html         the same as one self-contained page with plots (no network needed to view it)
     model.ort           ONNX Runtime Mobile format of model.onnx, when export.ort_format is true
-    runner.py           the device-side runner (onnxruntime + numpy + Pillow only)
+    tokenizer.json      text bundles: the backbone's tokenizer (the runner uses it with `tokenizers`)
+    runner.py           the device-side runner (onnxruntime + numpy + Pillow or tokenizers only)
     manifest.json       sha256 of every file above
 """
 
@@ -29,7 +30,8 @@ from edgetl.pipeline import State
 from edgetl.report import write_html
 from edgetl.runner import MANIFEST, device_info, sha256
 
-LIBRARIES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "torch-pruning", "numpy", "scikit-learn")
+LIBRARIES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "torch-pruning", "numpy", "scikit-learn",
+             "transformers", "optimum", "optimum-onnx", "tokenizers")
 
 
 def versions() -> dict:
@@ -91,6 +93,8 @@ def run(state: State, recipe: Recipe) -> State:
     lock = {"recipe": recipe_to_dict(recipe), "versions": versions()}
     (out / "recipe.lock.yaml").write_text(yaml.safe_dump(lock, sort_keys=False))
     shutil.copyfile(Path(__file__).resolve().parent.parent / "runner.py", out / "runner.py")
+    if state.backbone.tokenizer_file is not None:
+        shutil.copyfile(state.backbone.tokenizer_file, out / "tokenizer.json")
     write_report(state)
     write_html(out)
     write_manifest(out)

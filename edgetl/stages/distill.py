@@ -25,8 +25,9 @@ def run(state: State, recipe: Recipe) -> State:
     model = state.backbone.model
     pre = state.backbone.contract.preprocess
     bs = recipe.data.batch_size
-    train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed + 20)
-    val = make_loader(state.data.val, pre, bs)
+    train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed + 20,
+                        tokenizer=state.tokenizer)
+    val = make_loader(state.data.val, pre, bs, tokenizer=state.tokenizer)
     before = evaluate(model, val)["acc"]
     for p in model.parameters():
         p.requires_grad_(True)

@@ -18,7 +18,7 @@ from edgetl.config import FinetuneCfg, Recipe
 from edgetl.data import make_loader
 from edgetl.errors import EdgetlError
 from edgetl.pipeline import State
-from edgetl.train import evaluate, fit
+from edgetl.train import call, evaluate, fit
 
 
 def param_groups(backbone, cfg: FinetuneCfg) -> tuple[list[dict], callable]:
@@ -73,9 +73,9 @@ def _linear_probe(state: State, cfg: FinetuneCfg, pre: dict, bs: int) -> list[di
         feats = {}
         with torch.inference_mode():
             for split in ("train", "val"):
-                loader = make_loader(getattr(state.data, split), pre, bs)
+                loader = make_loader(getattr(state.data, split), pre, bs, tokenizer=state.tokenizer)
                 labels = torch.as_tensor(getattr(state.data, split).labels)
-                feats[split] = torch.cat([model(x) for x, _ in loader]), labels
+                feats[split] = torch.cat([call(model, x) for x, _ in loader]), labels
     finally:
         replace_module(model, head_name, head)
     for p in head.parameters():
@@ -97,8 +97,9 @@ def run(state: State, recipe: Recipe) -> State:
         history = _linear_probe(state, cfg, pre, bs)
     else:
         groups, hook = param_groups(state.backbone, cfg)
-        train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed)
-        val = make_loader(state.data.val, pre, bs)
+        train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed,
+                            tokenizer=state.tokenizer)
+        val = make_loader(state.data.val, pre, bs, tokenizer=state.tokenizer)
         history = fit(model, train, val, param_groups=groups, epochs=cfg.epochs, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
                       label_smoothing=cfg.label_smoothing, patience=cfg.patience, on_epoch_start=hook,
@@ -106,7 +107,7 @@ def run(state: State, recipe: Recipe) -> State:
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    test = evaluate(model, make_loader(state.data.test, pre, bs))
+    test = evaluate(model, make_loader(state.data.test, pre, bs, tokenizer=state.tokenizer))
     print(f"  fine-tuned: val {max(h['val_acc'] for h in history):.2f}%  test {test['acc']:.2f}%")
     teacher = copy.deepcopy(model).eval()
     return state.replace(

