@@ -100,13 +100,15 @@ def summary(state) -> str:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--batch", default=1, show_default=True, help="Batch size of the random input.")
 @click.option("--threads", default=1, show_default=True, help="ORT intra-op threads (1 is the fair edge baseline).")
+@click.option("--seq", default=128, show_default=True, help="Sequence length of the random input (text models).")
 @click.option("--runs", default=200, show_default=True, help="Timed runs after warm-up.")
 @click.option("--warmup", default=20, show_default=True, help="Untimed runs first.")
 @click.option("--providers", default="cpu", show_default=True,
               help="Comma-separated execution providers: cpu, cuda, tensorrt (the first available one runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a line.")
 @friendly
-def bench(model: str, batch: int, threads: int, runs: int, warmup: int, providers: str, as_json: bool) -> None:
+def bench(model: str, batch: int, threads: int, seq: int, runs: int, warmup: int, providers: str,
+          as_json: bool) -> None:
     """ORT latency of an ONNX MODEL: p50/p90/p99 over RUNS runs on random input of the model's shape."""
     from edgetl.runner import BundleError, device_info, feed_for, latency, peak_rss_mb, session
 
@@ -116,7 +118,7 @@ def bench(model: str, batch: int, threads: int, runs: int, warmup: int, provider
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
         raise EdgetlError(f"ONNX Runtime cannot load {model}: {str(e).splitlines()[0][:200]}") from None
-    stats = latency(sess, feed_for(sess, batch), runs, warmup)
+    stats = latency(sess, feed_for(sess, batch, seq), runs, warmup)
     stats.update(model=model, threads=threads, providers=sess.get_providers(), peak_rss_mb=peak_rss_mb(),
                  device=device_info())
     if as_json:

@@ -152,14 +152,17 @@ def session(model_path: str | Path, threads: int = 1, providers: list[str] | Non
     return ort.InferenceSession(str(model_path), opts, providers=resolve_providers(providers))
 
 
-def feed_for(sess, batch: int, rng: np.random.Generator | None = None) -> dict:
-    """Random inputs of the model's declared shape (dynamic axes become ``batch``)."""
+def feed_for(sess, batch: int, seq: int = 128, rng: np.random.Generator | None = None) -> dict:
+    """Random inputs of the model's declared shape: the first dynamic axis becomes ``batch``, later ones (a text
+    model's sequence axis) ``seq``; token ids are random, attention masks all ones, token types zero."""
     rng = rng or np.random.default_rng(0)
     feed = {}
     for inp in sess.get_inputs():
-        shape = [batch if not isinstance(d, int) else d for d in inp.shape]
+        shape = [d if isinstance(d, int) else (batch if i == 0 else seq) for i, d in enumerate(inp.shape)]
         if "int" in inp.type:
-            feed[inp.name] = rng.integers(0, 100, size=shape, dtype=np.int64)
+            fill = {"attention_mask": 1, "token_type_ids": 0}.get(inp.name)
+            feed[inp.name] = (np.full(shape, fill, np.int64) if fill is not None
+                              else rng.integers(1, 20, size=shape, dtype=np.int64))  # any valid ids: speed is the same
         else:
             feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
     return feed
@@ -324,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="latency p50/p90/p99 of the bundle's model")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--seq", type=int, default=128, help="sequence length for text models")
     b.add_argument("--runs", type=int, default=200)
     b.add_argument("--warmup", type=int, default=20)
     b.add_argument("--model", default="model.onnx")
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_top(r))
         else:
             bundle = Bundle(args.bundle, threads=args.threads, model=args.model, providers=args.providers.split(","))
-            stats = latency(bundle.session, feed_for(bundle.session, args.batch), args.runs, args.warmup)
+            stats = latency(bundle.session, feed_for(bundle.session, args.batch, args.seq), args.runs, args.warmup)
             stats.update(threads=args.threads, model=args.model, providers=bundle.session.get_providers(),
                          peak_rss_mb=peak_rss_mb(), device=device_info())
             if args.json:

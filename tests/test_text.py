@@ -203,3 +203,15 @@ def test_offline_minilm_resolves_to_the_package():
     path = offline_hf_dir("sentence-transformers/all-MiniLM-L6-v2")
     assert path is not None and (path / "tokenizer.json").is_file() and (path / "model.safetensors").is_file()
     assert offline_hf_dir("bert-base-uncased") is None
+
+
+def test_bench_feeds_text_models_a_real_sequence_length(text_bundle):
+    from edgetl.runner import feed_for, session
+
+    out, _ = text_bundle
+    feed = feed_for(session(out / "model.onnx"), 2, seq=7)
+    assert feed["input_ids"].shape == (2, 7) and (feed["attention_mask"] == 1).all()
+    assert (feed["token_type_ids"] == 0).all()
+    result = CliRunner().invoke(main, ["bench", str(out / "model.onnx"), "--seq", "16", "--runs", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["p50_ms"] > 0
