@@ -66,8 +66,11 @@ def bench_backbone(key: str, runs: int, quick: bool) -> list[dict]:
     import torch
 
     from edgetl.config import load_recipe
+    from edgetl.data import feeds
     from edgetl.pipeline import State
     from edgetl.runner import feed_for, interleaved_latency, normalize, session
+    from edgetl.stages.quantize import _ort_acc
+    from edgetl.stages.verify import torch_predictions
 
     overrides = list(BACKBONES[key])
     if quick:
@@ -87,7 +90,6 @@ def bench_backbone(key: str, runs: int, quick: bool) -> list[dict]:
     state_b = run_stages(state_b, recipe, {"prune", "distill", "export", "quantize"})
 
     pre = base.backbone.contract.preprocess
-    x_test = normalize(base.data.test.images, pre)
     y_test = base.data.test.labels
     calib = normalize(base.data.train.images[:256], pre)
     fp32_path = work / "a" / "model.fp32.onnx"
@@ -100,16 +102,10 @@ def bench_backbone(key: str, runs: int, quick: bool) -> list[dict]:
         f"edgetl pruned+distilled+INT8 ({chosen_b})": work / "b" / state_b.onnx[chosen_b],
     }
 
-    def ort_acc(path):
-        sess = session(path, threads=2)
-        preds = np.concatenate([sess.run(None, {"input": x_test[i : i + 64]})[0].argmax(-1)
-                                for i in range(0, len(x_test), 64)])
-        return 100.0 * float((preds == y_test).mean())
-
-    with torch.inference_mode():
-        torch_acc = 100.0 * float((torch.cat([fp32_model(torch.from_numpy(x_test[i : i + 64]))
-                                              for i in range(0, len(x_test), 64)]).argmax(-1).numpy() == y_test).mean())
-    acc = {"PyTorch eager FP32": torch_acc, **{name: ort_acc(p) for name, p in variants.items()}}
+    test = feeds(base.data.test, pre)
+    ort_accs = {name: _ort_acc(p, test, y_test) for name, p in variants.items()}
+    torch_acc = 100.0 * float((torch_predictions(fp32_model.eval(), test) == y_test).mean())
+    acc = {"PyTorch eager FP32": torch_acc, **ort_accs}
 
     rows = {name: {"backbone": key, "variant": name, "acc": a, "size_mb": None} for name, a in acc.items()}
     for name, p in variants.items():
