@@ -29,6 +29,8 @@ from edgetl.errors import EdgetlError
 from edgetl.pipeline import State, float_role
 
 FUSED_OPS = ("Conv", "MatMul", "Gemm")  # the conservative placement: only what ORT runs as int8 kernels
+AUTO_FLOAT_LEADING = 2  # float_leading_convs "auto": stem + first depthwise conv ...
+AUTO_FLOAT_GAIN = 0.5  # ... kept FP32 when that is at least this many points more accurate on validation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,9 +38,10 @@ FUSED_OPS = ("Conv", "MatMul", "Gemm")  # the conservative placement: only what 
 
 
 def quantize_onnx(src: Path, dst: Path, calib: list[dict] | None, cfg: QuantizeCfg, reduce_range: bool,
-                  op_types: tuple[str, ...] | None = None) -> Path:
-    """ORT static quantization of ``src`` into QDQ ``dst``, calibrated on the ``calib`` feeds; with ``calib``
-    None, ORT dynamic quantization (int8 weights, activations quantized at run time: transformers)."""
+                  op_types: tuple[str, ...] | None = None, float_leading: int = 0) -> Path:
+    """ORT static quantization of ``src`` into QDQ ``dst``, calibrated on the ``calib`` feeds, with the first
+    ``float_leading`` Convs left FP32; with ``calib`` None, ORT dynamic quantization (int8 weights, activations
+    quantized at run time: transformers)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -71,7 +74,7 @@ def quantize_onnx(src: Path, dst: Path, calib: list[dict] | None, cfg: QuantizeC
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(op_types) if op_types else None, per_channel=cfg.per_channel,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=method, nodes_to_exclude=_float_nodes(pre, cfg.float_leading_convs),
+                        calibrate_method=method, nodes_to_exclude=_float_nodes(pre, float_leading),
                         extra_options={"ActivationSymmetric": False})
     finally:
         if pre != src:
@@ -86,7 +89,7 @@ def _float_nodes(path: Path, float_leading_convs: int = 0) -> list[str]:
       "same" padding exports. ORT calibrates and Q/DQs those float scalars like activations; a pad of 1.0
       comes back as 0.99..., the Cast to int64 truncates it to 0 and every stride-2 conv then sees a shifted,
       smaller feature map (24x24 -> 22x22, 6x6 -> 4x4 on EfficientNet-Lite0 at 96 px: 87% -> 50%);
-    - the first ``float_leading_convs`` Convs (opt-in, ``quantize.float_leading_convs``): where a noise-sensitive
+    - the first ``float_leading_convs`` Convs (``quantize.float_leading_convs``): where a noise-sensitive
       network amplifies quantization noise the most; at full resolution they are cheap in FP32."""
     import onnx
 
@@ -280,7 +283,8 @@ def run(state: State, recipe: Recipe) -> State:
 
     onnx, models, notes = dict(state.onnx), dict(state.models), []
     float_src = {"ptq": src}  # the FP32 ONNX each INT8 candidate was quantized from
-    ptq = quantize_onnx(src, state.workdir / "model.ptq.onnx", calib, cfg, reduce_range)
+    leading = 0 if cfg.float_leading_convs == "auto" else cfg.float_leading_convs
+    ptq = quantize_onnx(src, state.workdir / "model.ptq.onnx", calib, cfg, reduce_range, float_leading=leading)
     onnx["ptq"], models["ptq"] = ptq.name, state.backbone.model
     candidates = {"ptq": _ort_acc(ptq, val_feeds, val_y)}
     history = None
@@ -292,7 +296,8 @@ def run(state: State, recipe: Recipe) -> State:
             qat_fp32 = export_onnx(qat_model, state.backbone.contract, state.workdir / "model.qat.fp32.onnx",
                                    val_feeds[0], recipe.export.opset, bundle_metadata(state))
             float_src["qat"] = qat_fp32
-            qat_path = quantize_onnx(qat_fp32, state.workdir / "model.qat.onnx", calib, cfg, reduce_range)
+            qat_path = quantize_onnx(qat_fp32, state.workdir / "model.qat.onnx", calib, cfg, reduce_range,
+                                     float_leading=leading)
             onnx["qat"], models["qat"] = qat_path.name, qat_model
             candidates["qat"] = _ort_acc(qat_path, val_feeds, val_y)
         except EdgetlError:
@@ -305,12 +310,25 @@ def run(state: State, recipe: Recipe) -> State:
         else "ptq"
     if "qat" in candidates and chosen == "ptq":
         notes.append(f"QAT val accuracy {candidates['qat']:.2f}% < PTQ {candidates['ptq']:.2f}%: shipped PTQ")
+    if cfg.float_leading_convs == "auto" and calib is not None:  # try the stem (+ first depthwise) in FP32
+        alt = quantize_onnx(float_src[chosen], state.workdir / f"model.{chosen}-fl2.onnx", calib, cfg, reduce_range,
+                            float_leading=AUTO_FLOAT_LEADING)
+        acc = _ort_acc(alt, val_feeds, val_y)
+        if acc >= candidates[chosen] + AUTO_FLOAT_GAIN:
+            notes.append(f"first {AUTO_FLOAT_LEADING} Convs kept FP32: val accuracy {candidates[chosen]:.2f}% -> "
+                         f"{acc:.2f}%")
+            float_src[f"{chosen}_fl2"] = float_src[chosen]
+            onnx[f"{chosen}_fl2"], models[f"{chosen}_fl2"] = alt.name, models[chosen]
+            candidates[f"{chosen}_fl2"], chosen = acc, f"{chosen}_fl2"
+        else:
+            alt.unlink()
 
     # INT8 must not ship slower than FP32 without saying so
     speedup = _speedup(src, state.workdir / onnx[chosen], feed1)
     if speedup < 1.0 and cfg.require_speedup:
         conservative = quantize_onnx(float_src[chosen], state.workdir / "model.int8-conv.onnx", calib, cfg,
-                                     reduce_range, op_types=FUSED_OPS)
+                                     reduce_range, op_types=FUSED_OPS,
+                                     float_leading=AUTO_FLOAT_LEADING if chosen.endswith("_fl2") else leading)
         s2 = _speedup(src, conservative, feed1)
         notes.append(f"full INT8 was {speedup:.2f}x FP32 speed; Conv/MatMul/Gemm-only INT8 is {s2:.2f}x")
         if s2 >= 1.0:
