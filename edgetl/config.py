@@ -78,6 +78,9 @@ class PruneCfg:
     recovery_epochs: int = 1  # short fine-tune after each step (through the same fit loop)
     lr: float = 5e-4
     round_to: int | None = 8  # keep channel counts multiples of this (int8 kernels like multiples of 8)
+    # text encoders: FFN neurons are cut by ``ratio`` and attention heads by ``head_ratio`` (None = ratio), evenly
+    # in every layer; at least one head stays per layer
+    head_ratio: float | None = None
 
 
 @dataclass(frozen=True)

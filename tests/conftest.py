@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "backbone": {"name": "timm:mobilenetv3_small_050", "pretrained": False, "input_size": 32},
-    "data": {"kind": "digits", "batch_size": 128, "augment": {"hflip": False}},
-    "finetune": {"strategy": "full", "epochs": 2, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
-    "verify": {"runs": 5, "warmup": 2},
-}
+from tests.tiny import TINY
 
 
 @pytest.fixture

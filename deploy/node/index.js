@@ -1,13 +1,16 @@
 #!/usr/bin/env node
 'use strict';
 /**
- * Run an edgetl bundle from Node.js: onnxruntime-node for the model, pngjs (pure JS) to decode PNG.
+ * Run an edgetl bundle from Node.js: onnxruntime-node for the model, pngjs (pure JS) to decode PNG, and for text
+ * bundles Hugging Face's `tokenizers` Node bindings (the same Rust tokenizer runner.py uses) on the bundle's
+ * tokenizer.json.
  *
  *   node index.js BUNDLE_DIR [--top-k 3] [--threads 1] INPUT [INPUT ...]
  *
- * INPUT is a PNG file, or a JSON file {"shape": [crop, crop, 3], "data": [uint8, ...]} holding an image that is
- * already prepared (resized + cropped, HWC RGB): then only normalization runs. Prints JSON, one entry per input,
- * in the shape `runner.py` uses: [{"file", "top": [{"label", "prob"}]}].
+ * Image bundles: INPUT is a PNG file, or a JSON file {"shape": [crop, crop, 3], "data": [uint8, ...]} holding an
+ * image that is already prepared (resized + cropped, HWC RGB): then only normalization runs. Text bundles: INPUT
+ * is the text itself. Prints JSON, one entry per input, in the shape `runner.py` uses:
+ * [{"file" | "text", "top": [{"label", "prob"}]}].
  *
  * Preprocessing is a port of edgetl/runner.py prepare() + normalize(), including Pillow's fixed-point resampling
  * (bilinear / bicubic), so an 8-bit PNG prepared here is byte-identical to what Python prepares and the float
@@ -48,7 +51,41 @@ async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx'
   const session = await ort.InferenceSession.create(path.join(dir, model), {
     executionProviders: ['cpu'], intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'all',
   });
-  return { dir, labels: read('labels.json'), preprocess, session, ort };
+  const tokenizer = preprocess.kind === 'text' ? loadTokenizer(path.join(dir, preprocess.tokenizer), preprocess) : null;
+  return { dir, labels: read('labels.json'), preprocess, session, ort, tokenizer };
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// text: the bundle's tokenizer.json, truncated to max_length, padded to the longest text in the batch (runner.py
+// load_tokenizer / encode_texts)
+
+function loadTokenizer(file, pre) {
+  const { Tokenizer } = require('tokenizers');
+  const tok = Tokenizer.fromFile(file);
+  tok.disablePadding();
+  tok.setTruncation(pre.max_length);
+  return tok;
+}
+
+/** Texts -> {name: BigInt64Array, dims} for the bundle's inputs (input_ids, attention_mask[, token_type_ids]). */
+async function encodeTexts(tokenizer, texts, pre) {
+  const encs = await Promise.all(texts.map((t) => tokenizer.encode(t)));
+  const length = Math.max(...encs.map((e) => e.getIds().length));
+  const n = texts.length * length;
+  const out = {
+    input_ids: new BigInt64Array(n).fill(BigInt(pre.pad_id || 0)),
+    attention_mask: new BigInt64Array(n),
+    token_type_ids: new BigInt64Array(n),
+  };
+  encs.forEach((e, i) => {
+    const [ids, types] = [e.getIds(), e.getTypeIds()];
+    for (let j = 0; j < ids.length; j++) {
+      out.input_ids[i * length + j] = BigInt(ids[j]);
+      out.attention_mask[i * length + j] = 1n;
+      out.token_type_ids[i * length + j] = BigInt(types[j]);
+    }
+  });
+  return { arrays: Object.fromEntries(pre.inputs.map((name) => [name, out[name]])), dims: [texts.length, length] };
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -229,16 +266,40 @@ async function logits(bundle, images) {
   return images.map((_, i) => out.data.slice(i * n, (i + 1) * n));
 }
 
-async function predictFiles(bundle, files, topK = 3) {
-  const all = await logits(bundle, files.map((f) => loadInput(f, bundle.preprocess)));
-  return files.map((file, i) => {
+/** Texts -> logits (array of Float32Array), one batch through the session. */
+async function textLogits(bundle, texts) {
+  if (texts.some((t) => !t.trim())) throw new BundleError('empty text');
+  const { arrays, dims } = await encodeTexts(bundle.tokenizer, texts, bundle.preprocess);
+  const feeds = {};
+  for (const [name, data] of Object.entries(arrays)) feeds[name] = new bundle.ort.Tensor('int64', data, dims);
+  const out = (await bundle.session.run(feeds))[bundle.session.outputNames[0]];
+  const n = out.dims[out.dims.length - 1];
+  return texts.map((_, i) => out.data.slice(i * n, (i + 1) * n));
+}
+
+function topLabels(bundle, names, all, topK, key) {
+  return names.map((name, i) => {
     const p = softmax(all[i]);
     const order = p.map((v, j) => j).sort((a, b) => p[b] - p[a]).slice(0, topK);
-    return { file, top: order.map((j) => ({ label: bundle.labels[j], prob: p[j] })) };
+    return { [key]: name, top: order.map((j) => ({ label: bundle.labels[j], prob: p[j] })) };
   });
 }
 
-const USAGE = 'usage: node index.js BUNDLE_DIR [--top-k 3] [--threads 1] INPUT...';
+async function predictFiles(bundle, files, topK = 3) {
+  const images = files.map((f) => loadInput(f, bundle.preprocess));
+  return topLabels(bundle, files, await logits(bundle, images), topK, 'file');
+}
+
+async function predictTexts(bundle, texts, topK = 3) {
+  return topLabels(bundle, texts, await textLogits(bundle, texts), topK, 'text');
+}
+
+/** Image files or texts, whichever this bundle takes. */
+async function predict(bundle, inputs, topK = 3) {
+  return bundle.tokenizer ? predictTexts(bundle, inputs, topK) : predictFiles(bundle, inputs, topK);
+}
+
+const USAGE = 'usage: node index.js BUNDLE_DIR [--top-k 3] [--threads 1] INPUT... (PNG/JSON files, or texts)';
 
 async function main(argv) {
   const args = { topK: 3, threads: 1, files: [] };
@@ -255,7 +316,7 @@ async function main(argv) {
   }
   try {
     const bundle = await loadBundle(args.bundle, { threads: args.threads });
-    console.log(JSON.stringify(await predictFiles(bundle, args.files, args.topK), null, 2));
+    console.log(JSON.stringify(await predict(bundle, args.files, args.topK), null, 2));
   } catch (e) {
     if (!(e instanceof BundleError)) throw e;
     console.error(`error: ${e.message}`);
@@ -266,6 +327,7 @@ async function main(argv) {
 
 module.exports = {
   BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
+  loadTokenizer, encodeTexts, textLogits, predictTexts, predict,
 };
 
 if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

@@ -1,11 +1,13 @@
-"""Build a tiny bundle on sklearn digits and write what Python's runner makes of a few PNG images, so the Node
-example can be checked against it (test/predict.test.js reads OUT/fixture.json).
+"""Build two tiny bundles (images on sklearn digits; text on a random tiny BERT) and write what Python's runner
+makes of a few inputs, so the Node example can be checked against it (test/predict.test.js reads
+OUT/fixture.json).
 
-    .venv/bin/python deploy/node/make_fixture.py OUT_DIR [--bundle EXISTING_BUNDLE]
+    .venv/bin/python deploy/node/make_fixture.py OUT_DIR [--bundle IMAGE_BUNDLE] [--text-bundle TEXT_BUNDLE]
 
 For each image: the PNG, the array runner.prepare() made of it (prepared uint8 HWC as JSON, the Node example's
 second input format), the float32 input runner.normalize() made of that, the bundle runner's probabilities and
-top-k labels, and prepare()'s output under a few other resize / crop / interpolation settings.
+top-k labels, and prepare()'s output under a few other resize / crop / interpolation settings. For the texts:
+runner.encode_texts()'s token arrays for the batch, and the runner's probabilities and top-k labels.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-# the tests' tiny recipe (tests/conftest.py TINY) with 3 epochs, so predictions are not near-ties
-RECIPE = {
-    "name": "tiny_node",
-    "seed": 0,
-    "backbone": {"name": "timm:mobilenetv3_small_050", "pretrained": False, "input_size": 32},
-    "data": {"kind": "digits", "batch_size": 128, "augment": {"hflip": False}},
-    "finetune": {"strategy": "full", "epochs": 3, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
-    "verify": {"runs": 5, "warmup": 2},
-}
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.tiny import TINY, make_tiny_bert, text_recipe, write_reviews  # noqa: E402
+
+# the tests' tiny recipe with 3 epochs, so predictions are not near-ties
+RECIPE = {**TINY, "name": "tiny_node", "finetune": {**TINY["finetune"], "epochs": 3}}
+# texts for the text bundle: mixed case, punctuation, accents, an unknown word, one longer than max_length (16)
+TEXTS = ["a great lovely film", "Awful, BORING movie!", "the film was quite dull and poor", "très bon: excellent",
+         "zebra", " ".join(["the movie was very good and fun"] * 4)]
 # (width, height, PIL mode): smaller, equal to and larger than the crop, both orientations, grey / RGB / RGBA
 SHAPES = [(8, 8, "L"), (32, 32, "RGB"), (45, 30, "RGB"), (30, 61, "RGBA"), (37, 37, "RGB"), (100, 64, "L"),
           (33, 35, "P")]
@@ -40,12 +42,22 @@ VARIANTS = [{"resize": 32, "crop": 32, "interpolation": "bilinear"},
             {"resize": 20, "crop": 24, "interpolation": "bilinear"}]
 
 
-def build_bundle(out: Path) -> Path:
-    recipe = out / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
+def build_bundle(out: Path, recipe: dict, name: str) -> Path:
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
     edgetl = Path(sys.executable).parent / "edgetl"
-    subprocess.run([str(edgetl), "build", str(recipe), "--out", str(out / "bundle")], check=True)
-    return out / "bundle"
+    subprocess.run([str(edgetl), "build", str(path), "--out", str(out / name)], check=True)
+    return out / name
+
+
+def text_cases(bundle: Path) -> dict:
+    runner = load_runner(bundle)
+    model = runner.Bundle(bundle)
+    feed = runner.encode_texts(model.tokenizer, TEXTS, model.preprocess)
+    probs = runner.softmax(model.session.run(None, feed)[0])
+    tops = model.predict_texts(TEXTS, TOP_K)
+    return {"bundle": str(bundle), "texts": TEXTS, "feed": {k: v.tolist() for k, v in feed.items()},
+            "probs": probs.tolist(), "top": [[t["label"] for t in r["top"]] for r in tops]}
 
 
 def load_runner(bundle: Path):
@@ -80,10 +92,14 @@ def images(out: Path) -> list[Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--bundle", type=Path, help="use this bundle instead of building one")
+    ap.add_argument("--bundle", type=Path, help="use this image bundle instead of building one")
+    ap.add_argument("--text-bundle", type=Path, help="use this text bundle instead of building one")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    bundle = (args.bundle or build_bundle(args.out)).resolve()
+    bundle = (args.bundle or build_bundle(args.out, RECIPE, "bundle")).resolve()
+    text_bundle = args.text_bundle or build_bundle(
+        args.out, text_recipe(make_tiny_bert(args.out / "tiny_bert"), write_reviews(args.out / "reviews.csv", 400)),
+        "text_bundle")
     runner = load_runner(bundle)
     model = runner.Bundle(bundle)
 
@@ -104,9 +120,10 @@ def main() -> None:
         cases.append({"png": str(png.resolve()), "prepared": str(prepared.resolve()), "probs": probs.tolist(),
                       "top": [t["label"] for t in top], "variants": variants, "normalized": normalized})
     fixture = {"bundle": str(bundle), "top_k": TOP_K, "preprocess": model.preprocess, "variants": VARIANTS,
-               "cases": cases}
+               "cases": cases, "text": text_cases(text_bundle.resolve())}
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=2))
-    print(f"fixture: {args.out / 'fixture.json'} ({len(cases)} images, bundle {bundle})")
+    print(f"fixture: {args.out / 'fixture.json'} ({len(cases)} images, bundle {bundle}; {len(TEXTS)} texts, "
+          f"bundle {text_bundle})")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Structured pruning with Torch-Pruning (DepGraph): channels are physically removed, not masked.
+"""Structured pruning: channels, FFN neurons and attention heads are physically removed, not masked.
 
-Every coupled layer (a conv, its BatchNorm, the depthwise conv and the next conv's inputs, residual partners)
-shrinks together, so the exported ONNX graph has smaller tensors and ONNX Runtime does less work. Pruning
-runs in ``steps`` increments with a short recovery fine-tune after each. The stem's input and the classifier's
-output are protected; they are looked up on the model being pruned (a copy made earlier would leave the real
-classifier unprotected).
+Images: Torch-Pruning (DepGraph) shrinks every coupled layer together (a conv, its BatchNorm, the depthwise
+conv and the next conv's inputs, residual partners), so the exported ONNX graph has smaller tensors and ONNX
+Runtime does less work. The stem's input and the classifier's output are protected; they are looked up on the
+model being pruned (a copy made earlier would leave the real classifier unprotected).
+
+Text (BERT-class encoders): in every layer the FFN's hidden neurons go through Torch-Pruning's DepGraph groups
+(first Linear's outputs with the second Linear's inputs) and whole attention heads through transformers'
+``prune_heads`` (query/key/value rows and the output projection's columns), so the hidden size, the classifier
+and the exported model's inputs stay as they are.
+
+Both run in ``steps`` increments with a short recovery fine-tune after each.
 """
 
 from __future__ import annotations
@@ -46,11 +52,96 @@ def protected_layers(model, head: str, protect: tuple) -> list:
     return layers
 
 
+def encoder_layers(hf_model) -> list[list]:
+    """Per transformer layer its six Linears in order: query, key, value, attention output, FFN in, FFN out
+    (BERT, DistilBERT, RoBERTa, MiniLM, ELECTRA ... all share this structure)."""
+    from torch import nn
+
+    for module in hf_model.base_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            layers = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in module]
+            if all(len(lin) == 6 for lin in layers):
+                return layers
+    raise EdgetlError(f"prune: cannot find the attention/FFN layers of {type(hf_model).__name__}; "
+                      "remove the prune section for this backbone")
+
+
+class EncoderPruner:
+    """FFN neurons (Torch-Pruning DepGraph) and attention heads (transformers' prune_heads), evenly per layer,
+    ``ratio`` / ``head_ratio`` reached after ``steps`` calls of ``step``."""
+
+    def __init__(self, wrapper, example: dict, cfg: PruneCfg):
+        import torch_pruning as tp
+
+        if cfg.importance not in ("magnitude", "taylor"):
+            raise EdgetlError(f"prune.importance '{cfg.importance}' is for images; text encoders take magnitude "
+                              "or taylor")
+        head_ratio = cfg.ratio if cfg.head_ratio is None else cfg.head_ratio
+        if not 0.0 <= head_ratio < 1.0:
+            raise EdgetlError("prune.head_ratio must be between 0 and 1")
+        self.wrapper, self.hf, self.example, self.cfg = wrapper, wrapper.model, example, cfg
+        self.head_ratio = head_ratio
+        self.importance = tp.importance.GroupTaylorImportance() if cfg.importance == "taylor" \
+            else tp.importance.GroupMagnitudeImportance(p=2)
+        layers = encoder_layers(self.hf)
+        config = self.hf.config
+        n_heads = getattr(config, "num_attention_heads", None) or config.n_heads
+        self.heads = [list(range(n_heads)) for _ in layers]  # original ids of the heads still there
+        self.ffn0 = [lin[4].out_features for lin in layers]
+        self.n_heads0 = n_heads
+        self.done = 0
+
+    def _keep(self, n0: int, ratio: float, frac: float, multiple: int) -> int:
+        keep = n0 * (1.0 - ratio * frac)
+        return max(multiple, int(round(keep / multiple)) * multiple)
+
+    def step(self) -> None:
+        import torch_pruning as tp
+
+        self.done += 1
+        frac = min(self.done / max(self.cfg.steps, 1), 1.0)
+        graph = tp.DependencyGraph().build_dependency(self.wrapper, example_inputs=self.example)
+        for lin, n0 in zip(encoder_layers(self.hf), self.ffn0, strict=True):
+            ffn_in = lin[4]
+            drop = ffn_in.out_features - self._keep(n0, self.cfg.ratio, frac, self.cfg.round_to or 1)
+            if drop > 0:
+                group = graph.get_pruning_group(ffn_in, tp.prune_linear_out_channels,
+                                                idxs=list(range(ffn_in.out_features)))
+                order = self.importance(group).argsort()[:drop].tolist()
+                graph.get_pruning_group(ffn_in, tp.prune_linear_out_channels, idxs=order).prune()
+        to_prune = {}
+        for i, lin in enumerate(encoder_layers(self.hf)):
+            current = self.heads[i]
+            drop = len(current) - self._keep(self.n_heads0, self.head_ratio, frac, 1)
+            if drop > 0:
+                order = self._head_scores(lin, len(current)).argsort()[:drop].tolist()
+                to_prune[i] = [current[j] for j in order]
+                self.heads[i] = [h for j, h in enumerate(current) if j not in order]
+        if to_prune:
+            self.hf.prune_heads(to_prune)
+
+    def _head_scores(self, lin: list, n_heads: int):
+        """Per head: the L2 mass (magnitude) or |weight x gradient| (taylor) of its query/key/value rows and
+        attention-output columns."""
+        def score(w, dim):
+            if self.cfg.importance == "taylor" and w.grad is not None:
+                v = (w * w.grad).abs()
+            else:
+                v = w.pow(2)
+            return v.detach().reshape(n_heads, -1).sum(1) if dim == 0 else \
+                v.detach().t().reshape(n_heads, -1).sum(1)
+
+        q, k, v, o = lin[:4]
+        return score(q.weight, 0) + score(k.weight, 0) + score(v.weight, 0) + score(o.weight, 1)
+
+    @property
+    def heads_left(self) -> list[int]:
+        return [len(h) for h in self.heads]
+
+
 def make_pruner(model, example, cfg: PruneCfg, head: str):
     import torch_pruning as tp
 
-    if not 0.0 < cfg.ratio < 1.0:
-        raise EdgetlError("prune.ratio must be between 0 and 1")
     return tp.pruner.MetaPruner(
         model, example, importance=_importance(cfg.importance), pruning_ratio=cfg.ratio,
         iterative_steps=max(cfg.steps, 1), ignored_layers=protected_layers(model, head, cfg.protect),
@@ -62,10 +153,12 @@ def prune_step(pruner, model, example, loader=None) -> None:
     """One pruning step; Taylor importance needs gradients from a batch first."""
     import torch
 
+    from edgetl.train import call
+
     if "Taylor" in type(pruner.importance).__name__ and loader is not None:
         model.zero_grad()
         x, y = next(iter(loader))
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.functional.cross_entropy(call(model, x), y).backward()
     pruner.step()
     model.zero_grad(set_to_none=True)
 
@@ -73,40 +166,55 @@ def prune_step(pruner, model, example, loader=None) -> None:
 def run(state: State, recipe: Recipe) -> State:
     import torch
 
+    from edgetl.data import feeds
     from edgetl.stages.verify import count_params_macs
+    from edgetl.train import call
 
     cfg = recipe.prune
-    if state.tokenizer is not None:
-        raise EdgetlError("prune: attention-head / FFN pruning of text backbones is not supported yet; "
-                          "remove the prune section (distill and quantize work)")
+    if not 0.0 < cfg.ratio < 1.0:
+        raise EdgetlError("prune.ratio must be between 0 and 1")
     model = state.backbone.model
     pre = state.backbone.contract.preprocess
-    size = pre["crop"]
-    example = torch.randn(1, 3, size, size)
-    params0, macs0 = count_params_macs(model, size)
+    text = state.tokenizer is not None
+    if text:  # one real tokenized example: DepGraph traces it, the op counter measures it
+        feed = feeds(state.data.val, pre, state.tokenizer, batch=1, limit=1)[0]
+        example = {k: torch.from_numpy(v) for k, v in feed.items()}
+        measure = feed
+    else:
+        example = torch.randn(1, 3, pre["crop"], pre["crop"])
+        measure = pre["crop"]
+    params0, macs0 = count_params_macs(model, measure)
+    tok = state.tokenizer
     train = make_loader(state.data.train, pre, recipe.data.batch_size, augment=recipe.data.augment, shuffle=True,
-                        seed=recipe.seed + 10)
-    val = make_loader(state.data.val, pre, recipe.data.batch_size)
+                        seed=recipe.seed + 10, tokenizer=tok)
+    val = make_loader(state.data.val, pre, recipe.data.batch_size, tokenizer=tok)
     for p in model.parameters():
         p.requires_grad_(True)
-    pruner = make_pruner(model, example, cfg, state.backbone.head)
+    pruner = EncoderPruner(model, example, cfg) if text else make_pruner(model, example, cfg, state.backbone.head)
     history, steps = [], []
     for step in range(max(cfg.steps, 1)):
         model.eval()
         prune_step(pruner, model, example, train)
-        params, macs = count_params_macs(model, size)
-        steps.append({"step": step + 1, "params": params, "macs": macs})
+        params, macs = count_params_macs(model, measure)
+        row = {"step": step + 1, "params": params, "macs": macs}
+        extra = ""
+        if text:
+            row["heads"] = pruner.heads_left
+            row["ffn"] = [lin[4].out_features for lin in encoder_layers(model.model)]
+            extra = f", heads/layer {row['heads'][0]}/{pruner.n_heads0}, FFN {row['ffn'][0]}/{pruner.ffn0[0]}"
+        steps.append(row)
+        mac_txt = f"MACs {macs / 1e6:.1f}M ({100 * macs / macs0:.0f}%)" if macs and macs0 else "MACs n/a"
         print(f"  step {step + 1}/{cfg.steps}: params {params / 1e6:.2f}M ({100 * params / params0:.0f}%), "
-              f"MACs {macs / 1e6:.1f}M ({100 * macs / macs0:.0f}%)")
+              f"{mac_txt}{extra}")
         if cfg.recovery_epochs > 0:
             history += fit(model, train, val, epochs=cfg.recovery_epochs, lr=cfg.lr, warmup_epochs=0.0,
                            label_smoothing=recipe.finetune.label_smoothing if recipe.finetune else 0.0,
                            desc=f"prune recovery {step + 1}/{cfg.steps}")
-        if cfg.target_macs is not None and macs <= cfg.target_macs * macs0:
+        if cfg.target_macs is not None and macs and macs0 and macs <= cfg.target_macs * macs0:
             break
     model.eval()
     with torch.no_grad():
-        out = model(example)
+        out = call(model, example)
     if out.shape[-1] != len(state.data.classes):
         raise EdgetlError("pruning changed the number of classes; keep 'head' in prune.protect")
     metrics = {"params_before": params0, "macs_before": macs0, "params_after": steps[-1]["params"],

@@ -112,3 +112,34 @@ test('a tampered bundle or a bad input is refused with one error line and exit c
     fs.rmSync(copy, { recursive: true, force: true });
   }
 });
+
+test('text: the tokenizer gives runner.py encode_texts() arrays exactly (truncation, padding, type ids)', { skip },
+  async () => {
+    const bundle = await edgetl.loadBundle(fx.text.bundle);
+    const { arrays, dims } = await edgetl.encodeTexts(bundle.tokenizer, fx.text.texts, bundle.preprocess);
+    assert.deepEqual(Object.keys(arrays), Object.keys(fx.text.feed));
+    for (const [name, rows] of Object.entries(fx.text.feed)) {
+      assert.deepEqual(dims, [rows.length, rows[0].length], `${name}: shape`);
+      assert.deepEqual(Array.from(arrays[name], Number), rows.flat(), `${name}: values`);
+    }
+  });
+
+test('text: probabilities and top-k labels equal the Python runner\'s, in the library and the CLI', { skip },
+  async () => {
+    const bundle = await edgetl.loadBundle(fx.text.bundle);
+    const all = await edgetl.textLogits(bundle, fx.text.texts);
+    fx.text.texts.forEach((t, i) => {
+      const p = edgetl.softmax(all[i]);
+      p.forEach((v, j) => assert.ok(Math.abs(v - fx.text.probs[i][j]) < TOL, `${t}: class ${j} ${v}`));
+    });
+    const r = cli([fx.text.bundle, '--top-k', String(fx.top_k), ...fx.text.texts]);
+    assert.equal(r.status, 0, r.stderr);
+    const out = JSON.parse(r.stdout);
+    fx.text.texts.forEach((t, i) => {
+      assert.equal(out[i].text, t);
+      assertSameTop(out[i].top.map((x) => x.label), { probs: fx.text.probs[i], top: fx.text.top[i] }, t);
+    });
+    const empty = cli([fx.text.bundle, '  ']);
+    assert.equal(empty.status, 2);
+    assert.match(empty.stderr, /^error: empty text\n$/);
+  });

@@ -1,0 +1,70 @@
+"""Tiny, download-free assets shared by the tests and deploy/node/make_fixture.py: an image recipe on sklearn
+digits, and a random 2-layer BERT with a vocab-file tokenizer plus a CSV of word-list "reviews" for text."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "backbone": {"name": "timm:mobilenetv3_small_050", "pretrained": False, "input_size": 32},
+    "data": {"kind": "digits", "batch_size": 128, "augment": {"hflip": False}},
+    "finetune": {"strategy": "full", "epochs": 2, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
+    "verify": {"runs": 5, "warmup": 2},
+}
+
+POS = "good great excellent lovely fun warm".split()
+NEG = "bad awful poor terrible boring dull".split()
+FILLER = "the movie film was a is and very quite".split()
+
+
+def make_tiny_bert(d: Path) -> Path:
+    """A randomly initialised 2-layer, 2-head BERT classifier and its WordPiece tokenizer, saved in ``d``."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILLER]))
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    config = BertConfig(vocab_size=5 + len(POS + NEG + FILLER), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(d)
+    return d
+
+
+def sentences(n: int = 240, seed: int = 0) -> list[dict]:
+    """Shuffled filler words plus two sentiment words: the label is easy to learn."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = list(rng.choice(FILLER, 4)) + list(rng.choice(POS if label == "pos" else NEG, 2))
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "sentiment": label})
+    return rows
+
+
+def write_reviews(path: Path, n: int = 240) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["review", "sentiment"])
+        w.writeheader()
+        w.writerows(sentences(n))
+    return path
+
+
+def text_recipe(bert: Path, data: Path) -> dict:
+    """fine-tune -> prune heads/FFN -> distill -> ORT dynamic INT8 on the tiny BERT."""
+    return {
+        "name": "tiny_text",
+        "backbone": {"name": f"hf:{bert}"},
+        "data": {"kind": "csv", "path": str(data), "text_column": "review", "label_column": "sentiment",
+                 "max_length": 16, "batch_size": 32},
+        "finetune": {"strategy": "full", "epochs": 4, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
+        "prune": {"ratio": 0.5, "steps": 1, "recovery_epochs": 1, "lr": 0.001},
+        "distill": {"epochs": 1, "lr": 0.001},
+        "quantize": {"method": "ptq", "require_speedup": False},
+        "verify": {"runs": 5, "warmup": 2},
+    }
