@@ -71,7 +71,9 @@ class FinetuneCfg:
 @dataclass(frozen=True)
 class PruneCfg:
     ratio: float = 0.3  # fraction of channels removed from every prunable layer (Torch-Pruning, DepGraph)
-    target_macs: float | None = None  # instead of ratio: keep pruning steps until MACs <= this fraction of the start
+    # instead of ratio: the ratio is searched (bisection on copies) so the pruned model's MACs land at or just under
+    # this fraction of the starting MACs
+    target_macs: float | None = None
     importance: Literal["magnitude", "taylor", "bn_scale", "lamp"] = "magnitude"  # how channels are ranked
     protect: tuple = ("stem", "head")  # never pruned: the first conv (input channels) and the classifier
     steps: int = 3  # iterative pruning: ratio reached in this many steps

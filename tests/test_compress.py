@@ -12,7 +12,7 @@ from edgetl.backbones import build_backbone
 from edgetl.cli import main
 from edgetl.config import BackboneCfg, PruneCfg, QuantizeCfg
 from edgetl.stages.export import export_onnx, parity
-from edgetl.stages.prune import make_pruner, protected_layers, prune_step
+from edgetl.stages.prune import make_pruner, protected_layers, prune_step, ratio_for_macs
 from edgetl.stages.quantize import attach_fake_quant, detach_fake_quant, float_compute_ops, optimized_ops, quantize_onnx
 from edgetl.stages.verify import count_params_macs
 from edgetl.train import kd_loss
@@ -39,6 +39,21 @@ def test_pruning_removes_channels_and_still_exports(tmp_path):
     path = export_onnx(model, b.contract, tmp_path / "p.onnx", {"input": x[:1]}, 17)
     check = parity(model, path, [{"input": x}])
     assert check["max_abs_diff"] < b.contract.atol and check["top1_agreement"] == 1.0
+
+
+def test_target_macs_searches_the_ratio_that_lands_on_it():
+    b = _mnv2()
+    model = b.model.eval()
+    macs0 = count_params_macs(model, 32)[1]
+    example = torch.randn(1, 3, 32, 32)
+    ratio, reached = ratio_for_macs(model, lambda m, r: make_pruner(m, example, PruneCfg(ratio=r, steps=1), b.head),
+                                    32, 0.6)
+    assert count_params_macs(model, 32)[1] == macs0  # the search prunes copies only
+    assert 0.0 < ratio < 0.6 and 0.5 < reached <= 0.6
+    pruner = make_pruner(model, example, PruneCfg(ratio=ratio, steps=2), b.head)  # iterative lands on the same
+    for _ in range(2):
+        prune_step(pruner, model, example)
+    assert count_params_macs(model, 32)[1] / macs0 == pytest.approx(reached, abs=0.01)
 
 
 def test_protected_layers_come_from_the_model_being_pruned():

@@ -16,6 +16,7 @@ Both run in ``steps`` increments with a short recovery fine-tune after each.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from edgetl.config import PruneCfg, Recipe
 from edgetl.data import make_loader
@@ -149,6 +150,38 @@ def make_pruner(model, example, cfg: PruneCfg, head: str):
     )
 
 
+def ratio_for_macs(model, make_pruner_fn, measure, target: float, iters: int = 7) -> tuple[float, float]:
+    """The smallest pruning ratio whose one-shot pruning of a copy of ``model`` brings MACs to ``target`` (a fraction
+    of the current MACs) or below: bisection over the ratio, channel counts decide MACs, not weights. Returns
+    (ratio, MACs fraction reached)."""
+    from edgetl.stages.verify import count_params_macs
+
+    if not 0.0 < target < 1.0:
+        raise EdgetlError("prune.target_macs must be between 0 and 1 (a fraction of the starting MACs)")
+    macs0 = count_params_macs(model, measure)[1]
+    if not macs0:
+        raise EdgetlError("prune.target_macs: MACs cannot be counted for this model; set prune.ratio instead")
+
+    def fraction(ratio: float) -> float:
+        trial = copy.deepcopy(model).eval()
+        make_pruner_fn(trial, ratio).step()
+        return count_params_macs(trial, measure)[1] / macs0
+
+    lo, hi = 0.0, 0.95
+    reached = fraction(hi)
+    if reached > target:
+        raise EdgetlError(f"prune.target_macs {target:g} is out of reach: pruning 95% of every prunable layer "
+                          f"leaves {reached:.2f} of the MACs")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        f = fraction(mid)
+        if f <= target:
+            hi, reached = mid, f
+        else:
+            lo = mid
+    return hi, reached
+
+
 def prune_step(pruner, model, example, loader=None) -> None:
     """One pruning step; Taylor importance needs gradients from a batch first."""
     import torch
@@ -171,7 +204,7 @@ def run(state: State, recipe: Recipe) -> State:
     from edgetl.train import call
 
     cfg = recipe.prune
-    if not 0.0 < cfg.ratio < 1.0:
+    if cfg.target_macs is None and not 0.0 < cfg.ratio < 1.0:
         raise EdgetlError("prune.ratio must be between 0 and 1")
     model = state.backbone.model
     pre = state.backbone.contract.preprocess
@@ -190,7 +223,16 @@ def run(state: State, recipe: Recipe) -> State:
     val = make_loader(state.data.val, pre, recipe.data.batch_size, tokenizer=tok)
     for p in model.parameters():
         p.requires_grad_(True)
-    pruner = EncoderPruner(model, example, cfg) if text else make_pruner(model, example, cfg, state.backbone.head)
+    def build(m, c: PruneCfg):
+        return EncoderPruner(m, example, c) if text else make_pruner(m, example, c, state.backbone.head)
+
+    if cfg.target_macs is not None:  # search the ratio that lands on the MACs target, then prune for real
+        one_shot = dataclasses.replace(cfg, steps=1, importance="magnitude")
+        ratio, reached = ratio_for_macs(model, lambda m, r: build(m, dataclasses.replace(one_shot, ratio=r)), measure,
+                                        cfg.target_macs)
+        print(f"  target MACs {cfg.target_macs:.0%}: ratio {ratio:.3f} (one-shot estimate {reached:.1%})")
+        cfg = dataclasses.replace(cfg, ratio=ratio)
+    pruner = build(model, cfg)
     history, steps = [], []
     for step in range(max(cfg.steps, 1)):
         model.eval()
@@ -210,14 +252,12 @@ def run(state: State, recipe: Recipe) -> State:
             history += fit(model, train, val, epochs=cfg.recovery_epochs, lr=cfg.lr, warmup_epochs=0.0,
                            label_smoothing=recipe.finetune.label_smoothing if recipe.finetune else 0.0,
                            desc=f"prune recovery {step + 1}/{cfg.steps}")
-        if cfg.target_macs is not None and macs and macs0 and macs <= cfg.target_macs * macs0:
-            break
     model.eval()
     with torch.no_grad():
         out = call(model, example)
     if out.shape[-1] != len(state.data.classes):
         raise EdgetlError("pruning changed the number of classes; keep 'head' in prune.protect")
     metrics = {"params_before": params0, "macs_before": macs0, "params_after": steps[-1]["params"],
-               "macs_after": steps[-1]["macs"], "steps": steps}
+               "macs_after": steps[-1]["macs"], "steps": steps, "ratio": cfg.ratio, "target_macs": cfg.target_macs}
     return state.replace(history={**state.history, "prune": history}, metrics={**state.metrics, "prune": metrics},
                          models={**state.models, "pruned": copy.deepcopy(model).eval()})
