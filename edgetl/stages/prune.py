@@ -24,6 +24,8 @@ from edgetl.errors import EdgetlError
 from edgetl.pipeline import State
 from edgetl.train import fit
 
+TAYLOR_BATCHES = 8  # batches whose gradients rank channels / heads for importance "taylor"
+
 
 def _importance(name: str):
     import torch_pruning as tp
@@ -183,15 +185,17 @@ def ratio_for_macs(model, make_pruner_fn, measure, target: float, iters: int = 7
 
 
 def prune_step(pruner, model, example, loader=None) -> None:
-    """One pruning step; Taylor importance needs gradients from a batch first."""
+    """One pruning step; Taylor importance needs gradients from a few batches first."""
     import torch
 
     from edgetl.train import call
 
     if "Taylor" in type(pruner.importance).__name__ and loader is not None:
         model.zero_grad()
-        x, y = next(iter(loader))
-        torch.nn.functional.cross_entropy(call(model, x), y).backward()
+        for i, (x, y) in enumerate(loader):  # gradients summed over a few batches: less noisy importance
+            torch.nn.functional.cross_entropy(call(model, x), y).backward()
+            if i + 1 == TAYLOR_BATCHES:
+                break
     pruner.step()
     model.zero_grad(set_to_none=True)
 

@@ -7,6 +7,9 @@ build with one line naming the gate, the measured value and the limit.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 
 from edgetl.config import Recipe
@@ -24,7 +27,8 @@ def count_params_macs(model, example: int | dict) -> tuple[int, int | None]:
     inputs = {k: torch.from_numpy(v[:1]) for k, v in example.items()}
     args = inputs["input"] if list(inputs) == ["input"] else inputs
     try:
-        macs, params = tp.utils.count_ops_and_params(model.eval(), args)
+        with contextlib.redirect_stdout(io.StringIO()):  # its "no positional inputs" notice for keyword inputs
+            macs, params = tp.utils.count_ops_and_params(model.eval(), args)
     except Exception:  # noqa: BLE001 - the op counter cannot trace every model; the parameter count still holds
         return sum(p.numel() for p in model.parameters()), None
     return int(params), int(macs)
