@@ -102,6 +102,9 @@ def test_text_bundle_is_verified_and_int8(text_bundle):
     rows = {r["stage"]: r for r in report["rows"]}
     assert rows["fp32"]["acc_ort"] > 80  # the label words are easy: well above 50% chance
     assert rows["ptq"]["shipped"] and rows["ptq"]["size_mb"] < rows["distilled"]["size_mb"]
+    static = report["metrics"]["quantize"]["text_static_vs_dynamic"]  # static QDQ was measured against dynamic
+    assert static["speedup_static"] > 0 and static["speedup_dynamic"] > 0 and 0 <= static["val_acc"] <= 100
+    assert static["ships"] == (report["metrics"]["quantize"]["chosen"] == "static")
     assert rows["ptq"]["agreement"] > 90
     for role in ("fp32", "pruned"):  # the pruned encoder exports and matches PyTorch too
         parity = report["metrics"]["export"][role]

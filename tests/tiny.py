@@ -24,7 +24,10 @@ FILLER = "the movie film was a is and very quite".split()
 
 def make_tiny_bert(d: Path) -> Path:
     """A randomly initialised 2-layer, 2-head BERT classifier and its WordPiece tokenizer, saved in ``d``."""
+    import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    torch.manual_seed(0)  # the same weights whichever tests ran before
 
     d.mkdir(parents=True, exist_ok=True)
     (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILLER]))
