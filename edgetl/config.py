@@ -93,6 +93,11 @@ class DistillCfg:
     lr: float = 5e-4
     weight_decay: float = 0.01
     patience: int = 3
+    # intermediate-feature loss: weight * mean MSE between student and teacher features (0 = logits only). Layers:
+    # module names present in both models; empty = text: every encoder layer's hidden states, images: the
+    # classifier's input features (through a learned linear projection where pruning narrowed them)
+    feature_weight: float = 0.0
+    feature_layers: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,76 @@ from edgetl.errors import EdgetlError
 
 @dataclass(frozen=True)
 class Distill:
-    """Knowledge distillation from ``teacher``: loss = alpha * T^2 * KL(student/T || teacher/T) + (1-alpha) * CE."""
+    """Knowledge distillation from ``teacher``: loss = alpha * T^2 * KL(student/T || teacher/T) + (1-alpha) * CE,
+    plus ``feature_weight`` * mean MSE between the outputs of ``feature_layers`` in student and teacher ("" names
+    the classifier's input)."""
 
     teacher: Any  # torch.nn.Module, kept in eval mode and never updated
     alpha: float = 0.7
     temperature: float = 4.0
+    feature_weight: float = 0.0
+    feature_layers: tuple = ()
+    head: str = ""  # module name of the classifier (for the "" layer)
+
+
+def _rows(x):
+    """Features with their width last: NCHW conv maps -> (N, H*W, C); (N, C) and (N, T, H) as they are."""
+    return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
+
+
+class FeatureKD:
+    """Forward hooks that capture the same layers in student and teacher, and the MSE between them. Where the
+    student's features are narrower (channels pruned), a learned Linear (a 1x1 conv for feature maps) projects
+    them to the teacher's width; those projections train with the student and are dropped afterwards."""
+
+    def __init__(self, student, teacher, distill: Distill):
+        self.feats: dict = {"s": {}, "t": {}}
+        self.handles = []
+        self.projections: dict = {}
+        for side, model in (("s", student), ("t", teacher)):
+            for name in distill.feature_layers:
+                try:
+                    module = model.get_submodule(name or distill.head)
+                except AttributeError:
+                    raise EdgetlError(f"distill.feature_layers: no module '{name}' in the model") from None
+                store = self.feats[side]
+                if name == "":  # the classifier's input
+                    self.handles.append(module.register_forward_pre_hook(
+                        lambda m, args, n=name, d=store: d.__setitem__(n, args[0])))
+                else:
+                    self.handles.append(module.register_forward_hook(
+                        lambda m, args, out, n=name, d=store: d.__setitem__(n, out[0] if isinstance(out, tuple)
+                                                                                   else out)))
+
+    def make_projections(self) -> list:
+        """After one forward of both models: Linear projections where widths differ; returns their parameters."""
+        import torch
+
+        params = []
+        for name, t in self.feats["t"].items():
+            s, t = _rows(self.feats["s"][name]), _rows(t)
+            if s.shape[-1] != t.shape[-1]:
+                self.projections[name] = torch.nn.Linear(s.shape[-1], t.shape[-1], bias=False)
+                params += list(self.projections[name].parameters())
+            elif s.shape != t.shape:
+                raise EdgetlError(f"distill.feature_layers: '{name}' has shape {tuple(s.shape)} in the student and "
+                                  f"{tuple(t.shape)} in the teacher")
+        return params
+
+    def loss(self):
+        import torch.nn.functional as F
+
+        terms = []
+        for name, t in self.feats["t"].items():
+            s, t = _rows(self.feats["s"][name]), _rows(t)
+            if name in self.projections:
+                s = self.projections[name](s)
+            terms.append(F.mse_loss(s, t.detach()))
+        return sum(terms) / len(terms)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float, label_smoothing: float = 0.0):
@@ -97,6 +162,16 @@ def fit(
         raise EdgetlError(f"{desc}: epochs must be at least 1")
     if param_groups is None:
         param_groups = [{"params": [p for p in model.parameters()], "lr": lr}]
+    features = None
+    if distill is not None and distill.feature_weight > 0 and distill.feature_layers:
+        features = FeatureKD(model, distill.teacher, distill)
+        with torch.no_grad():  # one forward of each model fixes the feature widths (and any projections)
+            x0, _ = next(iter(train_loader))
+            model.eval(), distill.teacher.eval()
+            call(model, x0), call(distill.teacher, x0)
+        projection = features.make_projections()
+        if projection:
+            param_groups = [*param_groups, {"params": projection, "lr": lr}]
     for g in param_groups:
         g["initial_lr"] = g.get("lr", lr)
     opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
@@ -132,6 +207,8 @@ def fit(
                 with torch.no_grad():
                     t_logits = call(teacher, x)
                 loss = kd_loss(logits, t_logits, y, distill.alpha, distill.temperature, label_smoothing)
+                if features is not None:
+                    loss = loss + distill.feature_weight * features.loss()
             else:
                 loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
             if not torch.isfinite(loss):
@@ -157,6 +234,8 @@ def fit(
             if patience is not None and stale >= patience:
                 break
     bar.close()
+    if features is not None:
+        features.remove()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     if best_state is not None:

@@ -94,6 +94,36 @@ def _qat_onnx(tmp_path, reduce_range=False):
     return model, fp32, int8, calib
 
 
+def test_feature_distillation_matches_pruned_features_through_a_projection():
+    import copy
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from edgetl.train import Distill, FeatureKD, fit
+
+    b = _mnv2()
+    teacher = copy.deepcopy(b.model).eval()
+    student = b.model.eval()
+    example = torch.randn(1, 3, 32, 32)
+    prune_step(make_pruner(student, example, PruneCfg(ratio=0.5, steps=1, protect=("stem",)), b.head), student,
+               example)
+    assert student.get_submodule(b.head).in_features < teacher.get_submodule(b.head).in_features  # narrowed
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 5, (32,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    kd = Distill(teacher, alpha=0.5, feature_weight=1.0, feature_layers=("", "features.4"), head=b.head)
+    probe = FeatureKD(student, teacher, kd)
+    with torch.no_grad():
+        student(x[:4]), teacher(x[:4])
+    assert len(probe.make_projections()) == 2  # both layers were narrowed by pruning: two projections
+    assert probe.loss() > 0
+    probe.remove()
+    history = fit(student, loader, loader, epochs=1, lr=1e-3, warmup_epochs=0.0, distill=kd, desc="kd")
+    assert np.isfinite(history[0]["train_loss"])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in student.modules())  # hooks removed
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
+
+
 def test_qat_export_is_qdq_and_runs_int8_kernels_with_no_float_conv(tmp_path):
     _, _, int8, _ = _qat_onnx(tmp_path)
     ops = {n.op_type for n in onnx.load(str(int8)).graph.node}

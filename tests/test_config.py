@@ -67,3 +67,16 @@ def test_shipped_recipes_parse():
     assert recipes
     for path in recipes:
         assert load_recipe(path).name
+
+
+def test_readme_recipe_reference_is_a_valid_recipe(tmp_path):
+    """The README's recipe reference names every key with a valid value (the strict loader checks both)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("## Recipe reference", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    path = tmp_path / "reference.yaml"
+    path.write_text(block)
+    recipe = load_recipe(path)
+    assert recipe.prune is not None and recipe.distill is not None and recipe.quantize is not None
+    assert recipe.quantize.float_leading_convs == "auto" and recipe.distill.feature_layers == ()

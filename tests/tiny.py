@@ -67,7 +67,7 @@ def text_recipe(bert: Path, data: Path) -> dict:
                  "max_length": 16, "batch_size": 32},
         "finetune": {"strategy": "full", "epochs": 4, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
         "prune": {"ratio": 0.5, "steps": 1, "recovery_epochs": 1, "lr": 0.001},
-        "distill": {"epochs": 1, "lr": 0.001},
+        "distill": {"epochs": 1, "lr": 0.001, "feature_weight": 1.0},  # + every layer's hidden states
         "quantize": {"method": "ptq", "require_speedup": False},
         "verify": {"runs": 5, "warmup": 2},
     }

@@ -1,8 +1,10 @@
 """Knowledge distillation: the fine-tuned FP32 model (before pruning) teaches the current, smaller model.
 
-Loss = alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * cross-entropy, through the same ``fit`` loop
-as fine-tuning (the teacher is an argument, not a second trainer). The report shows accuracy before and after,
-so the recovery from pruning is visible.
+Loss = alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * cross-entropy, plus optionally
+``feature_weight`` * MSE between intermediate features (text: every transformer layer's hidden states, which
+head/FFN pruning leaves the same width; images: the classifier's input through a learned projection), through
+the same ``fit`` loop as fine-tuning (the teacher is an argument, not a second trainer). The report shows
+accuracy before and after, so the recovery from pruning is visible.
 """
 
 from __future__ import annotations
@@ -16,12 +18,29 @@ from edgetl.pipeline import State
 from edgetl.train import Distill, evaluate, fit
 
 
+def feature_layers(state: State, cfg) -> tuple:
+    """The layers the intermediate-feature loss matches: the recipe's, else every transformer layer (text) or the
+    classifier's input (images, ``""``)."""
+    from torch import nn
+
+    if cfg.feature_layers:
+        return tuple(cfg.feature_layers)
+    if state.tokenizer is not None:
+        for name, module in state.backbone.model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+                    sum(isinstance(m, nn.Linear) for m in layer.modules()) == 6 for layer in module):
+                return tuple(f"{name}.{i}" for i in range(len(module)))
+    return ("",)
+
+
 def run(state: State, recipe: Recipe) -> State:
     cfg = recipe.distill
     if state.teacher is None:
         raise EdgetlError("distill needs a teacher: add a finetune section before it")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise EdgetlError("distill.alpha must be between 0 and 1")
+    if cfg.feature_weight < 0:
+        raise EdgetlError("distill.feature_weight must be 0 or more")
     model = state.backbone.model
     pre = state.backbone.contract.preprocess
     bs = recipe.data.batch_size
@@ -32,7 +51,8 @@ def run(state: State, recipe: Recipe) -> State:
     for p in model.parameters():
         p.requires_grad_(True)
     history = fit(model, train, val, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=0.0,
-                  patience=cfg.patience, distill=Distill(state.teacher, cfg.alpha, cfg.temperature),
+                  patience=cfg.patience, distill=Distill(state.teacher, cfg.alpha, cfg.temperature, cfg.feature_weight,
+                                                         feature_layers(state, cfg), state.backbone.head),
                   desc="distill")
     after = max(h["val_acc"] for h in history)
     print(f"  distillation: val accuracy {before:.2f}% -> {after:.2f}%")
