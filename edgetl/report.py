@@ -250,7 +250,7 @@ def quantize_notes(report: dict) -> str:
     if not q:
         return ""
     facts = [("chosen INT8 model", (q.get("chosen") or "none (FP32 ships)") if "chosen" in q else None),
-             ("INT8 speed-up vs FP32, 1 thread", q.get("speedup_vs_fp32_1thread")),
+             (f"INT8 speed-up vs FP32, {q.get('speed_threads', 1)} thread(s)", q.get("speedup_vs_fp32")),
              ("7-bit weights (reduce_range)", q.get("reduce_range")),
              ("CPU int8 features", ", ".join(k for k, v in (q.get("cpu_int8") or {}).items() if v) or None),
              ("float compute ops left", q.get("float_compute_ops_left"))]

@@ -184,7 +184,7 @@ def test_report_has_one_row_per_stage_and_ships_int8(compressed):
 def test_slower_int8_is_not_shipped_silently(tmp_path, tiny_raw, monkeypatch):
     import edgetl.stages.quantize as q
 
-    monkeypatch.setattr(q, "_speedup", lambda fp32, int8, feed, runs=60: 0.8)
+    monkeypatch.setattr(q, "_speedup", lambda fp32, int8, feed, runs=60, threads=1: 0.8)
     tiny_raw["finetune"]["epochs"] = 1
     tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
     out = tmp_path / "o"
