@@ -193,49 +193,52 @@ def fit(
     history: list[dict] = []
     best_acc, best_state, stale = -1.0, None, 0
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
-    for epoch in range(epochs):
-        if on_epoch_start:
-            on_epoch_start(epoch)
-        model.train()
-        freeze_frozen_batchnorm(model)
-        run_loss, seen = 0.0, 0
-        for x, y in train_loader:
-            if channels_last and not isinstance(x, dict) and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = call(model, x)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = call(teacher, x)
-                loss = kd_loss(logits, t_logits, y, distill.alpha, distill.temperature, label_smoothing)
-                if features is not None:
-                    loss = loss + distill.feature_weight * features.loss()
+    try:
+        for epoch in range(epochs):
+            if on_epoch_start:
+                on_epoch_start(epoch)
+            model.train()
+            freeze_frozen_batchnorm(model)
+            run_loss, seen = 0.0, 0
+            for x, y in train_loader:
+                if channels_last and not isinstance(x, dict) and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                logits = call(model, x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = call(teacher, x)
+                    loss = kd_loss(logits, t_logits, y, distill.alpha, distill.temperature, label_smoothing)
+                    if features is not None:
+                        loss = loss + distill.feature_weight * features.loss()
+                else:
+                    loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                if not torch.isfinite(loss):
+                    raise EdgetlError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; "
+                                      "lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                run_loss += loss.item() * len(y)
+                seen += len(y)
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{run_loss / seen:.3f}",
+                                val_acc=f"{history[-1]['val_acc']:.1f}" if history else "-")
+            val = evaluate(model, val_loader)
+            row = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1), "val_loss": val["loss"],
+                   "val_acc": val["acc"]}
+            history.append(row)
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.1f}")
+            if val["acc"] > best_acc:
+                best_acc, best_state, stale = val["acc"], copy.deepcopy(model.state_dict()), 0
             else:
-                loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
-                raise EdgetlError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            run_loss += loss.item() * len(y)
-            seen += len(y)
-            bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{run_loss / seen:.3f}",
-                            val_acc=f"{history[-1]['val_acc']:.1f}" if history else "-")
-        val = evaluate(model, val_loader)
-        row = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1), "val_loss": val["loss"],
-               "val_acc": val["acc"]}
-        history.append(row)
-        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.1f}")
-        if val["acc"] > best_acc:
-            best_acc, best_state, stale = val["acc"], copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if patience is not None and stale >= patience:
-                break
-    bar.close()
-    if features is not None:
-        features.remove()
+                stale += 1
+                if patience is not None and stale >= patience:
+                    break
+    finally:
+        bar.close()
+        if features is not None:  # hooks off even when training fails
+            features.remove()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     if best_state is not None:
