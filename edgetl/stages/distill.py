@@ -21,16 +21,12 @@ from edgetl.train import Distill, evaluate, fit
 def feature_layers(state: State, cfg) -> tuple:
     """The layers the intermediate-feature loss matches: the recipe's, else every transformer layer (text) or the
     classifier's input (images, ``""``)."""
-    from torch import nn
+    from edgetl.stages.prune import encoder_layer_names
 
     if cfg.feature_layers:
         return tuple(cfg.feature_layers)
-    if state.tokenizer is not None:
-        for name, module in state.backbone.model.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-                    sum(isinstance(m, nn.Linear) for m in layer.modules()) == 6 for layer in module):
-                return tuple(f"{name}.{i}" for i in range(len(module)))
-    return ("",)
+    layers = encoder_layer_names(state.backbone.model) if state.tokenizer is not None else []
+    return tuple(layers) or ("",)
 
 
 def run(state: State, recipe: Recipe) -> State:

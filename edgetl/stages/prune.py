@@ -55,18 +55,28 @@ def protected_layers(model, head: str, protect: tuple) -> list:
     return layers
 
 
-def encoder_layers(hf_model) -> list[list]:
-    """Per transformer layer its six Linears in order: query, key, value, attention output, FFN in, FFN out
-    (BERT, DistilBERT, RoBERTa, MiniLM, ELECTRA ... all share this structure)."""
+def encoder_layer_names(model) -> list[str]:
+    """Module names of the transformer layers in ``model``: the first ModuleList whose every entry holds six Linears
+    (query, key, value, attention output, FFN in, FFN out: BERT, DistilBERT, RoBERTa, MiniLM, ELECTRA ...);
+    empty where there is none."""
     from torch import nn
 
-    for module in hf_model.base_model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            layers = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in module]
-            if all(len(lin) == 6 for lin in layers):
-                return layers
-    raise EdgetlError(f"prune: cannot find the attention/FFN layers of {type(hf_model).__name__}; "
-                      "remove the prune section for this backbone")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+                sum(isinstance(m, nn.Linear) for m in layer.modules()) == 6 for layer in module):
+            return [f"{name}.{i}" for i in range(len(module))]
+    return []
+
+
+def encoder_layers(hf_model) -> list[list]:
+    """Per transformer layer its six Linears in order: query, key, value, attention output, FFN in, FFN out."""
+    from torch import nn
+
+    names = encoder_layer_names(hf_model)
+    if not names:
+        raise EdgetlError(f"prune: cannot find the attention/FFN layers of {type(hf_model).__name__}; "
+                          "remove the prune section for this backbone")
+    return [[m for m in hf_model.get_submodule(n).modules() if isinstance(m, nn.Linear)] for n in names]
 
 
 class EncoderPruner:
