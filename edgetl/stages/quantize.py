@@ -263,10 +263,10 @@ def _speedup(fp32: Path, int8: Path, feed: dict, runs: int = 60, threads: int = 
 
 
 def _text_static(state: State, src: Path, dynamic: Path, cfg: QuantizeCfg, reduce_range: bool, val_feeds: list,
-                 val_y: np.ndarray, dynamic_acc: float, feed1: dict) -> dict:
+                 val_y: np.ndarray, dynamic_acc: float, feed1: dict, threads: int) -> tuple[dict, Path | None]:
     """ORT static QDQ of the weight MatMuls (activations calibrated on training texts padded to max_length) against
-    the dynamic INT8 model: accuracy on validation, speed interleaved at 1 thread. Static ships only when it is
-    at least 5% faster and not less accurate; otherwise its file is removed."""
+    the dynamic INT8 model: accuracy on validation, speed interleaved at ``threads``. Static ships only when it is
+    at least 5% faster and not less accurate; returns (what was measured, its file or None once removed)."""
     from edgetl.data import feeds
     from edgetl.runner import interleaved_latency, session
 
@@ -276,16 +276,17 @@ def _text_static(state: State, src: Path, dynamic: Path, cfg: QuantizeCfg, reduc
     path = quantize_onnx(src, state.workdir / "model.static.onnx", calib, cfg, reduce_range,
                          op_types=("MatMul", "Gemm"))
     acc = _ort_acc(path, val_feeds, val_y)
-    lat = interleaved_latency({"fp32": session(src, 1), "dynamic": session(dynamic, 1), "static": session(path, 1)},
-                              feed1, runs=60, warmup=5)
+    lat = interleaved_latency({"fp32": session(src, threads), "dynamic": session(dynamic, threads),
+                               "static": session(path, threads)}, feed1, runs=60, warmup=5)
     speed = {k: lat["fp32"]["p50_ms"] / lat[k]["p50_ms"] for k in ("dynamic", "static")}
     ships = speed["static"] >= 1.05 * speed["dynamic"] and acc >= dynamic_acc
     note = (f"static QDQ INT8 {speed['static']:.2f}x FP32 at val {acc:.2f}% vs dynamic {speed['dynamic']:.2f}x at "
             f"{dynamic_acc:.2f}%: {'static' if ships else 'dynamic'} ships")
     if not ships:
         path.unlink()
-    return {"val_acc": acc, "speedup_static": speed["static"], "speedup_dynamic": speed["dynamic"], "ships": ships,
-            "file": path.name, "note": note}
+    measured = {"val_acc": acc, "speedup_static": speed["static"], "speedup_dynamic": speed["dynamic"],
+                "ships": ships, "note": note}
+    return measured, path if ships else None
 
 
 def run(state: State, recipe: Recipe) -> State:
@@ -306,6 +307,7 @@ def run(state: State, recipe: Recipe) -> State:
     calib = None if text else feeds(state.data.train, pre, batch=16, limit=cfg.calibration_size)
     val_feeds, val_y = feeds(state.data.val, pre, state.tokenizer), state.data.val.labels
     feed1 = latency_feed(state)
+    threads = recipe.verify.threads if recipe.verify else 1  # speed is judged at the threads the gates measure at
 
     onnx, models, notes = dict(state.onnx), dict(state.models), []
     float_src = {"ptq": src}  # the FP32 ONNX each INT8 candidate was quantized from
@@ -316,10 +318,11 @@ def run(state: State, recipe: Recipe) -> State:
     history = None
     static = None
     if text and cfg.try_static:  # dynamic vs static, measured here: ship whichever is faster at no accuracy cost
-        static = _text_static(state, src, ptq, cfg, reduce_range, val_feeds, val_y, candidates["ptq"], feed1)
+        static, static_path = _text_static(state, src, ptq, cfg, reduce_range, val_feeds, val_y, candidates["ptq"],
+                                           feed1, threads)
         notes.append(static["note"])
-        if static["ships"]:
-            onnx["static"], models["static"], float_src["static"] = static["file"], state.backbone.model, src
+        if static_path:
+            onnx["static"], models["static"], float_src["static"] = static_path.name, state.backbone.model, src
             candidates["static"] = static["val_acc"]
     if cfg.method == "qat" and text:
         notes.append("QAT is not implemented for text backbones; ORT PTQ instead (see the dynamic vs static note)")
@@ -357,7 +360,6 @@ def run(state: State, recipe: Recipe) -> State:
             alt.unlink()
 
     # INT8 must not ship slower than FP32 without saying so
-    threads = recipe.verify.threads if recipe.verify else 1  # judged at the threads the gates are measured at
     speedup = _speedup(src, state.workdir / onnx[chosen], feed1, threads=threads)
     if speedup < 1.0 and cfg.require_speedup:
         conservative = quantize_onnx(float_src[chosen], state.workdir / "model.int8-conv.onnx", calib, cfg,
@@ -383,8 +385,6 @@ def run(state: State, recipe: Recipe) -> State:
         print(f"  shipped INT8: {chosen} (val acc {candidates[chosen]:.2f}%, {speedup:.2f}x FP32 at {threads} "
               f"thread(s)), "
               f"float Conv/MatMul left in ORT graph: {float_compute_ops(ops)}")
-    if static:
-        static.pop("file", None)
     metrics = {"method": cfg.method, "chosen": chosen, "source": src_role, "val_acc_ort": candidates,
                "text_static_vs_dynamic": static,
                "speedup_vs_fp32": speedup, "speed_threads": threads, "reduce_range": reduce_range, "cpu_int8": features,
