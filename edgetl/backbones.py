@@ -184,6 +184,19 @@ def _timm(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     return Backbone(model, groups, head, ExportContract(preprocess=pre))
 
 
+def encoder_layer_names(model) -> list[str]:
+    """Module names of the transformer layers in ``model``: the first ModuleList whose every entry holds six Linears
+    (query, key, value, attention output, FFN in, FFN out: BERT, DistilBERT, RoBERTa, MiniLM, ELECTRA ...);
+    empty where there is none."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+                sum(isinstance(m, nn.Linear) for m in layer.modules()) == 6 for layer in module):
+            return [f"{name}.{i}" for i in range(len(module))]
+    return []
+
+
 def _hf_wrapper():
     import torch
 
@@ -207,7 +220,6 @@ def _hf_wrapper():
 def _hf(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     import inspect
 
-    import torch.nn as nn
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -242,14 +254,10 @@ def _hf(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     wrapper = _hf_wrapper()(model, inputs)
     head = _last_linear(wrapper)
     base = getattr(model, model.base_model_prefix)
-    n_layers = config.num_hidden_layers
-    layers = next((n for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
     prefix = f"model.{model.base_model_prefix}."
     groups = [[prefix + p for p, _ in base.embeddings.named_parameters(prefix="embeddings")]]
-    if layers is not None:
-        for i in range(n_layers):
-            groups.append([prefix + p for p, _ in base.get_submodule(f"{layers}.{i}").named_parameters(
-                prefix=f"{layers}.{i}")])
+    for layer in encoder_layer_names(base):  # the same transformer layers that pruning and distillation use
+        groups.append([prefix + p for p, _ in base.get_submodule(layer).named_parameters(prefix=layer)])
     grouped = {p for g in groups for p in g}
     rest = [n for n, _ in wrapper.named_parameters() if n not in grouped and not n.startswith(head + ".")]
     if rest:  # pooler, pre_classifier: trained with the top block

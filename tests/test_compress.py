@@ -169,12 +169,12 @@ def compressed(tmp_path_factory):
 def test_report_has_one_row_per_stage_and_ships_int8(compressed):
     out, report, output = compressed
     rows = {r["stage"]: r for r in report["rows"]}
-    assert set(rows) == {"fp32", "pruned", "distilled", "ptq", "qat"}
+    assert {"fp32", "pruned", "distilled", "ptq", "qat"} <= set(rows)  # + the shipped placement variant, if any
     for r in rows.values():
         assert {"acc_torch", "acc_ort", "agreement", "params", "macs", "size_mb", "p50_ms", "p90_ms"} <= set(r)
     assert rows["pruned"]["params"] < rows["fp32"]["params"] and rows["pruned"]["macs"] < rows["fp32"]["macs"]
     chosen = report["metrics"]["quantize"]["chosen"]
-    assert chosen in ("qat", "ptq") and rows[chosen]["shipped"] and rows[chosen]["file"] == "model.onnx"
+    assert chosen.split("_")[0] in ("qat", "ptq") and rows[chosen]["shipped"] and rows[chosen]["file"] == "model.onnx"
     assert rows[chosen]["size_mb"] < 0.5 * rows["distilled"]["size_mb"]  # int8 weights
     assert {p.name for p in out.glob("*.onnx")} == {"model.onnx", "model.fp32.onnx"}
     assert report["metrics"]["quantize"]["float_compute_ops_left"] <= 1  # at most the classifier Gemm
@@ -194,6 +194,43 @@ def test_slower_int8_is_not_shipped_silently(tmp_path, tiny_raw, monkeypatch):
     assert report["metrics"]["quantize"]["chosen"] is None
     assert "shipping FP32" in result.output
     assert next(r for r in report["rows"] if r["shipped"])["stage"] == "fp32"
+
+
+@pytest.mark.parametrize("speed, kept", [(1.10, True), (1.0, False)])
+def test_auto_float_stem_is_kept_when_as_accurate_and_faster(tmp_path, tiny_raw, monkeypatch, speed, kept):
+    """float_leading_convs "auto": the graph with stem + first depthwise conv in FP32 ships when it is at least as
+    accurate on validation and measurably faster than the all-INT8 one (a 3-channel stem is a poor int8 GEMM)."""
+    import edgetl.stages.quantize as q
+
+    monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: 80.0)  # a tie on validation
+    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: speed if "fl2" in str(b) else 1.5)
+    tiny_raw["finetune"]["epochs"] = 1
+    tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    chosen = json.loads((out / "report.json").read_text())["metrics"]["quantize"]["chosen"]
+    assert chosen == ("ptq_fl2" if kept else "ptq")
+    assert ("Convs kept FP32" in result.output) == kept
+
+
+@pytest.mark.parametrize("w8_acc, kept", [(81.0, True), (80.0, False)])
+def test_8bit_weights_ship_without_vnni_only_when_more_accurate(tmp_path, tiny_raw, monkeypatch, w8_acc, kept):
+    import edgetl.runner
+    import edgetl.stages.quantize as q
+
+    features = {**edgetl.runner.cpu_int8_features(), "vnni_or_dot": False}
+    monkeypatch.setattr(edgetl.runner, "cpu_int8_features", lambda: features)
+    monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: w8_acc if "w8" in str(path) else 80.0)
+    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fl2" not in str(b) else 1.0)
+    tiny_raw["finetune"]["epochs"] = 1
+    tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
+    assert metrics["chosen"] == ("ptq_w8" if kept else "ptq") and metrics["reduce_range"] is not kept
+    assert ("8-bit weights" in result.output) == kept
 
 
 @pytest.mark.parametrize("gate, value, message", [

@@ -21,7 +21,7 @@ from edgetl.train import Distill, evaluate, fit
 def feature_layers(state: State, cfg) -> tuple:
     """The layers the intermediate-feature loss matches: the recipe's, else every transformer layer (text) or the
     classifier's input (images, ``""``)."""
-    from edgetl.stages.prune import encoder_layer_names
+    from edgetl.backbones import encoder_layer_names
 
     if cfg.feature_layers:
         return tuple(cfg.feature_layers)

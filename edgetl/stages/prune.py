@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from edgetl.backbones import encoder_layer_names
 from edgetl.config import PruneCfg, Recipe
 from edgetl.data import make_loader
 from edgetl.errors import EdgetlError
@@ -53,19 +54,6 @@ def protected_layers(model, head: str, protect: tuple) -> list:
         if first is not None:
             layers.append(first)
     return layers
-
-
-def encoder_layer_names(model) -> list[str]:
-    """Module names of the transformer layers in ``model``: the first ModuleList whose every entry holds six Linears
-    (query, key, value, attention output, FFN in, FFN out: BERT, DistilBERT, RoBERTa, MiniLM, ELECTRA ...);
-    empty where there is none."""
-    from torch import nn
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-                sum(isinstance(m, nn.Linear) for m in layer.modules()) == 6 for layer in module):
-            return [f"{name}.{i}" for i in range(len(module))]
-    return []
 
 
 def encoder_layers(hf_model) -> list[list]:

@@ -12,7 +12,9 @@ makes the *weights* robust to that quantization: a fake-quant pass mirrors it du
 
 After QAT the fake-quant is removed, the trained FP32 weights are exported and ORT quantizes them with
 calibration. ORT's PTQ of the same model is always built too: it is the baseline, and the fallback when QAT
-is less accurate on validation or fails. Finally the INT8 model must beat the FP32 one on measured latency;
+is less accurate on validation or fails. Two placements are then measured against the winner on validation:
+stem + first depthwise conv in FP32 (``float_leading_convs: auto``) and, without VNNI, 8-bit instead of 7-bit
+weights (``reduce_range`` unset). Finally the INT8 model must beat the FP32 one on measured latency;
 if it does not, only Conv/MatMul/Gemm are quantized, and if that is still slower FP32 ships and the report
 says why.
 """
@@ -27,10 +29,12 @@ import numpy as np
 from edgetl.config import QuantizeCfg, Recipe
 from edgetl.errors import EdgetlError
 from edgetl.pipeline import State, float_role
+from edgetl.stages.verify import ort_accuracy
 
 FUSED_OPS = ("Conv", "MatMul", "Gemm")  # the conservative placement: only what ORT runs as int8 kernels
 AUTO_FLOAT_LEADING = 2  # float_leading_convs "auto": stem + first depthwise conv ...
-AUTO_FLOAT_GAIN = 0.5  # ... kept FP32 when that is at least this many points more accurate on validation
+AUTO_FLOAT_GAIN = 0.5  # ... kept FP32 when that is at least this many points more accurate on validation,
+AUTO_FLOAT_SPEED = 1.03  # ... or at least as accurate and this much faster (measured interleaved at verify.threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,14 +249,6 @@ def qat(state: State, recipe: Recipe, cfg: QuantizeCfg, reduce_range: bool):
 # the stage
 
 
-def _ort_acc(path: Path, batches: list[dict], labels: np.ndarray) -> float:
-    from edgetl.runner import session
-    from edgetl.stages.verify import predictions
-
-    sess = session(path, threads=2)
-    return 100.0 * float((predictions(lambda feed: sess.run(None, feed)[0], batches) == labels).mean())
-
-
 def _speedup(fp32: Path, int8: Path, feed: dict, runs: int = 60, threads: int = 1) -> float:
     """p50(FP32) / p50(INT8) at batch 1 with the thread count the build verifies at, measured interleaved."""
     from edgetl.runner import interleaved_latency, session
@@ -275,7 +271,7 @@ def _text_static(state: State, src: Path, dynamic: Path, cfg: QuantizeCfg, reduc
                   pad_to=pre.get("max_length"))
     path = quantize_onnx(src, state.workdir / "model.static.onnx", calib, cfg, reduce_range,
                          op_types=("MatMul", "Gemm"))
-    acc = _ort_acc(path, val_feeds, val_y)
+    acc = ort_accuracy(path, val_feeds, val_y)
     lat = interleaved_latency({"fp32": session(src, threads), "dynamic": session(dynamic, threads),
                                "static": session(path, threads)}, feed1, runs=60, warmup=5)
     speed = {k: lat["fp32"]["p50_ms"] / lat[k]["p50_ms"] for k in ("dynamic", "static")}
@@ -314,7 +310,7 @@ def run(state: State, recipe: Recipe) -> State:
     leading = 0 if cfg.float_leading_convs == "auto" else cfg.float_leading_convs
     ptq = quantize_onnx(src, state.workdir / "model.ptq.onnx", calib, cfg, reduce_range, float_leading=leading)
     onnx["ptq"], models["ptq"] = ptq.name, state.backbone.model
-    candidates = {"ptq": _ort_acc(ptq, val_feeds, val_y)}
+    candidates = {"ptq": ort_accuracy(ptq, val_feeds, val_y)}
     history = None
     static = None
     if text and cfg.try_static:  # dynamic vs static, measured here: ship whichever is faster at no accuracy cost
@@ -335,7 +331,7 @@ def run(state: State, recipe: Recipe) -> State:
             qat_path = quantize_onnx(qat_fp32, state.workdir / "model.qat.onnx", calib, cfg, reduce_range,
                                      float_leading=leading)
             onnx["qat"], models["qat"] = qat_path.name, qat_model
-            candidates["qat"] = _ort_acc(qat_path, val_feeds, val_y)
+            candidates["qat"] = ort_accuracy(qat_path, val_feeds, val_y)
         except EdgetlError:
             raise
         except Exception as e:  # noqa: BLE001 - a QAT failure falls back to PTQ when allowed, and says so
@@ -349,13 +345,29 @@ def run(state: State, recipe: Recipe) -> State:
     if cfg.float_leading_convs == "auto" and calib is not None:  # try the stem (+ first depthwise) in FP32
         alt = quantize_onnx(float_src[chosen], state.workdir / f"model.{chosen}-fl2.onnx", calib, cfg, reduce_range,
                             float_leading=AUTO_FLOAT_LEADING)
-        acc = _ort_acc(alt, val_feeds, val_y)
-        if acc >= candidates[chosen] + AUTO_FLOAT_GAIN:
+        acc = ort_accuracy(alt, val_feeds, val_y)
+        # a 3-channel stem is a poor int8 GEMM (K = 27): FP32 there is often faster as well as more accurate
+        gain = _speedup(state.workdir / onnx[chosen], alt, feed1, threads=threads)
+        if acc >= candidates[chosen] + AUTO_FLOAT_GAIN or (acc >= candidates[chosen] and gain >= AUTO_FLOAT_SPEED):
             notes.append(f"first {AUTO_FLOAT_LEADING} Convs kept FP32: val accuracy {candidates[chosen]:.2f}% -> "
-                         f"{acc:.2f}%")
+                         f"{acc:.2f}%, {gain:.2f}x the speed of the all-INT8 graph")
             float_src[f"{chosen}_fl2"] = float_src[chosen]
             onnx[f"{chosen}_fl2"], models[f"{chosen}_fl2"] = alt.name, models[chosen]
             candidates[f"{chosen}_fl2"], chosen = acc, f"{chosen}_fl2"
+        else:
+            alt.unlink()
+    fl = AUTO_FLOAT_LEADING if chosen.endswith("_fl2") else leading
+    if cfg.reduce_range is None and reduce_range and chosen != "static":
+        # no VNNI: 7-bit weights keep u8 x s8 pair sums inside int16; where the layers that saturate (an int8 stem
+        # on raw pixels) stay FP32, full 8-bit weights can be the more accurate model. Measured, not assumed.
+        alt = quantize_onnx(float_src[chosen], state.workdir / f"model.{chosen}-w8.onnx", calib, cfg, False,
+                            float_leading=fl)
+        acc = ort_accuracy(alt, val_feeds, val_y)
+        if acc > candidates[chosen]:
+            notes.append(f"8-bit weights (reduce_range off): val accuracy {candidates[chosen]:.2f}% -> {acc:.2f}%")
+            float_src[f"{chosen}_w8"] = float_src[chosen]
+            onnx[f"{chosen}_w8"], models[f"{chosen}_w8"] = alt.name, models[chosen]
+            candidates[f"{chosen}_w8"], chosen, reduce_range = acc, f"{chosen}_w8", False
         else:
             alt.unlink()
 
@@ -363,13 +375,12 @@ def run(state: State, recipe: Recipe) -> State:
     speedup = _speedup(src, state.workdir / onnx[chosen], feed1, threads=threads)
     if speedup < 1.0 and cfg.require_speedup:
         conservative = quantize_onnx(float_src[chosen], state.workdir / "model.int8-conv.onnx", calib, cfg,
-                                     reduce_range, op_types=FUSED_OPS,
-                                     float_leading=AUTO_FLOAT_LEADING if chosen.endswith("_fl2") else leading)
+                                     reduce_range, op_types=FUSED_OPS, float_leading=fl)
         s2 = _speedup(src, conservative, feed1, threads=threads)
         notes.append(f"full INT8 was {speedup:.2f}x FP32 speed; Conv/MatMul/Gemm-only INT8 is {s2:.2f}x")
         if s2 >= 1.0:
             onnx["int8_conv"], models["int8_conv"] = conservative.name, models[chosen]
-            candidates["int8_conv"] = _ort_acc(conservative, val_feeds, val_y)
+            candidates["int8_conv"] = ort_accuracy(conservative, val_feeds, val_y)
             chosen, speedup = "int8_conv", s2
         else:
             conservative.unlink()

@@ -39,12 +39,22 @@ def predictions(run, batches: list[dict]) -> np.ndarray:
     return np.concatenate([np.asarray(run(feed)).argmax(-1) for feed in batches])
 
 
-def ort_eval(onnx_path, batches: list[dict], labels: np.ndarray, ref_pred: np.ndarray, threads: int,
-             n_classes: int) -> dict:
+def ort_predictions(onnx_path, batches: list[dict], threads: int = 2) -> np.ndarray:
+    """Top-1 class per example under ONNX Runtime (CPU, full graph optimisation, at least 2 threads: accuracy
+    does not depend on the thread count, wall time does)."""
     from edgetl.runner import session
 
     sess = session(onnx_path, threads=max(threads, 2))
-    preds = predictions(lambda feed: sess.run(None, feed)[0], batches)
+    return predictions(lambda feed: sess.run(None, feed)[0], batches)
+
+
+def ort_accuracy(onnx_path, batches: list[dict], labels: np.ndarray) -> float:
+    return 100.0 * float((ort_predictions(onnx_path, batches) == labels).mean())
+
+
+def ort_eval(onnx_path, batches: list[dict], labels: np.ndarray, ref_pred: np.ndarray, threads: int,
+             n_classes: int) -> dict:
+    preds = ort_predictions(onnx_path, batches, threads)
     confusion = np.zeros((n_classes, n_classes), dtype=int)  # rows: true class, columns: ORT prediction
     np.add.at(confusion, (labels, preds), 1)
     return {"acc_ort": 100.0 * float((preds == labels).mean()), "agreement": 100.0 * float((preds == ref_pred).mean()),
