@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from edgetl.backbones import build_backbone
 from edgetl.cli import main
 from edgetl.config import BackboneCfg, PruneCfg, QuantizeCfg
+from edgetl.errors import EdgetlError
 from edgetl.stages.export import export_onnx, parity
 from edgetl.stages.prune import make_pruner, protected_layers, prune_step, ratio_for_macs
 from edgetl.stages.quantize import attach_fake_quant, detach_fake_quant, float_compute_ops, optimized_ops, quantize_onnx
@@ -54,6 +55,19 @@ def test_target_macs_searches_the_ratio_that_lands_on_it():
     for _ in range(2):
         prune_step(pruner, model, example)
     assert count_params_macs(model, 32)[1] / macs0 == pytest.approx(reached, abs=0.01)
+
+
+def test_target_macs_reaches_deep_targets_where_95_percent_pruning_does_not():
+    """Near 100% Torch-Pruning skips groups that would lose every channel, so MACs are not monotonic in the ratio
+    (MobileNetV2: 90% -> 12% of the MACs, 95% -> 34%); the search's bound walks up instead of starting at 95%."""
+    b = _mnv2()
+    example = torch.randn(1, 3, 32, 32)
+    ratio, reached = ratio_for_macs(b.model.eval(), lambda m, r: make_pruner(m, example, PruneCfg(ratio=r, steps=1),
+                                                                              b.head), 32, 0.22)
+    assert 0.5 < ratio < 0.9 and 0.15 < reached <= 0.22
+    with pytest.raises(EdgetlError, match="out of reach"):
+        ratio_for_macs(b.model.eval(), lambda m, r: make_pruner(m, example, PruneCfg(ratio=r, steps=1), b.head),
+                       32, 0.01)
 
 
 def test_protected_layers_come_from_the_model_being_pruned():

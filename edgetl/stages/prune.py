@@ -25,6 +25,7 @@ from edgetl.errors import EdgetlError
 from edgetl.pipeline import State
 from edgetl.train import fit
 
+UPPER_BOUND_RATIOS = (0.3, 0.5, 0.7, 0.8, 0.9)  # prune.target_macs: ratios tried, in order, for the search's bound
 TAYLOR_BATCHES = 8  # batches whose gradients rank channels / heads for importance "taylor"
 
 
@@ -167,11 +168,19 @@ def ratio_for_macs(model, make_pruner_fn, measure, target: float, iters: int = 7
         make_pruner_fn(trial, ratio).step()
         return count_params_macs(trial, measure)[1] / macs0
 
-    lo, hi = 0.0, 0.95
-    reached = fraction(hi)
-    if reached > target:
-        raise EdgetlError(f"prune.target_macs {target:g} is out of reach: pruning 95% of every prunable layer "
-                          f"leaves {reached:.2f} of the MACs")
+    # an upper bound first, walking up: near 100% Torch-Pruning skips groups that would lose every channel (after
+    # round_to), so MACs are not monotonic there and a bound at 95% can leave more MACs than 50% does
+    lo, hi, reached, best = 0.0, None, 1.0, (1.0, 0.0)
+    for ratio in UPPER_BOUND_RATIOS:
+        f = fraction(ratio)
+        best = min(best, (f, ratio))
+        if f <= target:
+            hi, reached = ratio, f
+            break
+        lo = ratio
+    if hi is None:
+        raise EdgetlError(f"prune.target_macs {target:g} is out of reach: the fewest MACs any ratio left was "
+                          f"{best[0]:.2f} of them (ratio {best[1]:g})")
     for _ in range(iters):
         mid = (lo + hi) / 2
         f = fraction(mid)
