@@ -108,8 +108,8 @@ class QuantizeCfg:
     calibration_size: int = 256  # training images for activation ranges
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True  # int8 per-output-channel weights
-    # 7-bit weights. None = from the CPU: off with VNNI/dot-product; without, 7-bit, and 8-bit is built as well and
-    # ships when more accurate on validation (with the stem in FP32 nothing saturates int16 any more)
+    # 7-bit weights. None = from the CPU: off with VNNI/dot-product; without, 7-bit, and (images) 8-bit is built as
+    # well and ships when more accurate on validation (with the stem in FP32 int16 saturation rarely bites)
     reduce_range: bool | None = None
     distill: bool = True  # QAT learns from the fine-tuned teacher as well as the labels
     fallback_to_ptq: bool = True  # ship ORT PTQ if QAT fails or is less accurate on validation

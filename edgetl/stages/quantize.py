@@ -357,7 +357,7 @@ def run(state: State, recipe: Recipe) -> State:
         else:
             alt.unlink()
     fl = AUTO_FLOAT_LEADING if chosen.endswith("_fl2") else leading
-    if cfg.reduce_range is None and reduce_range and chosen != "static":
+    if cfg.reduce_range is None and reduce_range and calib is not None:  # images (measured there; text not yet)
         # no VNNI: 7-bit weights keep u8 x s8 pair sums inside int16; where the layers that saturate (an int8 stem
         # on raw pixels) stay FP32, full 8-bit weights can be the more accurate model. Measured, not assumed.
         alt = quantize_onnx(float_src[chosen], state.workdir / f"model.{chosen}-w8.onnx", calib, cfg, False,
