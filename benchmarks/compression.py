@@ -81,8 +81,7 @@ def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str])
 
     overrides = list(BACKBONES[key]) + BENCH_SET
     if quick:
-        overrides += ["data.max_train=1500", "data.max_test=1000", "finetune.epochs=2", "distill.epochs=1",
-                      "quantize.epochs=1"]
+        overrides += ["data.max_train=1500", "data.max_test=1000", "finetune.epochs=2", "distill.epochs=1"]
     overrides += overrides_extra
     print(f"{key}: models/mobilenet_v2_fmnist.yaml --set {' '.join(overrides)}", flush=True)
     recipe = load_recipe(ROOT / "models" / "mobilenet_v2_fmnist.yaml", overrides)
@@ -171,7 +170,7 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
     from edgetl.pipeline import State, build
     from edgetl.runner import interleaved_latency, session
     from edgetl.stages import load
-    from edgetl.stages.verify import predictions
+    from edgetl.stages.verify import ort_accuracy
 
     work = Path(tempfile.mkdtemp(prefix="bench-minilm-"))
     WORKDIRS.append(work)
@@ -193,9 +192,7 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
     y = state.data.test.labels
     rows = {}
     for name, p in variants.items():
-        sess = session(p, threads=2)
-        acc = 100.0 * float((predictions(lambda f, s=sess: s.run(None, f)[0], test) == y).mean())
-        rows[name] = {"acc": acc, "size_mb": p.stat().st_size / 1e6}
+        rows[name] = {"acc": ort_accuracy(p, test, y), "size_mb": p.stat().st_size / 1e6}
     out = []
     for seq in (32, 128):
         feed = feeds(state.data.test, pre, state.tokenizer, batch=1, limit=1, pad_to=seq)[0]

@@ -342,6 +342,13 @@ def run(state: State, recipe: Recipe) -> State:
         else "static" if "static" in candidates else "ptq"
     if "qat" in candidates and chosen == "ptq":
         notes.append(f"QAT val accuracy {candidates['qat']:.2f}% < PTQ {candidates['ptq']:.2f}%: shipped PTQ")
+
+    def adopt(tag: str, path: Path, acc: float) -> str:
+        """Register ``path``, a placement variant of the chosen model, as candidate ``<chosen>_<tag>``."""
+        role = f"{chosen}_{tag}"
+        float_src[role], onnx[role], models[role], candidates[role] = float_src[chosen], path.name, models[chosen], acc
+        return role
+
     if cfg.float_leading_convs == "auto" and calib is not None:  # try the stem (+ first depthwise) in FP32
         alt = quantize_onnx(float_src[chosen], state.workdir / f"model.{chosen}-fl2.onnx", calib, cfg, reduce_range,
                             float_leading=AUTO_FLOAT_LEADING)
@@ -351,9 +358,7 @@ def run(state: State, recipe: Recipe) -> State:
         if acc >= candidates[chosen] + AUTO_FLOAT_GAIN or (acc >= candidates[chosen] and gain >= AUTO_FLOAT_SPEED):
             notes.append(f"first {AUTO_FLOAT_LEADING} Convs kept FP32: val accuracy {candidates[chosen]:.2f}% -> "
                          f"{acc:.2f}%, {gain:.2f}x the speed of the all-INT8 graph")
-            float_src[f"{chosen}_fl2"] = float_src[chosen]
-            onnx[f"{chosen}_fl2"], models[f"{chosen}_fl2"] = alt.name, models[chosen]
-            candidates[f"{chosen}_fl2"], chosen = acc, f"{chosen}_fl2"
+            chosen = adopt("fl2", alt, acc)
         else:
             alt.unlink()
     fl = AUTO_FLOAT_LEADING if chosen.endswith("_fl2") else leading
@@ -365,9 +370,7 @@ def run(state: State, recipe: Recipe) -> State:
         acc = ort_accuracy(alt, val_feeds, val_y)
         if acc > candidates[chosen]:
             notes.append(f"8-bit weights (reduce_range off): val accuracy {candidates[chosen]:.2f}% -> {acc:.2f}%")
-            float_src[f"{chosen}_w8"] = float_src[chosen]
-            onnx[f"{chosen}_w8"], models[f"{chosen}_w8"] = alt.name, models[chosen]
-            candidates[f"{chosen}_w8"], chosen, reduce_range = acc, f"{chosen}_w8", False
+            chosen, reduce_range = adopt("w8", alt, acc), False
         else:
             alt.unlink()
 
