@@ -13,6 +13,8 @@ All variants are timed interleaved in chunks of 10 runs (noise hits them alike);
 p50(variant). 1 thread is the headline, 2 threads beside it.
 
     .venv/bin/python benchmarks/compression.py [--backbones mobilenet_v2,lite0,minilm] [--runs 300] [--quick]
+    .venv/bin/python benchmarks/compression.py --backbones mobilenet_v2 --b-only --prune-targets 0.26,0.30
+(the second: one fine-tune, then branch B once per MACs target, without branch A / ORT's default PTQ)
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def ort_default_ptq(src: Path, dst: Path, calib: np.ndarray) -> Path:
     return dst
 
 
-def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str]) -> list[dict]:
+def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str], targets: list[float] | None = None,
+                   b_only: bool = False) -> list[dict]:
     import copy
 
     import torch
@@ -89,28 +92,35 @@ def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str])
     WORKDIRS.append(work)
     torch.manual_seed(recipe.seed)
     base = run_stages(State(recipe=recipe, workdir=work / "base"), recipe, {"load", "finetune"})
-    (work / "a").mkdir()
-    (work / "b").mkdir()
     fp32_model = copy.deepcopy(base.backbone.model)
-    state_a = base.replace(workdir=work / "a", backbone=copy.copy(base.backbone))
-    state_a.backbone.model = copy.deepcopy(fp32_model)
-    state_a = run_stages(state_a, recipe, {"export", "quantize"})
-    state_b = base.replace(workdir=work / "b", backbone=copy.copy(base.backbone))
-    state_b.backbone.model = copy.deepcopy(fp32_model)
-    state_b = run_stages(state_b, recipe, {"prune", "distill", "export", "quantize"})
+
+    def branch(name: str, stages: set, branch_recipe):
+        (work / name).mkdir()
+        state = base.replace(recipe=branch_recipe, workdir=work / name, backbone=copy.copy(base.backbone))
+        state.backbone.model = copy.deepcopy(fp32_model)
+        return run_stages(state, branch_recipe, stages)
+
+    # branch A's stages without quantize give the FP32 ONNX alone (--b-only)
+    state_a = branch("a", {"export"} if b_only else {"export", "quantize"}, recipe)
+    fp32_path = work / "a" / "model.fp32.onnx"
+    variants = {"ORT FP32": fp32_path}
+    if not b_only:
+        calib = normalize(base.data.train.images[:256], base.backbone.contract.preprocess)
+        chosen_a = state_a.metrics["quantize"]["chosen"] or "fp32"
+        variants["ORT quantize_static (defaults)"] = ort_default_ptq(fp32_path, work / "ort_default.onnx", calib)
+        variants[f"edgetl INT8 ({chosen_a})"] = work / "a" / state_a.onnx[chosen_a]
+    for i, target in enumerate(targets or [recipe.prune.target_macs]):
+        b_recipe = recipe if target is None else load_recipe(ROOT / "models" / "mobilenet_v2_fmnist.yaml",
+                                                             overrides + [f"prune.target_macs={target}"])
+        print(f"[branch B: prune.target_macs={target}]", flush=True)
+        state_b = branch(f"b{i}", {"prune", "distill", "export", "quantize"}, b_recipe)
+        chosen_b = state_b.metrics["quantize"]["chosen"] or "distilled"
+        pm = state_b.metrics["prune"]
+        left = f"{100 * pm['macs_after'] / pm['macs_before']:.0f}% MACs" if pm.get("macs_before") else "pruned"
+        variants[f"edgetl pruned ({left})+distilled+INT8 ({chosen_b})"] = work / f"b{i}" / state_b.onnx[chosen_b]
 
     pre = base.backbone.contract.preprocess
     y_test = base.data.test.labels
-    calib = normalize(base.data.train.images[:256], pre)
-    fp32_path = work / "a" / "model.fp32.onnx"
-    chosen_a = state_a.metrics["quantize"]["chosen"] or "fp32"
-    chosen_b = state_b.metrics["quantize"]["chosen"] or "distilled"
-    variants = {
-        "ORT FP32": fp32_path,
-        "ORT quantize_static (defaults)": ort_default_ptq(fp32_path, work / "ort_default.onnx", calib),
-        f"edgetl INT8 ({chosen_a})": work / "a" / state_a.onnx[chosen_a],
-        f"edgetl pruned+distilled+INT8 ({chosen_b})": work / "b" / state_b.onnx[chosen_b],
-    }
 
     test = feeds(base.data.test, pre)
     ort_accs = {name: ort_accuracy(p, test, y_test) for name, p in variants.items()}
@@ -217,6 +227,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer images and epochs (smoke run)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for the image backbones, after the bench's own (repeatable)")
+    ap.add_argument("--prune-targets", default=None, metavar="0.26,0.30",
+                    help="branch B once per prune.target_macs value, all from the same fine-tuned model")
+    ap.add_argument("--b-only", action="store_true",
+                    help="skip branch A and ORT's default PTQ (rows: PyTorch, ORT FP32, branch B)")
     ap.add_argument("--keep", action="store_true", help="keep the work folders (models of every variant)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--text-bundle", type=Path, default=None,
@@ -230,7 +244,8 @@ def main() -> None:
         if key == "minilm":
             rows += bench_text(args.runs, args.quick, args.text_bundle)
         else:
-            rows += bench_backbone(key, args.runs, args.quick, args.overrides)
+            targets = [float(t) for t in args.prune_targets.split(",")] if args.prune_targets else None
+            rows += bench_backbone(key, args.runs, args.quick, args.overrides, targets, args.b_only)
     print(f"\ndevice: {json.dumps(device_info())}  ({time.time() - t0:.0f} s)")
     print("| backbone | variant | test acc | Δacc vs ORT FP32 | p50 1 thread | speedup 1t | p50 2 threads | "
           "speedup 2t | size MB |")
