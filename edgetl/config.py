@@ -98,6 +98,9 @@ class DistillCfg:
     # classifier's input features (through a learned linear projection where pruning narrowed them)
     feature_weight: float = 0.0
     feature_layers: tuple = ()
+    # a larger transfer set: up to N training-pool examples that data.max_train left out, their labels unused; the
+    # teacher labels them (soft targets, and its top-1 for the label term) and they join the distillation set
+    transfer_size: int = 0
 
 
 @dataclass(frozen=True)

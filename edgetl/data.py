@@ -51,6 +51,10 @@ class Data:
     val: Split
     test: Split
     classes: list[str]
+    # training-pool examples that data.max_train left out (never in val or test): spare(n, seed) decodes up to n
+    # of them, drawn at random; distillation uses them unlabelled, as extra transfer data the teacher labels
+    spare: Callable[[int, int], Split] | None = None
+    n_spare: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,15 +318,31 @@ def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]
     elif test_idx is None:
         test_idx = np.arange(len(test_pool.labels))
 
+    eligible = train_idx
     train_idx = _subsample(train_idx, train_pool.labels, cfg.max_train, seed)
     val_idx = _subsample(val_idx, val_pool.labels, cfg.max_val, seed)
     test_idx = _subsample(test_idx, test_pool.labels, cfg.max_test, seed)
+    spare_idx = np.setdiff1d(eligible, train_idx)
+
+    def spare(n: int, spare_seed: int) -> Split:
+        taken = np.random.default_rng(spare_seed).permutation(spare_idx)[:n]
+        return _materialize(train_pool, np.sort(taken), pre, "spare")
+
     return Data(
         train=_materialize(train_pool, train_idx, pre, "train"),
         val=_materialize(val_pool, val_idx, pre, "val"),
         test=_materialize(test_pool, test_idx, pre, "test"),
         classes=classes,
+        spare=spare,
+        n_spare=len(spare_idx),
     )
+
+
+def concat(a: Split, b: Split) -> Split:
+    """``a`` followed by ``b`` (same kind: both images or both texts)."""
+    if a.images is not None:
+        return Split(labels=np.concatenate([a.labels, b.labels]), images=np.concatenate([a.images, b.images]))
+    return Split(labels=np.concatenate([a.labels, b.labels]), texts=list(a.texts) + list(b.texts))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -279,3 +279,26 @@ def test_same_padding_shape_arithmetic_stays_float(tmp_path):
     ref = session(fp32).run(None, {"input": x})[0]
     got = session(int8).run(None, {"input": x})[0]
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.9
+
+
+def test_distillation_transfer_set_adds_spare_examples_labelled_by_the_teacher(tiny_raw, tmp_path):
+    from edgetl.config import recipe_from_dict
+    from edgetl.data import Split, feeds
+    from edgetl.pipeline import State
+    from edgetl.stages import distill, load
+    from edgetl.stages.verify import torch_predictions
+
+    tiny_raw["data"]["max_train"] = 300
+    recipe = recipe_from_dict(tiny_raw)
+    state = load.run(State(recipe=recipe, workdir=tmp_path), recipe)
+    state = state.replace(teacher=state.backbone.model.eval())  # untrained: its labels differ from the true ones
+    train, info = distill.transfer_set(state, 200, seed=1)
+    assert len(train) == 500 and info["transfer_extra"] == 200
+    assert np.array_equal(train.images[:300], state.data.train.images)
+    extra = Split(labels=train.labels[300:], images=train.images[300:])
+    teacher = torch_predictions(state.teacher, feeds(extra, state.backbone.contract.preprocess))
+    assert np.array_equal(extra.labels, teacher)
+    assert info["transfer_teacher_acc"] < 50  # the hidden labels were not used
+    state.data.n_spare = 0
+    with pytest.raises(EdgetlError, match="no examples beyond data.max_train"):
+        distill.transfer_set(state, 200, seed=1)

@@ -88,3 +88,24 @@ def test_fashion_mnist_idx_files(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x10"))
     with pytest.raises(EdgetlError, match="truncated"):
         load_data(DataCfg(kind="fashion_mnist", path=str(tmp_path)), PRE, seed=0)
+
+
+def test_spare_examples_are_the_training_pool_left_out_by_max_train():
+    from edgetl.data import _array_pool
+
+    n = 600  # image i is one flat colour that encodes i, so decoded examples can be traced back to the pool
+    images = np.zeros((n, 8, 8, 3), np.uint8)
+    images[..., 0], images[..., 1] = (np.arange(n) // 256)[:, None, None], (np.arange(n) % 256)[:, None, None]
+    labels = np.arange(n) % 3
+    cfg = DataCfg(kind="digits", max_train=100, val_fraction=0.1, test_fraction=0.2)
+    d = load_data(cfg, PRE, seed=0, sources=({"pool": _array_pool(images, labels)}, ["a", "b", "c"]))
+
+    def ids(split):
+        return set((256 * split.images[:, 0, 0, 0].astype(int) + split.images[:, 0, 0, 1]).tolist())
+
+    used = ids(d.train) | ids(d.val) | ids(d.test)
+    assert d.n_spare == n - len(used) and len(used) == len(d.train) + len(d.val) + len(d.test)
+    spare = d.spare(50, 1)
+    assert len(spare) == 50 and not ids(spare) & used
+    assert ids(d.spare(50, 1)) == ids(spare)  # seeded
+    assert len(d.spare(10_000, 1)) == d.n_spare  # asking for more than there is gives all of it

@@ -5,6 +5,10 @@ Loss = alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * cross-entropy, p
 head/FFN pruning leaves the same width; images: the classifier's input through a learned projection), through
 the same ``fit`` loop as fine-tuning (the teacher is an argument, not a second trainer). The report shows
 accuracy before and after, so the recovery from pruning is visible.
+
+``transfer_size`` > 0 distils on a larger transfer set: the training split plus that many training-pool
+examples that ``data.max_train`` left out, labelled by the teacher (the student learns the teacher's outputs,
+which need no labels; a small labelled set is what lets a pruned student overfit).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import copy
 
 from edgetl.config import Recipe
-from edgetl.data import make_loader
+from edgetl.data import Split, concat, feeds, make_loader
 from edgetl.errors import EdgetlError
 from edgetl.pipeline import State
 from edgetl.train import Distill, evaluate, fit
@@ -29,6 +33,27 @@ def feature_layers(state: State, cfg) -> tuple:
     return tuple(layers) or ("",)
 
 
+def transfer_set(state: State, size: int, seed: int) -> tuple[Split, dict]:
+    """The training split plus up to ``size`` spare training-pool examples labelled by the teacher's top-1 (their
+    own labels are only used to report how often the teacher got them right)."""
+    from edgetl.stages.verify import torch_predictions
+
+    train = state.data.train
+    if size <= 0:
+        return train, {}
+    if not state.data.n_spare:
+        raise EdgetlError("distill.transfer_size: the training pool has no examples beyond data.max_train "
+                          "(lower data.max_train or set transfer_size: 0)")
+    extra = state.data.spare(size, seed)
+    teacher_top1 = torch_predictions(state.teacher.eval(), feeds(extra, state.backbone.contract.preprocess,
+                                                                 state.tokenizer))
+    agree = 100.0 * float((teacher_top1 == extra.labels).mean())
+    print(f"  transfer set: {len(train)} labelled + {len(extra)} spare examples labelled by the teacher "
+          f"({agree:.1f}% of its labels match the hidden ones)")
+    return concat(train, Split(labels=teacher_top1, images=extra.images, texts=extra.texts)), {
+        "transfer_extra": len(extra), "transfer_teacher_acc": agree}
+
+
 def run(state: State, recipe: Recipe) -> State:
     cfg = recipe.distill
     if state.teacher is None:
@@ -37,10 +62,13 @@ def run(state: State, recipe: Recipe) -> State:
         raise EdgetlError("distill.alpha must be between 0 and 1")
     if cfg.feature_weight < 0:
         raise EdgetlError("distill.feature_weight must be 0 or more")
+    if cfg.transfer_size < 0:
+        raise EdgetlError("distill.transfer_size must be 0 or more")
     model = state.backbone.model
     pre = state.backbone.contract.preprocess
     bs = recipe.data.batch_size
-    train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed + 20,
+    train_split, transfer = transfer_set(state, cfg.transfer_size, recipe.seed + 21)
+    train = make_loader(train_split, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed + 20,
                         tokenizer=state.tokenizer)
     val = make_loader(state.data.val, pre, bs, tokenizer=state.tokenizer)
     before = evaluate(model, val)["acc"]
@@ -53,5 +81,6 @@ def run(state: State, recipe: Recipe) -> State:
     after = max(h["val_acc"] for h in history)
     print(f"  distillation: val accuracy {before:.2f}% -> {after:.2f}%")
     return state.replace(history={**state.history, "distill": history},
-                         metrics={**state.metrics, "distill": {"val_acc_before": before, "val_acc_after": after}},
+                         metrics={**state.metrics, "distill": {"val_acc_before": before, "val_acc_after": after,
+                                                                **transfer}},
                          models={**state.models, "distilled": copy.deepcopy(model).eval()})
