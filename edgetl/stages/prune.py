@@ -151,10 +151,12 @@ def make_pruner(model, example, cfg: PruneCfg, head: str):
     )
 
 
-def ratio_for_macs(model, make_pruner_fn, measure, target: float, iters: int = 7) -> tuple[float, float]:
-    """The smallest pruning ratio whose one-shot pruning of a copy of ``model`` brings MACs to ``target`` (a fraction
-    of the current MACs) or below: bisection over the ratio, channel counts decide MACs, not weights. Returns
-    (ratio, MACs fraction reached)."""
+def ratio_for_macs(model, make_pruner_fn, measure, target: float, iters: int = 7,
+                   steps: int = 1) -> tuple[float, float]:
+    """The smallest pruning ratio whose pruning of a copy of ``model`` in ``steps`` steps (each step's channel counts
+    are rounded, so 3 steps can land below one step at the same ratio) brings MACs to ``target`` (a fraction of the
+    current MACs) or below: bisection over the ratio; channel counts decide MACs, not weights, so the copies skip
+    the recovery training. Returns (ratio, MACs fraction reached)."""
     from edgetl.stages.verify import count_params_macs
 
     if not 0.0 < target < 1.0:
@@ -165,7 +167,9 @@ def ratio_for_macs(model, make_pruner_fn, measure, target: float, iters: int = 7
 
     def fraction(ratio: float) -> float:
         trial = copy.deepcopy(model).eval()
-        make_pruner_fn(trial, ratio).step()
+        pruner = make_pruner_fn(trial, ratio)
+        for _ in range(steps):
+            pruner.step()
         return count_params_macs(trial, measure)[1] / macs0
 
     # an upper bound first, walking up: near 100% Torch-Pruning skips groups that would lose every channel (after
@@ -238,10 +242,10 @@ def run(state: State, recipe: Recipe) -> State:
         return EncoderPruner(m, example, c) if text else make_pruner(m, example, c, state.backbone.head)
 
     if cfg.target_macs is not None:  # search the ratio that lands on the MACs target, then prune for real
-        one_shot = dataclasses.replace(cfg, steps=1, importance="magnitude")
-        ratio, reached = ratio_for_macs(model, lambda m, r: build(m, dataclasses.replace(one_shot, ratio=r)), measure,
-                                        cfg.target_macs)
-        print(f"  target MACs {cfg.target_macs:.0%}: ratio {ratio:.3f} (one-shot estimate {reached:.1%})")
+        trial = dataclasses.replace(cfg, importance="magnitude")
+        ratio, reached = ratio_for_macs(model, lambda m, r: build(m, dataclasses.replace(trial, ratio=r)), measure,
+                                        cfg.target_macs, steps=max(cfg.steps, 1))
+        print(f"  target MACs {cfg.target_macs:.0%}: ratio {ratio:.3f} (search estimate {reached:.1%})")
         cfg = dataclasses.replace(cfg, ratio=ratio)
     pruner = build(model, cfg)
     history, steps = [], []
