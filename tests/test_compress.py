@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -222,7 +223,7 @@ def test_auto_float_stem_is_kept_when_as_accurate_and_faster(tmp_path, tiny_raw,
     import edgetl.stages.quantize as q
 
     monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: 80.0)  # a tie on validation
-    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: speed if "fl2" in str(b) else 1.5)
+    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: speed if "fl2" in Path(b).name else 1.5)
     tiny_raw["finetune"]["epochs"] = 1
     tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
     out = tmp_path / "o"
@@ -240,8 +241,8 @@ def test_8bit_weights_ship_without_vnni_only_when_more_accurate(tmp_path, tiny_r
 
     features = {**edgetl.runner.cpu_int8_features(), "vnni_or_dot": False}
     monkeypatch.setattr(edgetl.runner, "cpu_int8_features", lambda: features)
-    monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: w8_acc if "w8" in str(path) else 80.0)
-    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fl2" not in str(b) else 1.0)
+    monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: w8_acc if "w8" in Path(path).name else 80.0)
+    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fl2" not in Path(b).name else 1.0)
     tiny_raw["finetune"]["epochs"] = 1
     tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
     out = tmp_path / "o"
