@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 BENCH_SET = ["data.max_test=10000", "data.max_val=2000", "prune.target_macs=0.22", "prune.steps=3",
              "distill.epochs=5", "distill.transfer_size=12000"]
 WORKDIRS: list[Path] = []  # removed at the end unless --keep
+RECIPE = ROOT / "models" / "mobilenet_v2_fmnist.yaml"  # the demo recipe; BACKBONES swap the backbone
 BACKBONES = {
     "mobilenet_v2": ["backbone.name=torchvision:mobilenet_v2", "backbone.pretrained=IMAGENET1K_V1"],
     "lite0": ["backbone.name=timm:tf_efficientnet_lite0", "backbone.pretrained=true", "finetune.freeze_blocks=4"],
@@ -87,8 +88,8 @@ def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str],
     if quick:
         overrides += ["data.max_train=1500", "data.max_test=1000", "finetune.epochs=2", "distill.epochs=1"]
     overrides += overrides_extra
-    print(f"{key}: models/mobilenet_v2_fmnist.yaml --set {' '.join(overrides)}", flush=True)
-    recipe = load_recipe(ROOT / "models" / "mobilenet_v2_fmnist.yaml", overrides)
+    print(f"{key}: {RECIPE.relative_to(ROOT)} --set {' '.join(overrides)}", flush=True)
+    recipe = load_recipe(RECIPE, overrides)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{key}-"))
     WORKDIRS.append(work)
     torch.manual_seed(recipe.seed)
@@ -110,10 +111,9 @@ def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str],
         chosen_a = state_a.metrics["quantize"]["chosen"] or "fp32"
         variants["ORT quantize_static (defaults)"] = ort_default_ptq(fp32_path, work / "ort_default.onnx", calib)
         variants[f"edgetl INT8 ({chosen_a})"] = work / "a" / state_a.onnx[chosen_a]
-    for i, target in enumerate(targets or [recipe.prune.target_macs]):
-        b_recipe = recipe if target is None else load_recipe(ROOT / "models" / "mobilenet_v2_fmnist.yaml",
-                                                             overrides + [f"prune.target_macs={target}"])
-        print(f"[branch B: prune.target_macs={target}]", flush=True)
+    b_recipes = [load_recipe(RECIPE, overrides + [f"prune.target_macs={t}"]) for t in targets] if targets else [recipe]
+    for i, b_recipe in enumerate(b_recipes):
+        print(f"[branch B: prune.target_macs={b_recipe.prune.target_macs}]", flush=True)
         state_b = branch(f"b{i}", {"prune", "distill", "export", "quantize"}, b_recipe)
         chosen_b = state_b.metrics["quantize"]["chosen"]
         pm = state_b.metrics["prune"]

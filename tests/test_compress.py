@@ -49,18 +49,19 @@ def test_target_macs_searches_the_ratio_that_lands_on_it():
     model = b.model.eval()
     macs0 = count_params_macs(model, 32)[1]
     example = torch.randn(1, 3, 32, 32)
-    for target, steps in ((0.25, 3),):  # 3 rounded steps prune deeper than 1 at the same ratio
-        def make(m, r, steps=steps):
-            return make_pruner(m, example, PruneCfg(ratio=r, steps=steps), b.head)
+    target, steps = 0.25, 3  # 3 rounded steps prune deeper than 1 at the same ratio
 
-        ratio, reached = ratio_for_macs(model, make, 32, target, steps=steps)
-        assert count_params_macs(model, 32)[1] == macs0  # the search prunes copies only
-        assert 0.0 < ratio < 0.9 and target - 0.1 < reached <= target
-        pruned = copy.deepcopy(model)
-        pruner = make(pruned, ratio)  # the real iterative pruning lands where the search said
-        for _ in range(steps):
-            prune_step(pruner, pruned, example)
-        assert count_params_macs(pruned, 32)[1] / macs0 == pytest.approx(reached, abs=0.005)
+    def make(m, r):
+        return make_pruner(m, example, PruneCfg(ratio=r, steps=steps), b.head)
+
+    ratio, reached = ratio_for_macs(model, make, 32, target, steps=steps)
+    assert count_params_macs(model, 32)[1] == macs0  # the search prunes copies only
+    assert 0.0 < ratio < 0.9 and target - 0.1 < reached <= target
+    pruned = copy.deepcopy(model)
+    pruner = make(pruned, ratio)  # the real iterative pruning lands where the search said
+    for _ in range(steps):
+        prune_step(pruner, pruned, example)
+    assert count_params_macs(pruned, 32)[1] / macs0 == pytest.approx(reached, abs=0.005)
 
 
 def test_target_macs_reaches_deep_targets_where_95_percent_pruning_does_not():

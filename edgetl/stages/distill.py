@@ -14,6 +14,7 @@ which need no labels; a small labelled set is what lets a pruned student overfit
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from edgetl.config import Recipe
 from edgetl.data import Split, concat, feeds, make_loader
@@ -50,7 +51,7 @@ def transfer_set(state: State, size: int, seed: int) -> tuple[Split, dict]:
     agree = 100.0 * float((teacher_top1 == extra.labels).mean())
     print(f"  transfer set: {len(train)} labelled + {len(extra)} spare examples labelled by the teacher "
           f"({agree:.1f}% of its labels match the hidden ones)")
-    return concat(train, Split(labels=teacher_top1, images=extra.images, texts=extra.texts)), {
+    return concat(train, dataclasses.replace(extra, labels=teacher_top1)), {
         "transfer_extra": len(extra), "transfer_teacher_acc": agree}
 
 
