@@ -51,6 +51,10 @@ class DataCfg:
     text_pair_column: str | None = None  # csv/jsonl: a second text column for sentence-pair tasks
     label_column: str = "label"  # csv/jsonl: the column with the class label
     max_length: int = 128  # tokens per example (longer texts are truncated); batches are padded dynamically
+    # examples without labels, for distillation's transfer set (distill.transfer_size): images, a folder searched
+    # recursively (sub-folder names ignored); text, a .txt file (one example per line) or a csv/jsonl file with
+    # data.text_column. The teacher labels them; they never enter val or test
+    unlabelled_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,9 @@ class DistillCfg:
     # classifier's input features (through a learned linear projection where pruning narrowed them)
     feature_weight: float = 0.0
     feature_layers: tuple = ()
-    # a larger transfer set: up to N training-pool examples that data.max_train left out, their labels unused; the
-    # teacher labels them (soft targets, and its top-1 for the label term) and they join the distillation set
+    # a larger transfer set: up to N examples drawn from the training-pool examples that data.max_train left out
+    # (their labels unused) and data.unlabelled_path; the teacher labels them (soft targets, and its top-1 for the
+    # label term) and they join the distillation set
     transfer_size: int = 0
 
 

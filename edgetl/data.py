@@ -51,8 +51,9 @@ class Data:
     val: Split
     test: Split
     classes: list[str]
-    # training-pool examples that data.max_train left out (never in val or test): spare(n, seed) decodes up to n
-    # of them, drawn at random; distillation uses them unlabelled, as extra transfer data the teacher labels
+    # training-pool examples that data.max_train left out (never in val or test) and data.unlabelled_path's
+    # examples (label -1): spare(n, seed) decodes up to n of them, drawn at random; distillation uses them
+    # unlabelled, as extra transfer data the teacher labels
     spare: Callable[[int, int], Split] | None = None
     n_spare: int = 0
 
@@ -178,16 +179,20 @@ def _read_text_file(path: Path) -> str:
 
 
 def _table(cfg: DataCfg) -> list[dict]:
-    import csv
-    import json
-
     if cfg.kind == "rotten_tomatoes":
         return _rotten_tomatoes()
     if not cfg.path:
         raise EdgetlError(f"data.path is required for data.kind={cfg.kind}")
-    path = Path(cfg.path).expanduser()
+    return _rows(Path(cfg.path).expanduser(), cfg.kind)
+
+
+def _rows(path: Path, kind: str) -> list[dict]:
+    """The rows of a csv (``kind`` "csv") or JSON-lines file."""
+    import csv
+    import json
+
     text = _read_text_file(path)
-    if cfg.kind == "csv":
+    if kind == "csv":
         return list(csv.DictReader(text.splitlines()))
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -251,6 +256,47 @@ def open_sources(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
         return pools, classes
     pool, classes = _folder_pool(root)
     return {"pool": pool}, classes
+
+
+def unlabelled_pool(cfg: DataCfg) -> Pool | None:
+    """``data.unlabelled_path``'s examples, label -1: image files under a folder (any depth), or texts (a .txt
+    file, one per line; a .csv / .jsonl file, ``data.text_column`` and ``data.text_pair_column``)."""
+    if not cfg.unlabelled_path:
+        return None
+    path = Path(cfg.unlabelled_path).expanduser()
+    where = f"data.unlabelled_path {path}"
+    if cfg.kind not in TEXT_KINDS:
+        if not path.is_dir():
+            raise EdgetlError(f"{where}: folder not found (images: a folder of image files, any depth)")
+        items = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        load = _open_image
+    elif path.suffix.lower() in (".csv", ".jsonl"):
+        columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+        items = []
+        for n, row in enumerate(_rows(path, path.suffix.lower()[1:]), 1):
+            texts = [row.get(c) for c in columns]
+            if not all(isinstance(t, str) and t.strip() for t in texts):
+                raise EdgetlError(f"{where} row {n}: no text in column(s) {', '.join(columns)}")
+            items.append(texts[0] if len(texts) == 1 else tuple(texts))
+        load = None
+    else:
+        if cfg.text_pair_column:
+            raise EdgetlError(f"{where}: a sentence-pair task needs a .csv or .jsonl file with both text columns")
+        items = [line.strip() for line in _read_text_file(path).splitlines() if line.strip()]
+        load = None
+    if not items:
+        raise EdgetlError(f"{where} has no {'texts' if cfg.kind in TEXT_KINDS else 'images'}")
+    return Pool(items, np.full(len(items), -1, np.int64), load)
+
+
+def _spare_pool(train: Pool, idx: np.ndarray, unlabelled: Pool | None, text: bool) -> Pool:
+    """The training pool's examples ``idx`` followed by the unlabelled ones, in one pool."""
+    extra = unlabelled.items if unlabelled else []
+    labels = np.concatenate([train.labels[idx], unlabelled.labels if unlabelled else np.zeros(0, np.int64)])
+    if text:  # texts are their own items
+        return Pool([train.items[i] for i in idx] + list(extra), labels, None)
+    items = [(train.load, train.items[i]) for i in idx] + [(unlabelled.load, it) for it in extra]
+    return Pool(items, labels, lambda item: item[0](item[1]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,11 +368,12 @@ def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]
     train_idx = _subsample(train_idx, train_pool.labels, cfg.max_train, seed)
     val_idx = _subsample(val_idx, val_pool.labels, cfg.max_val, seed)
     test_idx = _subsample(test_idx, test_pool.labels, cfg.max_test, seed)
-    spare_idx = np.setdiff1d(eligible, train_idx)
+    spare_pool = _spare_pool(train_pool, np.setdiff1d(eligible, train_idx), unlabelled_pool(cfg),
+                             pre.get("kind") == "text")
 
     def spare(n: int, spare_seed: int) -> Split:
-        taken = np.random.default_rng(spare_seed).permutation(spare_idx)[:n]
-        return _materialize(train_pool, np.sort(taken), pre, "spare")
+        taken = np.random.default_rng(spare_seed).permutation(len(spare_pool.labels))[:n]
+        return _materialize(spare_pool, np.sort(taken), pre, "spare")
 
     return Data(
         train=_materialize(train_pool, train_idx, pre, "train"),
@@ -334,7 +381,7 @@ def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]
         test=_materialize(test_pool, test_idx, pre, "test"),
         classes=classes,
         spare=spare,
-        n_spare=len(spare_idx),
+        n_spare=len(spare_pool.labels),
     )
 
 

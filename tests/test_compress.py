@@ -309,3 +309,27 @@ def test_distillation_transfer_set_adds_spare_examples_labelled_by_the_teacher(t
     state.data.n_spare = 0
     with pytest.raises(EdgetlError, match="no examples beyond data.max_train"):
         distill.transfer_set(state, 200, seed=1)
+
+
+def test_transfer_set_draws_on_unlabelled_images(tiny_raw, tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from edgetl.config import recipe_from_dict
+    from edgetl.pipeline import State
+    from edgetl.stages import distill, load
+
+    unl = tmp_path / "unlabelled"
+    unl.mkdir()
+    for j, img in enumerate(load_digits().images[:40]):
+        Image.fromarray((img * 15.9).astype(np.uint8)).save(unl / f"{j}.png")
+    tiny_raw["data"]["unlabelled_path"] = str(unl)
+    with pytest.raises(EdgetlError, match="only used by distillation's transfer set"):
+        load.run(State(recipe=recipe_from_dict(tiny_raw), workdir=tmp_path), recipe_from_dict(tiny_raw))
+    tiny_raw["distill"] = {"transfer_size": 5000}
+    recipe = recipe_from_dict(tiny_raw)  # no max_train: the training pool has no leftovers, only the 40 unlabelled
+    state = load.run(State(recipe=recipe, workdir=tmp_path), recipe)
+    state = state.replace(teacher=state.backbone.model.eval())
+    train, info = distill.transfer_set(state, 5000, seed=1)
+    assert info == {"transfer_extra": 40, "transfer_unlabelled": 40, "transfer_teacher_acc": None}
+    assert len(train) == len(state.data.train) + 40 and (train.labels >= 0).all()  # the teacher labelled them

@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 
 import numpy as np
@@ -109,3 +110,44 @@ def test_spare_examples_are_the_training_pool_left_out_by_max_train():
     assert len(spare) == 50 and not ids(spare) & used
     assert ids(d.spare(50, 1)) == ids(spare)  # seeded
     assert len(d.spare(10_000, 1)) == d.n_spare  # asking for more than there is gives all of it
+
+
+def test_unlabelled_examples_join_the_spare_pool(image_folder, tmp_path):
+    from PIL import Image
+
+    unl = tmp_path / "unlabelled"
+    (unl / "any" / "depth").mkdir(parents=True)
+    for j in range(7):
+        Image.fromarray(np.full((8, 8), 40 * j, np.uint8)).save(unl / "any" / "depth" / f"{j}.png")
+    (unl / "notes.txt").write_text("not an image")
+    cfg = DataCfg(kind="folder", path=str(image_folder), test_fraction=0.2, max_train=40)
+    plain = load_data(cfg, PRE, seed=0)
+    d = load_data(dataclasses.replace(cfg, unlabelled_path=str(unl)), PRE, seed=0)
+    assert d.n_spare == plain.n_spare + 7
+    assert np.array_equal(d.train.images, plain.train.images) and np.array_equal(d.test.labels, plain.test.labels)
+    every = d.spare(10_000, 0)
+    assert (every.labels == -1).sum() == 7 and (every.labels >= 0).sum() == plain.n_spare
+    with pytest.raises(EdgetlError, match="unlabelled_path .*missing: folder not found"):
+        load_data(dataclasses.replace(cfg, unlabelled_path=str(unl / "missing")), PRE, seed=0)
+    (unl / "empty").mkdir()
+    with pytest.raises(EdgetlError, match="unlabelled_path .*empty has no images"):
+        load_data(dataclasses.replace(cfg, unlabelled_path=str(unl / "empty")), PRE, seed=0)
+
+
+def test_unlabelled_texts_from_txt_csv_and_jsonl(tmp_path):
+    from edgetl.data import unlabelled_pool
+
+    (tmp_path / "u.txt").write_text("first review\n\n  second review  \n")
+    (tmp_path / "u.csv").write_text("review,other\ngreat film,x\nawful film,y\n")
+    (tmp_path / "u.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
+    assert unlabelled_pool(DataCfg(kind="csv", unlabelled_path=str(tmp_path / "u.txt"))).items == \
+        ["first review", "second review"]
+    pool = unlabelled_pool(DataCfg(kind="csv", text_column="review", unlabelled_path=str(tmp_path / "u.csv")))
+    assert pool.items == ["great film", "awful film"] and (pool.labels == -1).all()
+    assert len(unlabelled_pool(DataCfg(kind="jsonl", unlabelled_path=str(tmp_path / "u.jsonl"))).items) == 3
+    with pytest.raises(EdgetlError, match="row 1: no text in column"):
+        unlabelled_pool(DataCfg(kind="csv", unlabelled_path=str(tmp_path / "u.csv")))
+    with pytest.raises(EdgetlError, match="not found"):
+        unlabelled_pool(DataCfg(kind="csv", unlabelled_path=str(tmp_path / "missing.txt")))
+    with pytest.raises(EdgetlError, match="sentence-pair"):
+        unlabelled_pool(DataCfg(kind="csv", text_pair_column="b", unlabelled_path=str(tmp_path / "u.txt")))

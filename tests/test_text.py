@@ -39,6 +39,13 @@ def test_csv_and_jsonl_split_stratified(reviews_csv, tmp_path):
     jsonl = tmp_path / "r.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in sentences()))
     assert len(load_data(_cfg(jsonl, kind="jsonl"), PRE, seed=0).test) == len(d.test)
+    unl = tmp_path / "unlabelled.txt"
+    unl.write_text("a warm and lovely film\nthe movie was dull\n")
+    u = load_data(_cfg(reviews_csv, max_train=100, unlabelled_path=str(unl)), PRE, seed=0)
+    every = u.spare(10_000, 0)
+    assert u.n_spare == len(d.train) - 100 + 2 == len(every)
+    assert sorted(t for t, y in zip(every.texts, every.labels, strict=True) if y == -1) == \
+        ["a warm and lovely film", "the movie was dull"]
 
 
 def test_bad_text_data_names_the_row_or_column(tmp_path):

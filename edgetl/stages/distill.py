@@ -6,9 +6,10 @@ head/FFN pruning leaves the same width; images: the classifier's input through a
 the same ``fit`` loop as fine-tuning (the teacher is an argument, not a second trainer). The report shows
 accuracy before and after, so the recovery from pruning is visible.
 
-``transfer_size`` > 0 distils on a larger transfer set: the training split plus that many training-pool
-examples that ``data.max_train`` left out, labelled by the teacher (the student learns the teacher's outputs,
-which need no labels; a small labelled set is what lets a pruned student overfit).
+``transfer_size`` > 0 distils on a larger transfer set: the training split plus that many examples drawn from
+the training-pool examples that ``data.max_train`` left out and from ``data.unlabelled_path``, labelled by the
+teacher (the student learns the teacher's outputs, which need no labels; a small labelled set is what lets a
+pruned student overfit).
 """
 
 from __future__ import annotations
@@ -35,24 +36,31 @@ def feature_layers(state: State, cfg) -> tuple:
 
 
 def transfer_set(state: State, size: int, seed: int) -> tuple[Split, dict]:
-    """The training split plus up to ``size`` spare training-pool examples labelled by the teacher's top-1 (their
-    own labels are only used to report how often the teacher got them right)."""
+    """The training split plus up to ``size`` spare examples (training-pool leftovers, unlabelled examples) labelled
+    by the teacher's top-1 (the leftovers' own labels are only used to report how often the teacher got them
+    right)."""
     from edgetl.stages.verify import torch_predictions
 
     train = state.data.train
     if size <= 0:
         return train, {}
     if not state.data.n_spare:
-        raise EdgetlError("distill.transfer_size: the training pool has no examples beyond data.max_train "
-                          "(lower data.max_train or set transfer_size: 0)")
+        raise EdgetlError("distill.transfer_size: the training pool has no examples beyond data.max_train and there "
+                          "is no data.unlabelled_path (lower data.max_train, give unlabelled data, or set "
+                          "transfer_size: 0)")
     extra = state.data.spare(size, seed)
     teacher_top1 = torch_predictions(state.teacher.eval(), feeds(extra, state.backbone.contract.preprocess,
                                                                  state.tokenizer))
-    agree = 100.0 * float((teacher_top1 == extra.labels).mean())
+    known = extra.labels >= 0
+    agree = 100.0 * float((teacher_top1[known] == extra.labels[known]).mean()) if known.any() else None
+    said = [f"{int((~known).sum())} of them from data.unlabelled_path"] if not known.all() else []
+    if agree is not None:
+        said.append(f"{agree:.1f}% of its labels match the hidden ones of the {int(known.sum())} training-pool "
+                    "leftovers")
     print(f"  transfer set: {len(train)} labelled + {len(extra)} spare examples labelled by the teacher "
-          f"({agree:.1f}% of its labels match the hidden ones)")
+          f"({'; '.join(said)})")
     return concat(train, dataclasses.replace(extra, labels=teacher_top1)), {
-        "transfer_extra": len(extra), "transfer_teacher_acc": agree}
+        "transfer_extra": len(extra), "transfer_unlabelled": int((~known).sum()), "transfer_teacher_acc": agree}
 
 
 def run(state: State, recipe: Recipe) -> State:

@@ -10,6 +10,9 @@ from edgetl.pipeline import State
 
 
 def run(state: State, recipe: Recipe) -> State:
+    if recipe.data.unlabelled_path and not (recipe.distill and recipe.distill.transfer_size > 0):
+        raise EdgetlError("data.unlabelled_path is only used by distillation's transfer set: set "
+                          "distill.transfer_size (e.g. --set distill.transfer_size=5000) or remove it")
     sources = open_sources(recipe.data)  # class names first: the head needs their count
     backbone = build_backbone(recipe.backbone, len(sources[1]))
     pre = backbone.contract.preprocess
