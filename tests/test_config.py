@@ -80,3 +80,15 @@ def test_readme_recipe_reference_is_a_valid_recipe(tmp_path):
     recipe = load_recipe(path)
     assert recipe.prune is not None and recipe.distill is not None and recipe.quantize is not None
     assert recipe.quantize.float_leading_convs == "auto" and recipe.distill.feature_layers == ()
+
+
+def test_bench_settings_are_valid_overrides_of_the_demo_recipe():
+    """benchmarks/compression.py's BENCH_SET and backbone swaps load strictly on the demo recipe (a renamed key
+    would otherwise fail only an hour into `make bench`)."""
+    import benchmarks.compression as bench
+
+    for key, swap in bench.BACKBONES.items():
+        recipe = load_recipe(bench.RECIPE, swap + bench.BENCH_SET)
+        assert recipe.backbone.name == swap[0].split("=", 1)[1], key
+        assert recipe.data.max_test == 10_000 and recipe.quantize.float_leading_convs == "auto"
+        assert recipe.prune.target_macs == 0.22 and recipe.distill.transfer_size == 12_000
