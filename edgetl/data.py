@@ -22,6 +22,8 @@ from edgetl.runner import encode_texts, normalize, prepare
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+NO_SPARE = ("distill.transfer_size: the training pool has no examples beyond data.max_train and there is no "
+            "data.unlabelled_path (lower data.max_train, give unlabelled data, or set transfer_size: 0)")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -259,34 +261,70 @@ def open_sources(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
 
 
 def unlabelled_pool(cfg: DataCfg) -> Pool | None:
-    """``data.unlabelled_path``'s examples, label -1: image files under a folder (any depth), or texts (a .txt
-    file, one per line; a .csv / .jsonl file, ``data.text_column`` and ``data.text_pair_column``)."""
+    """``data.unlabelled_path``'s examples, label -1: image files under a folder (any depth, hidden files skipped,
+    every header checked now rather than an hour later when distillation decodes it), or texts (a .txt file, one
+    per line; a .csv / .jsonl file, ``data.text_column`` and ``data.text_pair_column``)."""
     if not cfg.unlabelled_path:
         return None
     path = Path(cfg.unlabelled_path).expanduser()
     where = f"data.unlabelled_path {path}"
     if cfg.kind not in TEXT_KINDS:
+        from PIL import Image, UnidentifiedImageError
+
         if not path.is_dir():
             raise EdgetlError(f"{where}: folder not found (images: a folder of image files, any depth)")
-        items = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if cfg.kind == "folder" and cfg.path and path.resolve().is_relative_to(Path(cfg.path).expanduser().resolve()):
+            raise EdgetlError(f"{where} is inside data.path: its images would be read as a class or a split; "
+                              "keep unlabelled images in a folder of their own")
+        items = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        for item in items:
+            try:
+                Image.open(item).close()
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                raise EdgetlError(f"cannot read image {item}: {type(e).__name__} (corrupt or not an image)") from None
         load = _open_image
-    elif path.suffix.lower() in (".csv", ".jsonl"):
-        columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-        items = []
-        for n, row in enumerate(_rows(path, path.suffix.lower()[1:]), 1):
-            texts = [row.get(c) for c in columns]
-            if not all(isinstance(t, str) and t.strip() for t in texts):
-                raise EdgetlError(f"{where} row {n}: no text in column(s) {', '.join(columns)}")
-            items.append(texts[0] if len(texts) == 1 else tuple(texts))
-        load = None
     else:
-        if cfg.text_pair_column:
-            raise EdgetlError(f"{where}: a sentence-pair task needs a .csv or .jsonl file with both text columns")
-        items = [line.strip() for line in _read_text_file(path).splitlines() if line.strip()]
+        if path.suffix.lower() not in (".txt", ".csv", ".jsonl"):
+            raise EdgetlError(f"{where}: expected a .txt (one text per line), .csv or .jsonl file")
+        if not path.is_file():
+            raise EdgetlError(f"{where}: file not found")
+        if path.suffix.lower() == ".txt":
+            if cfg.text_pair_column:
+                raise EdgetlError(f"{where}: a sentence-pair task needs a .csv or .jsonl file with both text columns")
+            items = [line.strip() for line in _read_text_file(path).splitlines() if line.strip()]
+        else:
+            columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+            rows = _rows(path, path.suffix.lower()[1:])
+            missing = [c for c in columns if rows and c not in rows[0]]
+            if missing:
+                raise EdgetlError(f"{where} has no column '{missing[0]}' (columns: {', '.join(map(str, rows[0]))})")
+            items = []
+            for n, row in enumerate(rows, 1):
+                texts = [row.get(c) for c in columns]
+                if not all(isinstance(t, str) and t.strip() for t in texts):
+                    raise EdgetlError(f"{where} row {n}: empty text in column(s) {', '.join(columns)}")
+                items.append(texts[0] if len(texts) == 1 else tuple(texts))
         load = None
     if not items:
         raise EdgetlError(f"{where} has no {'texts' if cfg.kind in TEXT_KINDS else 'images'}")
     return Pool(items, np.full(len(items), -1, np.int64), load)
+
+
+def _check_disjoint(unlabelled: Pool | None, held_out: list[tuple[Pool, np.ndarray]]) -> None:
+    """Unlabelled examples must not be validation or test examples (the teacher's labels for them would leak
+    into the student): texts compared exactly, image files by resolved path."""
+    if unlabelled is None:
+        return
+
+    def key(item):
+        return str(Path(item).resolve()) if isinstance(item, Path) else item
+
+    seen = {key(pool.items[i]) for pool, idx in held_out for i in idx}
+    clash = sum(key(item) in seen for item in unlabelled.items)
+    if clash:
+        raise EdgetlError(f"data.unlabelled_path: {clash} of its examples are validation or test examples; "
+                          "remove them (they would leak into distillation)")
 
 
 def _spare_pool(train: Pool, idx: np.ndarray, unlabelled: Pool | None, text: bool) -> Pool:
@@ -368,8 +406,9 @@ def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]
     train_idx = _subsample(train_idx, train_pool.labels, cfg.max_train, seed)
     val_idx = _subsample(val_idx, val_pool.labels, cfg.max_val, seed)
     test_idx = _subsample(test_idx, test_pool.labels, cfg.max_test, seed)
-    spare_pool = _spare_pool(train_pool, np.setdiff1d(eligible, train_idx), unlabelled_pool(cfg),
-                             pre.get("kind") == "text")
+    unlabelled = unlabelled_pool(cfg)
+    _check_disjoint(unlabelled, [(val_pool, val_idx), (test_pool, test_idx)])
+    spare_pool = _spare_pool(train_pool, np.setdiff1d(eligible, train_idx), unlabelled, pre.get("kind") == "text")
 
     def spare(n: int, spare_seed: int) -> Split:
         taken = np.random.default_rng(spare_seed).permutation(len(spare_pool.labels))[:n]

@@ -333,3 +333,15 @@ def test_transfer_set_draws_on_unlabelled_images(tiny_raw, tmp_path):
     train, info = distill.transfer_set(state, 5000, seed=1)
     assert info == {"transfer_extra": 40, "transfer_unlabelled": 40, "transfer_teacher_acc": None}
     assert len(train) == len(state.data.train) + 40 and (train.labels >= 0).all()  # the teacher labelled them
+    tiny_raw["data"]["max_train"] = 300  # leftovers and unlabelled images together: agreement only on the former
+    recipe = recipe_from_dict(tiny_raw)
+    state = load.run(State(recipe=recipe, workdir=tmp_path), recipe)
+    state = state.replace(teacher=state.backbone.model.eval())
+    _, info = distill.transfer_set(state, 5000, seed=1)
+    assert info["transfer_extra"] == state.data.n_spare and info["transfer_unlabelled"] == 40
+    assert 0 <= info["transfer_teacher_acc"] < 50  # the untrained teacher, on the leftovers' hidden labels
+    tiny_raw["data"].pop("unlabelled_path")
+    tiny_raw["data"]["max_train"] = None
+    recipe = recipe_from_dict(tiny_raw)
+    with pytest.raises(EdgetlError, match="no examples beyond data.max_train"):  # found before fine-tuning
+        load.run(State(recipe=recipe, workdir=tmp_path), recipe)

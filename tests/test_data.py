@@ -108,7 +108,8 @@ def test_spare_examples_are_the_training_pool_left_out_by_max_train():
     assert d.n_spare == n - len(used) and len(used) == len(d.train) + len(d.val) + len(d.test)
     spare = d.spare(50, 1)
     assert len(spare) == 50 and not ids(spare) & used
-    assert ids(d.spare(50, 1)) == ids(spare)  # seeded
+    assert ids(d.spare(50, 1)) == ids(spare)  # seeded: the same draw as before unlabelled data could join it
+    assert ids(spare) == set(np.random.default_rng(1).permutation(np.array(sorted(set(range(n)) - used)))[:50])
     assert len(d.spare(10_000, 1)) == d.n_spare  # asking for more than there is gives all of it
 
 
@@ -120,6 +121,7 @@ def test_unlabelled_examples_join_the_spare_pool(image_folder, tmp_path):
     for j in range(7):
         Image.fromarray(np.full((8, 8), 40 * j, np.uint8)).save(unl / "any" / "depth" / f"{j}.png")
     (unl / "notes.txt").write_text("not an image")
+    (unl / "._7.png").write_bytes(b"macOS resource fork")  # hidden: skipped
     cfg = DataCfg(kind="folder", path=str(image_folder), test_fraction=0.2, max_train=40)
     plain = load_data(cfg, PRE, seed=0)
     d = load_data(dataclasses.replace(cfg, unlabelled_path=str(unl)), PRE, seed=0)
@@ -127,11 +129,16 @@ def test_unlabelled_examples_join_the_spare_pool(image_folder, tmp_path):
     assert np.array_equal(d.train.images, plain.train.images) and np.array_equal(d.test.labels, plain.test.labels)
     every = d.spare(10_000, 0)
     assert (every.labels == -1).sum() == 7 and (every.labels >= 0).sum() == plain.n_spare
-    with pytest.raises(EdgetlError, match="unlabelled_path .*missing: folder not found"):
-        load_data(dataclasses.replace(cfg, unlabelled_path=str(unl / "missing")), PRE, seed=0)
     (unl / "empty").mkdir()
     with pytest.raises(EdgetlError, match="unlabelled_path .*empty has no images"):
         load_data(dataclasses.replace(cfg, unlabelled_path=str(unl / "empty")), PRE, seed=0)
+    with pytest.raises(EdgetlError, match="is inside data.path"):
+        load_data(dataclasses.replace(cfg, unlabelled_path=str(image_folder / "digit0")), PRE, seed=0)
+    (unl / "bad.png").write_bytes(b"not a png")  # found when the data loads, not when distillation decodes it
+    with pytest.raises(EdgetlError, match="cannot read image .*bad.png"):
+        load_data(dataclasses.replace(cfg, unlabelled_path=str(unl)), PRE, seed=0)
+    with pytest.raises(EdgetlError, match="unlabelled_path .*missing: folder not found"):
+        load_data(dataclasses.replace(cfg, unlabelled_path=str(unl / "missing")), PRE, seed=0)
 
 
 def test_unlabelled_texts_from_txt_csv_and_jsonl(tmp_path):
@@ -145,9 +152,14 @@ def test_unlabelled_texts_from_txt_csv_and_jsonl(tmp_path):
     pool = unlabelled_pool(DataCfg(kind="csv", text_column="review", unlabelled_path=str(tmp_path / "u.csv")))
     assert pool.items == ["great film", "awful film"] and (pool.labels == -1).all()
     assert len(unlabelled_pool(DataCfg(kind="jsonl", unlabelled_path=str(tmp_path / "u.jsonl"))).items) == 3
-    with pytest.raises(EdgetlError, match="row 1: no text in column"):
+    with pytest.raises(EdgetlError, match="u.csv has no column 'text' \\(columns: review, other\\)"):
         unlabelled_pool(DataCfg(kind="csv", unlabelled_path=str(tmp_path / "u.csv")))
-    with pytest.raises(EdgetlError, match="not found"):
+    (tmp_path / "gap.jsonl").write_text('{"text": "one"}\n{"text": ""}\n')
+    with pytest.raises(EdgetlError, match="gap.jsonl row 2: empty text"):
+        unlabelled_pool(DataCfg(kind="jsonl", unlabelled_path=str(tmp_path / "gap.jsonl")))
+    with pytest.raises(EdgetlError, match="unlabelled_path .*missing.txt: file not found"):
         unlabelled_pool(DataCfg(kind="csv", unlabelled_path=str(tmp_path / "missing.txt")))
+    with pytest.raises(EdgetlError, match="expected a .txt"):
+        unlabelled_pool(DataCfg(kind="csv", unlabelled_path=str(tmp_path)))
     with pytest.raises(EdgetlError, match="sentence-pair"):
         unlabelled_pool(DataCfg(kind="csv", text_pair_column="b", unlabelled_path=str(tmp_path / "u.txt")))

@@ -46,6 +46,9 @@ def test_csv_and_jsonl_split_stratified(reviews_csv, tmp_path):
     assert u.n_spare == len(d.train) - 100 + 2 == len(every)
     assert sorted(t for t, y in zip(every.texts, every.labels, strict=True) if y == -1) == \
         ["a warm and lovely film", "the movie was dull"]
+    unl.write_text(f"a warm and lovely film\n{d.test.texts[3]}\n")  # a test example: would leak
+    with pytest.raises(EdgetlError, match="1 of its examples are validation or test examples"):
+        load_data(_cfg(reviews_csv, max_train=100, unlabelled_path=str(unl)), PRE, seed=0)
 
 
 def test_bad_text_data_names_the_row_or_column(tmp_path):

@@ -18,7 +18,7 @@ import copy
 import dataclasses
 
 from edgetl.config import Recipe
-from edgetl.data import Split, concat, feeds, make_loader
+from edgetl.data import NO_SPARE, Split, concat, feeds, make_loader
 from edgetl.errors import EdgetlError
 from edgetl.pipeline import State
 from edgetl.train import Distill, evaluate, fit
@@ -45,9 +45,7 @@ def transfer_set(state: State, size: int, seed: int) -> tuple[Split, dict]:
     if size <= 0:
         return train, {}
     if not state.data.n_spare:
-        raise EdgetlError("distill.transfer_size: the training pool has no examples beyond data.max_train and there "
-                          "is no data.unlabelled_path (lower data.max_train, give unlabelled data, or set "
-                          "transfer_size: 0)")
+        raise EdgetlError(NO_SPARE)
     extra = state.data.spare(size, seed)
     teacher_top1 = torch_predictions(state.teacher.eval(), feeds(extra, state.backbone.contract.preprocess,
                                                                  state.tokenizer))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edgetl.backbones import build_backbone
 from edgetl.config import Recipe
-from edgetl.data import TEXT_KINDS, load_data, open_sources
+from edgetl.data import NO_SPARE, TEXT_KINDS, load_data, open_sources
 from edgetl.errors import EdgetlError
 from edgetl.pipeline import State
 
@@ -27,6 +27,8 @@ def run(state: State, recipe: Recipe) -> State:
     if pre.get("kind") == "text" and recipe.data.kind not in TEXT_KINDS:
         raise EdgetlError(f"{recipe.backbone.name} is a text backbone: use data.kind csv, jsonl or rotten_tomatoes")
     data = load_data(recipe.data, pre, recipe.seed, sources)
+    if recipe.distill and recipe.distill.transfer_size > 0 and not data.n_spare:  # now, not after fine-tuning
+        raise EdgetlError(NO_SPARE)
     shape = f"max {pre['max_length']} tokens" if tokenizer else f"input {pre['crop']}px"
     print(f"  {recipe.backbone.name}: {len(data.classes)} classes, "
           f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}, {shape}")
