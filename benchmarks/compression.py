@@ -14,7 +14,8 @@ p50(variant). 1 thread is the headline, 2 threads beside it.
 
     .venv/bin/python benchmarks/compression.py [--backbones mobilenet_v2,lite0,minilm] [--runs 300] [--quick]
     .venv/bin/python benchmarks/compression.py --backbones mobilenet_v2 --b-only --prune-targets 0.26,0.30
-(the second: one fine-tune, then branch B once per MACs target, without branch A / ORT's default PTQ)
+(the second: one fine-tune, then branch B once per MACs target, without branch A / ORT's default PTQ; --a-only
+skips branch B)
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def ort_default_ptq(src: Path, dst: Path, calib: np.ndarray) -> Path:
 
 
 def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str], targets: list[float] | None = None,
-                   b_only: bool = False) -> list[dict]:
+                   b_only: bool = False, a_only: bool = False) -> list[dict]:
     import copy
 
     import torch
@@ -113,6 +114,8 @@ def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str],
         variants["ORT quantize_static (defaults)"] = ort_default_ptq(fp32_path, work / "ort_default.onnx", calib)
         variants[f"edgetl INT8 ({chosen_a})"] = work / "a" / state_a.onnx[chosen_a]
     b_recipes = [load_recipe(RECIPE, overrides + [f"prune.target_macs={t}"]) for t in targets] if targets else [recipe]
+    if a_only:
+        b_recipes = []
     for i, b_recipe in enumerate(b_recipes):
         print(f"[branch B: prune.target_macs={b_recipe.prune.target_macs}]", flush=True)
         state_b = branch(f"b{i}", {"prune", "distill", "export", "quantize"}, b_recipe)
@@ -234,11 +237,14 @@ def main() -> None:
                     help="branch B once per prune.target_macs value, all from the same fine-tuned model")
     ap.add_argument("--b-only", action="store_true",
                     help="skip branch A and ORT's default PTQ (rows: PyTorch, ORT FP32, branch B)")
+    ap.add_argument("--a-only", action="store_true", help="skip branch B (prune + distill)")
     ap.add_argument("--keep", action="store_true", help="keep the work folders (models of every variant)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--text-bundle", type=Path, default=None,
                     help="measure this text bundle (e.g. artifacts/minilm_rotten_tomatoes) instead of building one")
     args = ap.parse_args()
+    if args.a_only and args.b_only:
+        ap.error("--a-only and --b-only exclude each other")
     from edgetl.runner import device_info
 
     t0 = time.time()
@@ -248,7 +254,7 @@ def main() -> None:
             rows += bench_text(args.runs, args.quick, args.text_bundle)
         else:
             targets = [float(t) for t in args.prune_targets.split(",")] if args.prune_targets else None
-            rows += bench_backbone(key, args.runs, args.quick, args.overrides, targets, args.b_only)
+            rows += bench_backbone(key, args.runs, args.quick, args.overrides, targets, args.b_only, args.a_only)
     print(f"\ndevice: {json.dumps(device_info())}  ({time.time() - t0:.0f} s)")
     print("| backbone | variant | test acc | Δacc vs ORT FP32 | p50 1 thread | speedup 1t | p50 2 threads | "
           "speedup 2t | size MB |")
