@@ -202,15 +202,21 @@ def test_report_has_one_row_per_stage_and_ships_int8(compressed):
     assert "history" in report and report["history"]["qat"] and report["history"]["distill"]
 
 
-def test_slower_int8_is_not_shipped_silently(tmp_path, tiny_raw, monkeypatch):
-    import edgetl.stages.quantize as q
-
-    monkeypatch.setattr(q, "_speedup", lambda fp32, int8, feed, runs=60, threads=1: 0.8)
+def _build_ptq(tmp_path, tiny_raw):
+    """`edgetl build` of the tiny recipe, 1 epoch, ORT PTQ; returns (the CLI result, the bundle folder)."""
     tiny_raw["finetune"]["epochs"] = 1
     tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
     out = tmp_path / "o"
     result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
     assert result.exit_code == 0, result.output
+    return result, out
+
+
+def test_slower_int8_is_not_shipped_silently(tmp_path, tiny_raw, monkeypatch):
+    import edgetl.stages.quantize as q
+
+    monkeypatch.setattr(q, "_speedup", lambda fp32, int8, feed, runs=60, threads=1: 0.8)
+    result, out = _build_ptq(tmp_path, tiny_raw)
     report = json.loads((out / "report.json").read_text())
     assert report["metrics"]["quantize"]["chosen"] is None
     assert "shipping FP32" in result.output
@@ -225,11 +231,7 @@ def test_auto_float_stem_is_kept_when_as_accurate_and_faster(tmp_path, tiny_raw,
 
     monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: 80.0)  # a tie on validation
     monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: speed if "fl2" in Path(b).name else 1.5)
-    tiny_raw["finetune"]["epochs"] = 1
-    tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
-    out = tmp_path / "o"
-    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    result, out = _build_ptq(tmp_path, tiny_raw)
     chosen = json.loads((out / "report.json").read_text())["metrics"]["quantize"]["chosen"]
     assert chosen == ("ptq_fl2" if kept else "ptq")
     assert ("Convs kept FP32" in result.output) == kept
@@ -244,11 +246,7 @@ def test_8bit_weights_ship_without_vnni_only_when_more_accurate(tmp_path, tiny_r
     monkeypatch.setattr(edgetl.runner, "cpu_int8_features", lambda: features)
     monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: w8_acc if "w8" in Path(path).name else 80.0)
     monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fl2" not in Path(b).name else 1.0)
-    tiny_raw["finetune"]["epochs"] = 1
-    tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 64}
-    out = tmp_path / "o"
-    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    result, out = _build_ptq(tmp_path, tiny_raw)
     metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
     assert metrics["chosen"] == ("ptq_w8" if kept else "ptq") and metrics["reduce_range"] is not kept
     assert ("8-bit weights" in result.output) == kept
@@ -266,6 +264,30 @@ def test_each_gate_fails_the_build(tmp_path, tiny_raw, gate, value, message):
     result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
     assert result.exit_code == 2 and message in result.output
     assert not out.exists() and (tmp_path / "o.failed-report.json").is_file()
+
+
+def test_fp32_stem_with_8bit_weights_ships_when_only_the_pair_wins(tmp_path, tiny_raw, monkeypatch):
+    """Without VNNI, 8-bit weights pay mostly where the stem is FP32: the pair is judged as a candidate of its own
+    (tried one after the other, neither the FP32 stem (+0.2 pt, no faster) nor 8-bit weights alone (-0.5 pt) would
+    be kept, and the +1.0 pt pair would never be built)."""
+    import edgetl.runner
+    import edgetl.stages.quantize as q
+
+    features = {**edgetl.runner.cpu_int8_features(), "vnni_or_dot": False}
+    monkeypatch.setattr(edgetl.runner, "cpu_int8_features", lambda: features)
+
+    def acc(path, batches, labels):
+        name = Path(path).name
+        return {(True, True): 81.0, (True, False): 80.2, (False, True): 79.5}.get(("fl2" in name, "w8" in name), 80.0)
+
+    monkeypatch.setattr(q, "ort_accuracy", acc)
+    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.0 if "ptq" in Path(a).name else 1.5)
+    result, out = _build_ptq(tmp_path, tiny_raw)
+    metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
+    assert metrics["chosen"] == "ptq_fl2_w8" and metrics["reduce_range"] is False
+    assert metrics["val_acc_ort"]["ptq_fl2_w8"] == 81.0
+    assert "Convs kept FP32" in result.output and "8-bit weights" in result.output
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.fp32.onnx", "model.onnx"]
 
 
 def test_same_padding_shape_arithmetic_stays_float(tmp_path):
