@@ -64,11 +64,14 @@ class Data:
 # sources
 
 
-def _open_image(path: Path):
+def _open_image(path: Path, header_only: bool = False):
+    """The decoded image at ``path`` (or, with ``header_only``, None once its header reads as an image)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if header_only:
+                return None
             im.load()
             return im.copy()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
@@ -142,26 +145,35 @@ def _idx_pool(root: Path, prefix: str) -> Pool:
 TEXT_KINDS = ("csv", "jsonl", "rotten_tomatoes")
 
 
-def _text_pool(rows: list[dict], cfg: DataCfg, where: str) -> tuple[Pool, list[str]]:
-    """Texts and labels from table rows; every problem names the row (1-based, header excluded) or column."""
+def _text_rows(rows: list[dict], cfg: DataCfg, where: str, labelled: bool = True) -> tuple[list, list[str]]:
+    """Texts (a str, or a (str, str) pair) and, when ``labelled``, labels from table rows; every problem names the
+    row (1-based, header excluded) or column."""
     if not rows:
         raise EdgetlError(f"{where} has no rows")
-    columns = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    text_columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    columns = text_columns[:1] + ([cfg.label_column] if labelled else []) + text_columns[1:]
     for col in columns:
         if col not in rows[0]:
             raise EdgetlError(f"{where} has no column '{col}' (columns: {', '.join(map(str, rows[0]))}); "
                               "set data.text_column / data.label_column")
     items, labels = [], []
     for n, row in enumerate(rows, 1):
-        texts = [row.get(c) for c in columns[:1] + columns[2:]]
-        for col, text in zip(columns[:1] + columns[2:], texts, strict=True):
+        texts = [row.get(c) for c in text_columns]
+        for col, text in zip(text_columns, texts, strict=True):
             if not isinstance(text, str) or not text.strip():
                 raise EdgetlError(f"{where} row {n}: empty text in column '{col}'")
-        label = row.get(cfg.label_column)
-        if label is None or str(label).strip() == "":
-            raise EdgetlError(f"{where} row {n}: empty label in column '{cfg.label_column}'")
+        if labelled:
+            label = row.get(cfg.label_column)
+            if label is None or str(label).strip() == "":
+                raise EdgetlError(f"{where} row {n}: empty label in column '{cfg.label_column}'")
+            labels.append(str(label).strip())
         items.append(texts[0] if len(texts) == 1 else tuple(texts))
-        labels.append(str(label).strip())
+    return items, labels
+
+
+def _text_pool(rows: list[dict], cfg: DataCfg, where: str) -> tuple[Pool, list[str]]:
+    """Texts and labels from table rows (``_text_rows``), labels indexed by sorted class name."""
+    items, labels = _text_rows(rows, cfg, where)
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise EdgetlError(f"{where}: label column '{cfg.label_column}' has a single class '{classes[0]}'")
@@ -269,8 +281,6 @@ def unlabelled_pool(cfg: DataCfg) -> Pool | None:
     path = Path(cfg.unlabelled_path).expanduser()
     where = f"data.unlabelled_path {path}"
     if cfg.kind not in TEXT_KINDS:
-        from PIL import Image, UnidentifiedImageError
-
         if not path.is_dir():
             raise EdgetlError(f"{where}: folder not found (images: a folder of image files, any depth)")
         if cfg.kind == "folder" and cfg.path and path.resolve().is_relative_to(Path(cfg.path).expanduser().resolve()):
@@ -279,10 +289,7 @@ def unlabelled_pool(cfg: DataCfg) -> Pool | None:
         items = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         for item in items:
-            try:
-                Image.open(item).close()
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-                raise EdgetlError(f"cannot read image {item}: {type(e).__name__} (corrupt or not an image)") from None
+            _open_image(item, header_only=True)
         load = _open_image
     else:
         if path.suffix.lower() not in (".txt", ".csv", ".jsonl"):
@@ -294,17 +301,7 @@ def unlabelled_pool(cfg: DataCfg) -> Pool | None:
                 raise EdgetlError(f"{where}: a sentence-pair task needs a .csv or .jsonl file with both text columns")
             items = [line.strip() for line in _read_text_file(path).splitlines() if line.strip()]
         else:
-            columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-            rows = _rows(path, path.suffix.lower()[1:])
-            missing = [c for c in columns if rows and c not in rows[0]]
-            if missing:
-                raise EdgetlError(f"{where} has no column '{missing[0]}' (columns: {', '.join(map(str, rows[0]))})")
-            items = []
-            for n, row in enumerate(rows, 1):
-                texts = [row.get(c) for c in columns]
-                if not all(isinstance(t, str) and t.strip() for t in texts):
-                    raise EdgetlError(f"{where} row {n}: empty text in column(s) {', '.join(columns)}")
-                items.append(texts[0] if len(texts) == 1 else tuple(texts))
+            items, _ = _text_rows(_rows(path, path.suffix.lower()[1:]), cfg, where, labelled=False)
         load = None
     if not items:
         raise EdgetlError(f"{where} has no {'texts' if cfg.kind in TEXT_KINDS else 'images'}")

@@ -10,7 +10,8 @@ from edgetl.pipeline import State
 
 
 def run(state: State, recipe: Recipe) -> State:
-    if recipe.data.unlabelled_path and not (recipe.distill and recipe.distill.transfer_size > 0):
+    transfer = recipe.distill.transfer_size if recipe.distill else 0
+    if recipe.data.unlabelled_path and transfer <= 0:
         raise EdgetlError("data.unlabelled_path is only used by distillation's transfer set: set "
                           "distill.transfer_size (e.g. --set distill.transfer_size=5000) or remove it")
     sources = open_sources(recipe.data)  # class names first: the head needs their count
@@ -27,7 +28,7 @@ def run(state: State, recipe: Recipe) -> State:
     if pre.get("kind") == "text" and recipe.data.kind not in TEXT_KINDS:
         raise EdgetlError(f"{recipe.backbone.name} is a text backbone: use data.kind csv, jsonl or rotten_tomatoes")
     data = load_data(recipe.data, pre, recipe.seed, sources)
-    if recipe.distill and recipe.distill.transfer_size > 0 and not data.n_spare:  # now, not after fine-tuning
+    if transfer > 0 and not data.n_spare:  # now, not after fine-tuning
         raise EdgetlError(NO_SPARE)
     shape = f"max {pre['max_length']} tokens" if tokenizer else f"input {pre['crop']}px"
     print(f"  {recipe.backbone.name}: {len(data.classes)} classes, "
