@@ -58,7 +58,7 @@ def variants(target: float, round_to: int, size: int, work: Path, base, calib: n
         "FP32": fp32,
         "INT8": quantize_onnx(fp32, work / f"{tag}.int8.onnx", batches, cfg, reduce_range),
         "INT8 (stem FP32)": quantize_onnx(fp32, work / f"{tag}.fl2.onnx", batches, cfg, reduce_range,
-                                          float_leading=AUTO_FLOAT_LEADING),
+                                          float_leading=AUTO_FLOAT_LEADING[0]),
     }, left
 
 

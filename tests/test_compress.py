@@ -230,7 +230,11 @@ def test_auto_float_stem_is_kept_when_as_accurate_and_faster(tmp_path, tiny_raw,
     import edgetl.stages.quantize as q
 
     monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: 80.0)  # a tie on validation
-    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: speed if "fl2" in Path(b).name else 1.5)
+
+    def speedup(a, b, feed, runs=60, threads=1):  # fl2 as measured; six FP32 Convs no faster than two
+        return speed if "fl2" in Path(b).name else 1.0 if "fl6" in Path(b).name else 1.5
+
+    monkeypatch.setattr(q, "_speedup", speedup)
     result, out = _build_ptq(tmp_path, tiny_raw)
     chosen = json.loads((out / "report.json").read_text())["metrics"]["quantize"]["chosen"]
     assert chosen == ("ptq_fl2" if kept else "ptq")
@@ -245,7 +249,7 @@ def test_8bit_weights_ship_without_vnni_only_when_more_accurate(tmp_path, tiny_r
     features = {**edgetl.runner.cpu_int8_features(), "vnni_or_dot": False}
     monkeypatch.setattr(edgetl.runner, "cpu_int8_features", lambda: features)
     monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: w8_acc if "w8" in Path(path).name else 80.0)
-    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fl2" not in Path(b).name else 1.0)
+    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fl" not in Path(b).name else 1.0)
     result, out = _build_ptq(tmp_path, tiny_raw)
     metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
     assert metrics["chosen"] == ("ptq_w8" if kept else "ptq") and metrics["reduce_range"] is not kept
@@ -287,6 +291,31 @@ def test_fp32_stem_with_8bit_weights_ships_when_only_the_pair_wins(tmp_path, tin
     assert metrics["chosen"] == "ptq_fl2_w8" and metrics["reduce_range"] is False
     assert metrics["val_acc_ort"]["ptq_fl2_w8"] == 81.0
     assert "Convs kept FP32" in result.output and "8-bit weights" in result.output
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.fp32.onnx", "model.onnx"]
+
+
+@pytest.mark.parametrize("fl6_acc, chosen", [(80.7, "ptq_fl6"), (80.4, "ptq_fl2")])
+def test_six_fp32_leading_convs_ship_only_when_clearly_more_accurate_than_two(tmp_path, tiny_raw, monkeypatch,
+                                                                               fl6_acc, chosen):
+    """The float_leading_convs "auto" ladder: the first two blocks in FP32 (six Convs; where EfficientNet-Lite0's
+    INT8 lost 1-2 pt) are slower than the FP32 stem alone, so they ship only when at least 0.5 pt more accurate on
+    validation than the placement already kept; the ONNX built for each rung it does not keep is removed."""
+    import edgetl.stages.quantize as q
+
+    def acc(path, batches, labels):
+        name = Path(path).name
+        return fl6_acc if "fl6" in name else 80.1 if "fl2" in name else 80.0
+
+    def speedup(a, b, feed, runs=60, threads=1):  # fl2 1.1x the all-INT8 graph, fl6 0.9x fl2; all beat FP32
+        return 0.9 if "fl2" in Path(a).name else 1.1 if "ptq" in Path(a).name else 1.5
+
+    monkeypatch.setattr(q, "ort_accuracy", acc)
+    monkeypatch.setattr(q, "_speedup", speedup)
+    result, out = _build_ptq(tmp_path, tiny_raw)
+    metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
+    assert metrics["chosen"] == chosen
+    assert ("first 6 Convs kept FP32" in result.output) == (chosen == "ptq_fl6")
+    assert "first 2 Convs kept FP32" in result.output
     assert sorted(p.name for p in out.glob("*.onnx")) == ["model.fp32.onnx", "model.onnx"]
 
 

@@ -12,11 +12,11 @@ makes the *weights* robust to that quantization: a fake-quant pass mirrors it du
 
 After QAT the fake-quant is removed, the trained FP32 weights are exported and ORT quantizes them with
 calibration. ORT's PTQ of the same model is always built too: it is the baseline, and the fallback when QAT
-is less accurate on validation or fails. Two variants are then measured against the winner on validation, each
-alone and both together: stem + first depthwise conv in FP32 (``float_leading_convs: auto``) and, without VNNI,
-8-bit instead of 7-bit weights (``reduce_range`` unset). Finally the INT8 model must beat the FP32 one on measured
-latency; if it does not, only Conv/MatMul/Gemm are quantized, and if that is still slower FP32 ships and the report
-says why.
+is less accurate on validation or fails. Placement variants are then measured against the winner on validation,
+each alone and paired: the first 2, then 6 Convs in FP32 (``float_leading_convs: auto``; stem + first depthwise
+conv, then the first two blocks) and, without VNNI, 8-bit instead of 7-bit weights (``reduce_range`` unset).
+Finally the INT8 model must beat the FP32 one on measured latency; if it does not, only Conv/MatMul/Gemm are
+quantized, and if that is still slower FP32 ships and the report says why.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from edgetl.pipeline import State, float_role
 from edgetl.stages.verify import ort_accuracy
 
 FUSED_OPS = ("Conv", "MatMul", "Gemm")  # the conservative placement: only what ORT runs as int8 kernels
-AUTO_FLOAT_LEADING = 2  # float_leading_convs "auto": stem + first depthwise conv ...
-AUTO_FLOAT_GAIN = 0.5  # ... kept FP32 when that is at least this many points more accurate on validation,
+AUTO_FLOAT_LEADING = (2, 6)  # float_leading_convs "auto": stem + first depthwise conv, then the first two blocks ...
+AUTO_FLOAT_GAIN = 0.5  # ... each kept FP32 when at least this many points more accurate on validation than the last,
 AUTO_FLOAT_SPEED = 1.03  # ... or at least as accurate and this much faster (measured interleaved at verify.threads)
 
 
@@ -351,35 +351,37 @@ def run(state: State, recipe: Recipe) -> State:
 
     # Placement and weight-width variants of the chosen model, judged together on validation (images; text is not
     # measured yet): the stem + first depthwise conv in FP32 (float_leading_convs auto: a 3-channel stem is a poor
-    # int8 GEMM, K = 27, so FP32 there is often faster as well as more accurate) and, without VNNI, 8-bit instead of
+    # int8 GEMM, K = 27, so FP32 there is often faster as well as more accurate), then the first two blocks (the
+    # early high-resolution layers where EfficientNet-Lite0 lost 1-2 pt) and, without VNNI, 8-bit instead of
     # 7-bit weights (7-bit keeps u8 x s8 pair sums inside int16; where the layer that saturates, an int8 stem on
     # raw pixels, stays FP32, 8-bit can be the more accurate model). 8-bit pays mostly *with* the FP32 stem, so
     # the pair is built too: trying them one after the other misses it when neither alone wins.
-    try_fl2 = cfg.float_leading_convs == "auto" and calib is not None
+    try_fl = cfg.float_leading_convs == "auto" and calib is not None
     try_w8 = cfg.reduce_range is None and reduce_range and calib is not None
+    variants = [("w8", leading, False)] if try_w8 else []
+    for n in AUTO_FLOAT_LEADING if try_fl else ():
+        variants += [(f"fl{n}", n, reduce_range)] + ([(f"fl{n}_w8", n, False)] if try_w8 else [])
     built: dict = {}  # tag -> (path, val accuracy)
-    for tag, fl_n, rr in (("fl2", AUTO_FLOAT_LEADING, reduce_range), ("w8", leading, False),
-                          ("fl2_w8", AUTO_FLOAT_LEADING, False)):
-        if ("fl2" in tag and not try_fl2) or ("w8" in tag and not try_w8):
-            continue
+    for tag, fl_n, rr in variants:
         path = quantize_onnx(float_src[chosen], state.workdir / f"model.{chosen}-{tag.replace('_', '-')}.onnx", calib,
                              cfg, rr, float_leading=fl_n)
         built[tag] = (path, ort_accuracy(path, val_feeds, val_y))
-    # per stem placement, 8-bit weights only when more accurate; then the FP32 stem only when at least
-    # AUTO_FLOAT_GAIN points more accurate, or as accurate and AUTO_FLOAT_SPEED faster (measured interleaved)
+    # per stem placement, 8-bit weights only when more accurate; then, up the ladder of FP32 leading convs, each
+    # step only when at least AUTO_FLOAT_GAIN points more accurate than the placement kept so far, or as accurate
+    # and AUTO_FLOAT_SPEED faster than it (measured interleaved)
     base = (state.workdir / onnx[chosen], candidates[chosen])
     best = "w8" if "w8" in built and built["w8"][1] > base[1] else ""
-    int8_stem = built[best] if best else base
-    if try_fl2:
-        fp32_tag = "fl2_w8" if "fl2_w8" in built and built["fl2_w8"][1] > built["fl2"][1] else "fl2"
-        acc = built[fp32_tag][1]
-        gain = _speedup(int8_stem[0], built[fp32_tag][0], feed1, threads=threads)
-        if acc >= int8_stem[1] + AUTO_FLOAT_GAIN or (acc >= int8_stem[1] and gain >= AUTO_FLOAT_SPEED):
-            notes.append(f"first {AUTO_FLOAT_LEADING} Convs kept FP32: val accuracy {int8_stem[1]:.2f}% -> "
-                         f"{acc:.2f}%, {gain:.2f}x the speed of the INT8-stem graph")
-            best = fp32_tag
+    current, fl = (built[best] if best else base), leading
+    for n in AUTO_FLOAT_LEADING if try_fl else ():
+        tag = f"fl{n}_w8" if f"fl{n}_w8" in built and built[f"fl{n}_w8"][1] > built[f"fl{n}"][1] else f"fl{n}"
+        acc = built[tag][1]
+        gain = _speedup(current[0], built[tag][0], feed1, threads=threads)
+        if acc >= current[1] + AUTO_FLOAT_GAIN or (acc >= current[1] and gain >= AUTO_FLOAT_SPEED):
+            notes.append(f"first {n} Convs kept FP32: val accuracy {current[1]:.2f}% -> {acc:.2f}%, {gain:.2f}x the "
+                         f"speed of the graph with {fl} FP32 Convs")
+            best, current, fl = tag, built[tag], n
     if "w8" in best:
-        w7 = built["fl2"][1] if best == "fl2_w8" else base[1]
+        w7 = built[best.removesuffix("_w8")][1] if best != "w8" else base[1]
         notes.append(f"8-bit weights (reduce_range off): val accuracy {w7:.2f}% with 7-bit -> {built[best][1]:.2f}%")
         reduce_range = False
     for tag, (path, _) in built.items():
@@ -387,7 +389,6 @@ def run(state: State, recipe: Recipe) -> State:
             path.unlink()
     if best:
         chosen = adopt(best, *built[best])
-    fl = AUTO_FLOAT_LEADING if "_fl2" in chosen else leading
 
     # INT8 must not ship slower than FP32 without saying so
     speedup = _speedup(src, state.workdir / onnx[chosen], feed1, threads=threads)
