@@ -253,6 +253,7 @@ def quantize_notes(report: dict) -> str:
              (f"INT8 speed-up vs FP32, {q.get('speed_threads', 1)} thread(s)", q.get("speedup_vs_fp32")),
              ("7-bit weights (reduce_range)", q.get("reduce_range")),
              ("CPU int8 features", ", ".join(k for k, v in (q.get("cpu_int8") or {}).items() if v) or None),
+             ("leading Convs kept FP32", q.get("float_leading_convs")),
              ("float compute ops left", q.get("float_compute_ops_left"))]
     items = "".join(f"<li><b>{escape(k)}</b>: {_fmt(v) if not isinstance(v, bool) else str(v)}</li>"
                     for k, v in facts if v is not None)

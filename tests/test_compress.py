@@ -198,7 +198,8 @@ def test_report_has_one_row_per_stage_and_ships_int8(compressed):
     assert chosen.split("_")[0] in ("qat", "ptq") and rows[chosen]["shipped"] and rows[chosen]["file"] == "model.onnx"
     assert rows[chosen]["size_mb"] < 0.5 * rows["distilled"]["size_mb"]  # int8 weights
     assert {p.name for p in out.glob("*.onnx")} == {"model.onnx", "model.fp32.onnx"}
-    assert report["metrics"]["quantize"]["float_compute_ops_left"] <= 1  # at most the classifier Gemm
+    q = report["metrics"]["quantize"]  # at most the classifier Gemm and the leading Convs auto kept FP32
+    assert q["float_compute_ops_left"] <= 1 + q["float_leading_convs"]
     assert "history" in report and report["history"]["qat"] and report["history"]["distill"]
 
 
@@ -316,6 +317,30 @@ def test_six_fp32_leading_convs_ship_only_when_clearly_more_accurate_than_two(tm
     assert metrics["chosen"] == chosen
     assert ("first 6 Convs kept FP32" in result.output) == (chosen == "ptq_fl6")
     assert "first 2 Convs kept FP32" in result.output
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.fp32.onnx", "model.onnx"]
+
+
+def test_placements_of_ptq_and_qat_are_judged_before_choosing_between_them(tmp_path, tiny_raw, monkeypatch):
+    """QAT can beat all-INT8 PTQ and still lose to PTQ with FP32 leading convs (EfficientNet-Lite0 here: QAT 86.95%
+    on validation shipped at -1.6 pt while PTQ with six FP32 convs held 87.4%): both candidates' placement variants
+    are built and the better final graph ships; the loser's variants are removed."""
+    import edgetl.stages.quantize as q
+
+    def acc(path, batches, labels):
+        name = Path(path).name
+        return 80.5 if "qat" in name else 81.5 if "ptq-fl6" in name else 80.0
+
+    monkeypatch.setattr(q, "ort_accuracy", acc)
+    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fp32" in Path(a).name else 1.0)
+    tiny_raw["finetune"]["epochs"] = 1
+    tiny_raw["quantize"] = {"method": "qat", "epochs": 1, "calibration_size": 64}
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
+    assert metrics["chosen"] == "ptq_fl6"
+    assert metrics["placements"] == {"ptq": {"kept": "fl6", "val_acc": 81.5}, "qat": {"kept": None, "val_acc": 80.5}}
+    assert "QAT val accuracy 80.50% (qat) < PTQ 81.50% (ptq_fl6): shipped PTQ" in result.output
     assert sorted(p.name for p in out.glob("*.onnx")) == ["model.fp32.onnx", "model.onnx"]
 
 

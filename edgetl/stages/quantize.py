@@ -12,7 +12,7 @@ makes the *weights* robust to that quantization: a fake-quant pass mirrors it du
 
 After QAT the fake-quant is removed, the trained FP32 weights are exported and ORT quantizes them with
 calibration. ORT's PTQ of the same model is always built too: it is the baseline, and the fallback when QAT
-is less accurate on validation or fails. Placement variants are then measured against the winner on validation,
+is less accurate on validation or fails. Placement variants of both are measured on validation before choosing,
 each alone and paired: the first 2, then 6 Convs in FP32 (``float_leading_convs: auto``; stem + first depthwise
 conv, then the first two blocks) and, without VNNI, 8-bit instead of 7-bit weights (``reduce_range`` unset).
 Finally the INT8 model must beat the FP32 one on measured latency; if it does not, only Conv/MatMul/Gemm are
@@ -285,6 +285,51 @@ def _text_static(state: State, src: Path, dynamic: Path, cfg: QuantizeCfg, reduc
     return measured, path if ships else None
 
 
+def _placements(state: State, role: str, src: Path, base_path: Path, base_acc: float, calib: list[dict],
+                cfg: QuantizeCfg, reduce_range: bool, leading: int, val_feeds: list, val_y, feed1: dict,
+                threads: int) -> dict:
+    """Placement and weight-width variants of the INT8 candidate ``role`` (quantized from ``src``), judged together
+    on validation: the stem + first depthwise conv in FP32 (float_leading_convs auto: a 3-channel stem is a poor
+    int8 GEMM, K = 27, so FP32 there is often faster as well as more accurate), then the first two blocks (the
+    early high-resolution layers where EfficientNet-Lite0 lost 1-2 pt) and, without VNNI, 8-bit instead of 7-bit
+    weights (7-bit keeps u8 x s8 pair sums inside int16; where the layer that saturates, an int8 stem on raw
+    pixels, stays FP32, 8-bit can be the more accurate model). 8-bit pays mostly *with* the FP32 stem, so the
+    pairs are built too: trying them one after the other misses a pair when neither alone wins.
+
+    Per stem placement, 8-bit weights only when more accurate; then, up the ladder of FP32 leading convs, each
+    rung only when at least AUTO_FLOAT_GAIN points more accurate than the placement kept so far, or as accurate
+    and AUTO_FLOAT_SPEED faster than it (measured interleaved). Returns the kept variant (tag "" for ``role``
+    itself: path, val accuracy, leading FP32 convs, reduce_range) and notes; every other variant is deleted."""
+    try_fl = cfg.float_leading_convs == "auto"
+    try_w8 = cfg.reduce_range is None and reduce_range
+    variants = [("w8", leading, False)] if try_w8 else []
+    for n in AUTO_FLOAT_LEADING if try_fl else ():
+        variants += [(f"fl{n}", n, reduce_range)] + ([(f"fl{n}_w8", n, False)] if try_w8 else [])
+    built: dict = {}  # tag -> (path, val accuracy)
+    for tag, fl_n, rr in variants:
+        path = quantize_onnx(src, state.workdir / f"model.{role}-{tag.replace('_', '-')}.onnx", calib, cfg, rr,
+                             float_leading=fl_n)
+        built[tag] = (path, ort_accuracy(path, val_feeds, val_y))
+    best = "w8" if "w8" in built and built["w8"][1] > base_acc else ""
+    current, fl, notes = (built[best] if best else (base_path, base_acc)), leading, []
+    for n in AUTO_FLOAT_LEADING if try_fl else ():
+        tag = f"fl{n}_w8" if f"fl{n}_w8" in built and built[f"fl{n}_w8"][1] > built[f"fl{n}"][1] else f"fl{n}"
+        acc = built[tag][1]
+        gain = _speedup(current[0], built[tag][0], feed1, threads=threads)
+        if acc >= current[1] + AUTO_FLOAT_GAIN or (acc >= current[1] and gain >= AUTO_FLOAT_SPEED):
+            notes.append(f"first {n} Convs kept FP32: val accuracy {current[1]:.2f}% -> {acc:.2f}%, {gain:.2f}x the "
+                         f"speed of the graph with {fl} FP32 Convs")
+            best, current, fl = tag, built[tag], n
+    if "w8" in best:
+        w7 = built[best.removesuffix("_w8")][1] if best != "w8" else base_acc
+        notes.append(f"8-bit weights (reduce_range off): val accuracy {w7:.2f}% with 7-bit -> {built[best][1]:.2f}%")
+    for tag, (path, _) in built.items():
+        if tag != best:
+            path.unlink()
+    return {"tag": best, "path": current[0], "acc": current[1], "fl": fl,
+            "reduce_range": False if "w8" in best else reduce_range, "notes": notes}
+
+
 def run(state: State, recipe: Recipe) -> State:
     from edgetl.data import feeds
     from edgetl.runner import cpu_int8_features
@@ -338,57 +383,32 @@ def run(state: State, recipe: Recipe) -> State:
             if not cfg.fallback_to_ptq:
                 raise EdgetlError(f"QAT failed ({type(e).__name__}: {e}); set quantize.fallback_to_ptq: true") from None
             notes.append(f"QAT failed ({type(e).__name__}: {e}); shipped ORT PTQ instead")
-    chosen = "qat" if "qat" in candidates and (candidates["qat"] >= candidates["ptq"] or not cfg.fallback_to_ptq) \
+    # Placement and weight-width variants of each candidate (PTQ and QAT), judged on validation before choosing
+    # between them (the best QAT graph and the best PTQ graph can be different placements); images only.
+    picks = {r: _placements(state, r, float_src[r], state.workdir / onnx[r], candidates[r], calib, cfg, reduce_range,
+                            leading, val_feeds, val_y, feed1, threads)
+             for r in ("ptq", "qat") if r in candidates and calib is not None}
+
+    def final(role: str) -> float:
+        return picks[role]["acc"] if role in picks else candidates[role]
+
+    chosen = "qat" if "qat" in candidates and (final("qat") >= final("ptq") or not cfg.fallback_to_ptq) \
         else "static" if "static" in candidates else "ptq"
     if "qat" in candidates and chosen == "ptq":
-        notes.append(f"QAT val accuracy {candidates['qat']:.2f}% < PTQ {candidates['ptq']:.2f}%: shipped PTQ")
-
-    def adopt(tag: str, path: Path, acc: float) -> str:
-        """Register ``path``, a placement variant of the chosen model, as candidate ``<chosen>_<tag>``."""
-        role = f"{chosen}_{tag}"
-        float_src[role], onnx[role], models[role], candidates[role] = float_src[chosen], path.name, models[chosen], acc
-        return role
-
-    # Placement and weight-width variants of the chosen model, judged together on validation (images; text is not
-    # measured yet): the stem + first depthwise conv in FP32 (float_leading_convs auto: a 3-channel stem is a poor
-    # int8 GEMM, K = 27, so FP32 there is often faster as well as more accurate), then the first two blocks (the
-    # early high-resolution layers where EfficientNet-Lite0 lost 1-2 pt) and, without VNNI, 8-bit instead of
-    # 7-bit weights (7-bit keeps u8 x s8 pair sums inside int16; where the layer that saturates, an int8 stem on
-    # raw pixels, stays FP32, 8-bit can be the more accurate model). 8-bit pays mostly *with* the FP32 stem, so
-    # the pair is built too: trying them one after the other misses it when neither alone wins.
-    try_fl = cfg.float_leading_convs == "auto" and calib is not None
-    try_w8 = cfg.reduce_range is None and reduce_range and calib is not None
-    variants = [("w8", leading, False)] if try_w8 else []
-    for n in AUTO_FLOAT_LEADING if try_fl else ():
-        variants += [(f"fl{n}", n, reduce_range)] + ([(f"fl{n}_w8", n, False)] if try_w8 else [])
-    built: dict = {}  # tag -> (path, val accuracy)
-    for tag, fl_n, rr in variants:
-        path = quantize_onnx(float_src[chosen], state.workdir / f"model.{chosen}-{tag.replace('_', '-')}.onnx", calib,
-                             cfg, rr, float_leading=fl_n)
-        built[tag] = (path, ort_accuracy(path, val_feeds, val_y))
-    # per stem placement, 8-bit weights only when more accurate; then, up the ladder of FP32 leading convs, each
-    # step only when at least AUTO_FLOAT_GAIN points more accurate than the placement kept so far, or as accurate
-    # and AUTO_FLOAT_SPEED faster than it (measured interleaved)
-    base = (state.workdir / onnx[chosen], candidates[chosen])
-    best = "w8" if "w8" in built and built["w8"][1] > base[1] else ""
-    current, fl = (built[best] if best else base), leading
-    for n in AUTO_FLOAT_LEADING if try_fl else ():
-        tag = f"fl{n}_w8" if f"fl{n}_w8" in built and built[f"fl{n}_w8"][1] > built[f"fl{n}"][1] else f"fl{n}"
-        acc = built[tag][1]
-        gain = _speedup(current[0], built[tag][0], feed1, threads=threads)
-        if acc >= current[1] + AUTO_FLOAT_GAIN or (acc >= current[1] and gain >= AUTO_FLOAT_SPEED):
-            notes.append(f"first {n} Convs kept FP32: val accuracy {current[1]:.2f}% -> {acc:.2f}%, {gain:.2f}x the "
-                         f"speed of the graph with {fl} FP32 Convs")
-            best, current, fl = tag, built[tag], n
-    if "w8" in best:
-        w7 = built[best.removesuffix("_w8")][1] if best != "w8" else base[1]
-        notes.append(f"8-bit weights (reduce_range off): val accuracy {w7:.2f}% with 7-bit -> {built[best][1]:.2f}%")
-        reduce_range = False
-    for tag, (path, _) in built.items():
-        if tag != best:
-            path.unlink()
-    if best:
-        chosen = adopt(best, *built[best])
+        names = {r: f"{r}_{picks[r]['tag']}" if picks.get(r, {}).get("tag") else r for r in ("qat", "ptq")}
+        notes.append(f"QAT val accuracy {final('qat'):.2f}% ({names['qat']}) < PTQ {final('ptq'):.2f}% "
+                     f"({names['ptq']}): shipped PTQ")
+    for role, pick in picks.items():  # the other candidate's kept variant is deleted
+        if role != chosen and pick["tag"]:
+            pick["path"].unlink()
+    fl = leading
+    if (pick := picks.get(chosen)) is not None:
+        notes += pick["notes"]
+        fl, reduce_range = pick["fl"], pick["reduce_range"]
+        if pick["tag"]:
+            tagged = f"{chosen}_{pick['tag']}"
+            float_src[tagged], onnx[tagged], models[tagged] = float_src[chosen], pick["path"].name, models[chosen]
+            candidates[tagged], chosen = pick["acc"], tagged
 
     # INT8 must not ship slower than FP32 without saying so
     speedup = _speedup(src, state.workdir / onnx[chosen], feed1, threads=threads)
@@ -415,7 +435,9 @@ def run(state: State, recipe: Recipe) -> State:
         print(f"  shipped INT8: {chosen} (val acc {candidates[chosen]:.2f}%, {speedup:.2f}x FP32 at {threads} "
               f"thread(s)), "
               f"float Conv/MatMul left in ORT graph: {float_compute_ops(ops)}")
+    placements = {r: {"kept": p["tag"] or None, "val_acc": p["acc"]} for r, p in picks.items()}
     metrics = {"method": cfg.method, "chosen": chosen, "source": src_role, "val_acc_ort": candidates,
+               "placements": placements, "float_leading_convs": fl if chosen else None,
                "text_static_vs_dynamic": static,
                "speedup_vs_fp32": speedup, "speed_threads": threads, "reduce_range": reduce_range, "cpu_int8": features,
                "optimized_ops": ops, "float_compute_ops_left": float_compute_ops(ops), "notes": notes}
