@@ -300,7 +300,7 @@ def test_six_fp32_leading_convs_ship_only_when_clearly_more_accurate_than_two(tm
                                                                                fl6_acc, chosen):
     """The float_leading_convs "auto" ladder: the first two blocks in FP32 (six Convs; where EfficientNet-Lite0's
     INT8 lost 1-2 pt) are slower than the FP32 stem alone, so they ship only when at least 0.5 pt more accurate on
-    validation than the placement already kept; the ONNX built for each rung it does not keep is removed."""
+    validation than the placement already kept; the bundle holds only the shipped INT8 graph and the FP32 one."""
     import edgetl.stages.quantize as q
 
     def acc(path, batches, labels):
@@ -323,7 +323,7 @@ def test_six_fp32_leading_convs_ship_only_when_clearly_more_accurate_than_two(tm
 def test_placements_of_ptq_and_qat_are_judged_before_choosing_between_them(tmp_path, tiny_raw, monkeypatch):
     """QAT can beat all-INT8 PTQ and still lose to PTQ with FP32 leading convs (EfficientNet-Lite0 here: QAT 86.95%
     on validation shipped at -1.6 pt while PTQ with six FP32 convs held 87.4%): both candidates' placement variants
-    are built and the better final graph ships; the loser's variants are removed."""
+    are built and the better final graph ships; the bundle holds only it and the FP32 graph."""
     import edgetl.stages.quantize as q
 
     def acc(path, batches, labels):

@@ -298,8 +298,9 @@ def _placements(state: State, role: str, src: Path, base_path: Path, base_acc: f
 
     Per stem placement, 8-bit weights only when more accurate; then, up the ladder of FP32 leading convs, each
     rung only when at least AUTO_FLOAT_GAIN points more accurate than the placement kept so far, or as accurate
-    and AUTO_FLOAT_SPEED faster than it (measured interleaved). Returns the kept variant (tag "" for ``role``
-    itself: path, val accuracy, leading FP32 convs, reduce_range) and notes; every other variant is deleted."""
+    and AUTO_FLOAT_SPEED faster than it (measured interleaved). Returns the kept variant (its role
+    ``<role>_<tag>``, or ``role`` itself with tag ""; path, val accuracy, leading FP32 convs, reduce_range) and
+    notes; every other variant is deleted."""
     try_fl = cfg.float_leading_convs == "auto"
     try_w8 = cfg.reduce_range is None and reduce_range
     variants = [("w8", leading, False)] if try_w8 else []
@@ -326,7 +327,7 @@ def _placements(state: State, role: str, src: Path, base_path: Path, base_acc: f
     for tag, (path, _) in built.items():
         if tag != best:
             path.unlink()
-    return {"tag": best, "path": current[0], "acc": current[1], "fl": fl,
+    return {"tag": best, "role": f"{role}_{best}" if best else role, "path": current[0], "acc": current[1], "fl": fl,
             "reduce_range": False if "w8" in best else reduce_range, "notes": notes}
 
 
@@ -395,7 +396,7 @@ def run(state: State, recipe: Recipe) -> State:
     chosen = "qat" if "qat" in candidates and (final("qat") >= final("ptq") or not cfg.fallback_to_ptq) \
         else "static" if "static" in candidates else "ptq"
     if "qat" in candidates and chosen == "ptq":
-        names = {r: f"{r}_{picks[r]['tag']}" if picks.get(r, {}).get("tag") else r for r in ("qat", "ptq")}
+        names = {r: picks[r]["role"] if r in picks else r for r in ("qat", "ptq")}
         notes.append(f"QAT val accuracy {final('qat'):.2f}% ({names['qat']}) < PTQ {final('ptq'):.2f}% "
                      f"({names['ptq']}): shipped PTQ")
     for role, pick in picks.items():  # the other candidate's kept variant is deleted
@@ -406,7 +407,7 @@ def run(state: State, recipe: Recipe) -> State:
         notes += pick["notes"]
         fl, reduce_range = pick["fl"], pick["reduce_range"]
         if pick["tag"]:
-            tagged = f"{chosen}_{pick['tag']}"
+            tagged = pick["role"]
             float_src[tagged], onnx[tagged], models[tagged] = float_src[chosen], pick["path"].name, models[chosen]
             candidates[tagged], chosen = pick["acc"], tagged
 
