@@ -24,7 +24,7 @@ def friendly(fn):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted; no bundle was written", err=True)
+            click.echo("interrupted; no bundle was written" if fn.__name__ == "build" else "interrupted", err=True)
             sys.exit(130)
 
     return wrapper
@@ -56,12 +56,17 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
 
     \b
     Stages run in order when their recipe section is present:
-      load      backbone (torchvision:/timm: name) + data, stratified train/val/test split
-      finetune  transfer learning: linear_probe | freeze | full | gradual_unfreeze
-      export    FP32 ONNX, checked against PyTorch under ONNX Runtime
-      verify    test accuracy (PyTorch and ORT), latency p50/p90, size, params, MACs; gates
-      bundle    model.onnx, labels, preprocessing, recipe.lock.yaml, report.json, runner.py, manifest
-    A failed stage or gate leaves no bundle behind.
+      load        backbone (torchvision: / timm: / hf: name) + images or texts, stratified train/val/test split
+      finetune    transfer learning: linear_probe | freeze | full | gradual_unfreeze
+      prune       structured pruning (Torch-Pruning): channels / heads removed, iterative, short recovery
+      distill     knowledge distillation from the fine-tuned model into the pruned one
+      export      FP32 ONNX, checked against PyTorch under ONNX Runtime
+      quantize    INT8: QAT or ORT PTQ (images), ORT dynamic / static (text); never ships slower than FP32
+      verify      test accuracy (PyTorch and ORT), agreement, latency p50/p90, size, params, MACs; gates
+      ort_format  model.ort for ONNX Runtime Mobile (export.ort_format: true)
+      bundle      model.onnx (+ model.fp32.onnx), labels, preprocessing, recipe.lock.yaml, report, manifest
+    A failed stage or gate leaves no bundle behind (a failed gate keeps its report beside the output).
+    Example: edgetl build models/mobilenet_v2_fmnist.yaml --set prune.target_macs=0.3 --set quantize.method=ptq
     """
     import signal
 
@@ -84,7 +89,7 @@ def summary(state) -> str:
             file = r["file"] if r.get("in_bundle", True) else "-"
             lines.append(f"{r['stage']:<10}{file:<18}{r['acc_torch']:>9.2f}%{r['acc_ort']:>8.2f}%"
                          f"{r['agreement']:>7.1f}%{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['size_mb']:>7.2f}"
-                         f"{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e6:>8.1f}")
+                         f"{_millions(r['params'], 9, 2)}M{_millions(r['macs'], 8, 1)}")
     for role, check in state.metrics.get("export", {}).items():
         if isinstance(check, dict):
             lines.append(f"ORT parity ({role}): max|diff| {check['max_abs_diff']:.2e} (atol {check['atol']:g}), "
@@ -96,15 +101,23 @@ def summary(state) -> str:
     return "\n".join(lines)
 
 
+def _millions(n, width: int, digits: int) -> str:
+    return f"{n / 1e6:>{width}.{digits}f}" if n is not None else f"{'n/a':>{width}}"
+
+
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--batch", default=1, show_default=True, help="Batch size of the random input.")
-@click.option("--threads", default=1, show_default=True, help="ORT intra-op threads (1 is the fair edge baseline).")
-@click.option("--seq", default=128, show_default=True, help="Sequence length of the random input (text models).")
-@click.option("--runs", default=200, show_default=True, help="Timed runs after warm-up.")
-@click.option("--warmup", default=20, show_default=True, help="Untimed runs first.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Batch size of the random input.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="ORT intra-op threads (1 is the fair edge baseline).")
+@click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Sequence length of the random input (text models).")
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1), help="Timed runs after warm-up.")
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
 @click.option("--providers", default="cpu", show_default=True,
-              help="Comma-separated execution providers: cpu, cuda, tensorrt (the first available one runs).")
+              help="Comma-separated execution providers in priority order: cpu, cuda, tensorrt (ORT places each "
+                   "node on the first that can run it); one this onnxruntime lacks is an error.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a line.")
 @friendly
 def bench(model: str, batch: int, threads: int, seq: int, runs: int, warmup: int, providers: str,
@@ -131,11 +144,12 @@ def bench(model: str, batch: int, threads: int, seq: int, runs: int, warmup: int
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("images", nargs=-1, required=True, metavar="INPUTS...")
-@click.option("--top-k", default=3, show_default=True)
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Labels per input, best first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly
 def predict(bundle: str, images: tuple[str, ...], top_k: int, as_json: bool) -> None:
-    """Top-k labels for image files (or texts, for a text bundle) using only the BUNDLE's files.
+    """Top-k labels for image files (or texts, for a text bundle; 'FIRST<TAB>SECOND' for a sentence-pair bundle)
+    using only the BUNDLE's files.
 
     The manifest is checked first. Example: edgetl predict artifacts/minilm_rotten_tomatoes "a warm, funny film"
     """

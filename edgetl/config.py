@@ -8,8 +8,10 @@ way. A pipeline stage runs when its section is present (``None`` means the secti
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -122,9 +124,10 @@ class QuantizeCfg:
     distill: bool = True  # QAT learns from the fine-tuned teacher as well as the labels
     fallback_to_ptq: bool = True  # ship ORT PTQ if QAT fails or is less accurate on validation
     require_speedup: bool = True  # measure INT8 vs FP32 here; never ship an INT8 model that runs slower
-    # Convs kept FP32 at the graph's start (0 = every Conv runs as an int8 kernel). "auto" also quantizes with the
-    # first 2 (stem + first depthwise) in FP32 and keeps that when it is >= 0.5 pt more accurate on validation, or
-    # as accurate and >= 3% faster (measured: a 3-channel stem runs slower as an int8 kernel than in FP32 on AVX2)
+    # Convs kept FP32 at the graph's start (0 = every Conv runs as an int8 kernel). "auto" climbs a ladder: the first
+    # 2 (stem + first depthwise) in FP32, then the first 6 (the first two blocks), each rung kept when >= 0.5 pt more
+    # accurate on validation than the placement kept so far, or as accurate and >= 3% faster (measured: a 3-channel
+    # stem runs slower as an int8 kernel than in FP32 on AVX2)
     float_leading_convs: int | Literal["auto"] = "auto"
     # text: also build ORT static QDQ (uint8 activations on the weight MatMuls, calibrated on training texts) and
     # ship it instead of dynamic INT8 only where it measures faster here at no loss of validation accuracy
@@ -290,7 +293,80 @@ def recipe_from_dict(raw: dict, overrides: tuple[str, ...] | list[str] = ()) -> 
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
     for assignment in overrides:
         apply_override(raw, assignment)
-    return _build(Recipe, raw)
+    recipe = _build(Recipe, raw)
+    _check_values(recipe)
+    return recipe
+
+
+def _fraction(v) -> bool:
+    return 0 < v < 1
+
+
+def _at_least(n: int):
+    return lambda v: v >= n
+
+
+# Allowed values of numeric keys, checked after the types (a section left out or a null value is not checked).
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (_at_least(0), ">= 0"),
+    "backbone.input_size": (_at_least(8), ">= 8"),
+    "backbone.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.val_fraction": (_fraction, "between 0 and 1"),
+    "data.test_fraction": (_fraction, "between 0 and 1"),
+    "data.max_train": (_at_least(1), ">= 1"),
+    "data.max_val": (_at_least(1), ">= 1"),
+    "data.max_test": (_at_least(1), ">= 1"),
+    "data.batch_size": (_at_least(1), ">= 1"),
+    "data.max_length": (_at_least(2), ">= 2"),
+    "data.augment.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.epochs": (_at_least(1), ">= 1"),
+    "finetune.lr": (lambda v: v > 0, "> 0"),
+    "finetune.warmup_epochs": (_at_least(0), ">= 0"),
+    "finetune.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune.patience": (_at_least(1), ">= 1"),
+    "finetune.freeze_blocks": (_at_least(0), ">= 0"),
+    "finetune.lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.unfreeze_every": (_at_least(1), ">= 1"),
+    "finetune.unfreeze_group": (_at_least(1), ">= 1"),
+    "prune.ratio": (_fraction, "between 0 and 1"),
+    "prune.target_macs": (_fraction, "between 0 and 1 (a fraction of the starting MACs)"),
+    "prune.head_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "prune.steps": (_at_least(1), ">= 1"),
+    "prune.recovery_epochs": (_at_least(0), ">= 0"),
+    "prune.round_to": (_at_least(1), ">= 1"),
+    "distill.epochs": (_at_least(1), ">= 1"),
+    "distill.alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "distill.temperature": (lambda v: v > 0, "> 0"),
+    "distill.patience": (_at_least(1), ">= 1"),
+    "distill.feature_weight": (_at_least(0), ">= 0"),
+    "distill.transfer_size": (_at_least(0), ">= 0"),
+    "quantize.epochs": (_at_least(1), ">= 1"),
+    "quantize.calibration_size": (_at_least(1), ">= 1"),
+    "quantize.float_leading_convs": (lambda v: v == "auto" or v >= 0, "auto or >= 0"),
+    "export.opset": (_at_least(13), ">= 13 (per-channel QDQ needs it)"),
+    "export.atol": (lambda v: v > 0, "> 0"),
+    "export.min_top1_agreement": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "verify.threads": (_at_least(1), ">= 1"),
+    "verify.warmup": (_at_least(0), ">= 0"),
+    "verify.runs": (_at_least(1), ">= 1"),
+    "verify.min_speedup": (lambda v: v > 0, "> 0"),
+    "verify.max_size_mb": (lambda v: v > 0, "> 0"),
+}
+
+
+def _check_values(recipe: Recipe) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.name):
+        raise EdgetlError(f"recipe key 'name': {recipe.name!r} must be a plain file name (letters, digits, . _ -), "
+                          "it names the bundle directory")
+    if recipe.export is None:
+        raise EdgetlError("recipe key 'export': a bundle ships an ONNX model, so the export section cannot be null "
+                          "(leave it out for the defaults)")
+    for key, (ok, allowed) in RULES.items():
+        value: Any = recipe
+        for part in key.split("."):
+            value = getattr(value, part) if value is not None else None
+        if value is not None and not ok(value):
+            raise EdgetlError(f"recipe key '{key}': {value!r} must be {allowed}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

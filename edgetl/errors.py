@@ -3,3 +3,7 @@
 
 class EdgetlError(Exception):
     """A problem with the user's recipe, data or files; the message names the key, file or fix."""
+
+
+class GateFailed(EdgetlError):
+    """A verify gate failed: the build measured everything (report.json is written) but publishes no bundle."""

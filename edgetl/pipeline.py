@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.config import Recipe
-from edgetl.errors import EdgetlError
+from edgetl.errors import EdgetlError, GateFailed
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,15 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
     """Run every stage the recipe asks for and publish the bundle at ``out`` (default artifacts/<name>)."""
     import torch
 
+    from edgetl.runner import resolve_providers
+
     out = Path(out) if out else Path("artifacts") / recipe.name
+    _check_replaceable(out)  # before the first stage, not after an hour of training
+    if recipe.verify is not None:  # a provider this onnxruntime lacks fails now, not after training
+        try:
+            resolve_providers(recipe.verify.providers)
+        except Exception as e:  # noqa: BLE001 - BundleError from the runner, which must not import edgetl
+            raise EdgetlError(f"verify.providers: {e}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -90,33 +98,49 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
             state = run(state, recipe)
             state = state.replace(timings={**state.timings, name: round(time.perf_counter() - t0, 2)})
         _publish(tmp, out)
-    except EdgetlError as e:
-        report = tmp / "report.json"
-        if report.is_file():  # a failed gate: keep what was measured, but publish no bundle
-            kept = out.with_name(f"{out.name}.failed-report.json")
-            shutil.copyfile(report, kept)
-            from edgetl.report import write_html
-
-            html = write_html(tmp)
-            shutil.copyfile(html, out.with_name(f"{out.name}.failed-report.html"))
-            e.args = (f"{e.args[0]} (measurements in {kept})",)
-        shutil.rmtree(tmp, ignore_errors=True)
+    except GateFailed as e:  # keep what was measured, publish no bundle
+        kept = _keep_failed_report(tmp, out)
+        e.args = (f"{e.args[0]} (measurements in {kept})",)
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once published (renamed); removed on any failure
     return state.replace(workdir=out)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Atomically put ``tmp`` at ``out``, replacing an older bundle only once the new one is complete."""
+def _failed_reports(out: Path) -> list[Path]:
+    return [out.with_name(f"{out.name}.failed-report.{ext}") for ext in ("json", "html")]
+
+
+def _keep_failed_report(tmp: Path, out: Path) -> Path:
+    from edgetl.report import write_html
+
+    kept_json, kept_html = _failed_reports(out)
+    shutil.copyfile(tmp / "report.json", kept_json)
+    shutil.copyfile(write_html(tmp), kept_html)
+    return kept_json
+
+
+def _check_replaceable(out: Path) -> None:
     if out.exists() and not (out / "manifest.json").is_file():
         raise EdgetlError(f"output {out} exists and is not an edgetl bundle; refusing to replace it")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Atomically put ``tmp`` at ``out``, replacing an older bundle only once the new one is complete; the old
+    bundle comes back if the rename fails, and an earlier failed build's report beside ``out`` is removed."""
+    _check_replaceable(out)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in _failed_reports(out):
+        stale.unlink(missing_ok=True)

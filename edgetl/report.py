@@ -136,8 +136,9 @@ def models_table(report: dict) -> str:
     if not rows:
         return "<p class='muted'>no models were measured</p>"
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    note = "<p class='muted'>test set; agreement = top-1 agreement with the fine-tuned teacher; latency at batch 1</p>"
+    cells = [[_fmt(r.get(c)) if c != "file" or r.get("in_bundle", True) else "-" for c in cols] for r in rows]
+    note = ("<p class='muted'>test set; agreement = top-1 agreement with the fine-tuned teacher; latency at batch 1; "
+            "file - = measured during the build, not shipped in the bundle</p>")
     return _table([COLUMNS[c] for c in cols], cells, ["ship" if r.get("shipped") else "" for r in rows]) + note
 
 

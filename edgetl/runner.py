@@ -5,8 +5,10 @@ tokenizers for text bundles (no torch, no transformers, no edgetl).
 Every bundle ships a copy of this file as ``runner.py``; edgetl itself uses the same functions, so the
 preprocessing a device applies is byte-for-byte the one edgetl verified accuracy with.
 
-    python runner.py BUNDLE_DIR predict IMAGE [IMAGE ...] [--top-k 3]     (text bundles: TEXT [TEXT ...])
-    python runner.py BUNDLE_DIR bench [--batch 1] [--threads 1] [--runs 200] [--json]
+    python runner.py BUNDLE_DIR predict IMAGE [IMAGE ...] [--top-k 3]     (text bundles: TEXT [TEXT ...];
+                                                                          sentence pairs: 'FIRST<TAB>SECOND')
+    python runner.py BUNDLE_DIR bench [--batch 1] [--threads 1] [--seq 128] [--runs 200] [--warmup 20]
+                                      [--model model.onnx] [--providers cpu] [--json]
 
 The manifest (sha256 of every file) is checked before the model is loaded.
 """
@@ -39,13 +41,25 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_manifest(bundle: Path) -> dict:
-    """Check every file listed in manifest.json against its sha256; return the manifest."""
+REQUIRED = ("model.onnx", "labels.json", "preprocess.json")  # every bundle's manifest lists these
+
+
+def verify_manifest(bundle: Path, required: tuple[str, ...] = REQUIRED) -> dict:
+    """Check every file listed in manifest.json against its sha256 (and that ``required`` are listed); return it."""
     path = Path(bundle) / MANIFEST
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST}: not an edgetl bundle")
-    manifest = json.loads(path.read_text())
-    for name, digest in manifest["files"].items():
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        manifest = None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise BundleError(f"{path} is not a valid edgetl manifest (corrupt JSON or no 'files' map)")
+    unlisted = [name for name in required if name not in files]
+    if unlisted:
+        raise BundleError(f"{MANIFEST} does not list {', '.join(unlisted)}: incomplete or tampered bundle")
+    for name, digest in files.items():
         f = Path(bundle) / name
         if not f.is_file():
             raise BundleError(f"bundle file missing: {name}")
@@ -110,6 +124,18 @@ def encode_texts(tokenizer, texts: list, pre: dict, pad_to: int | None = None) -
         ids[i, :k], mask[i, :k], types[i, :k] = e.ids[:k], 1, e.type_ids[:k]
     out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     return {name: out[name] for name in pre["inputs"]}
+
+
+def text_inputs(texts: list[str], pre: dict) -> list:
+    """Inputs as the model takes them: the texts, or for a sentence-pair bundle ("pair" in preprocess.json) each
+    'FIRST<TAB>SECOND' split into a (first, second) pair."""
+    if not pre.get("pair"):
+        return list(texts)
+    bad = [t for t in texts if t.count("\t") != 1]
+    if bad:
+        raise BundleError(f"this bundle classifies sentence pairs: give each input as 'FIRST<TAB>SECOND' "
+                          f"(got {bad[0]!r})")
+    return [tuple(t.split("\t")) for t in texts]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -266,10 +292,20 @@ class Bundle:
                  providers: list[str] | None = None):
         self.path = Path(path)
         if check:
-            verify_manifest(self.path)
-        self.labels = json.loads((self.path / "labels.json").read_text())
-        self.preprocess = json.loads((self.path / "preprocess.json").read_text())
-        self.session = session(self.path / model, threads, providers)
+            verify_manifest(self.path, tuple(dict.fromkeys(REQUIRED + (model,))))
+        try:
+            self.labels = json.loads((self.path / "labels.json").read_text())
+            self.preprocess = json.loads((self.path / "preprocess.json").read_text())
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read the bundle's labels / preprocessing: {type(e).__name__}: {e}") from None
+        if not (self.path / model).is_file():
+            raise BundleError(f"{self.path} has no {model}")
+        try:
+            self.session = session(self.path / model, threads, providers)
+        except BundleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
+            raise BundleError(f"ONNX Runtime cannot load {model}: {str(e).splitlines()[0][:200]}") from None
         self.tokenizer = None
         if self.preprocess.get("kind") == "text":
             self.tokenizer = load_tokenizer(self.path / "tokenizer.json", self.preprocess["max_length"])
@@ -286,7 +322,8 @@ class Bundle:
             raise BundleError("this bundle classifies images, not text")
         if any(not t.strip() for t in texts):
             raise BundleError("empty text")
-        logits = self.session.run(None, encode_texts(self.tokenizer, list(texts), self.preprocess))[0]
+        feed = encode_texts(self.tokenizer, text_inputs(texts, self.preprocess), self.preprocess)
+        logits = self.session.run(None, feed)[0]
         return self._top(list(texts), logits, top_k, "text")
 
     def predict(self, inputs: list[str], top_k: int = 3) -> list[dict]:
@@ -323,17 +360,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("predict", help="top-k labels for images (or texts, for a text bundle)")
     p.add_argument("images", nargs="+", metavar="INPUT")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="labels per input, best first (default 3)")
     b = sub.add_parser("bench", help="latency p50/p90/p99 of the bundle's model")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--batch", type=int, default=1, help="batch size of the random input (default 1)")
+    b.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
     b.add_argument("--seq", type=int, default=128, help="sequence length for text models")
-    b.add_argument("--runs", type=int, default=200)
-    b.add_argument("--warmup", type=int, default=20)
-    b.add_argument("--model", default="model.onnx")
+    b.add_argument("--runs", type=int, default=200, help="timed runs (default 200)")
+    b.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
+    b.add_argument("--model", default="model.onnx", help="which of the bundle's ONNX files (default model.onnx)")
     b.add_argument("--providers", default="cpu", help="comma-separated: cpu, cuda, tensorrt, coreml, nnapi, ...")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a line")
     args = ap.parse_args(argv)
+    for name in ("top_k", "batch", "threads", "seq", "runs"):
+        if getattr(args, name, 1) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
         if args.cmd == "predict":
             for r in Bundle(args.bundle).predict(args.images, args.top_k):

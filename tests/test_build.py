@@ -54,6 +54,18 @@ def test_tampered_bundle_is_refused(bundle, tmp_path):
         f.write(" ")
     result = CliRunner().invoke(main, ["predict", str(copy), "x.png"])
     assert result.exit_code == 2 and "(sha256 mismatch): labels.json" in result.output
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["labels.json"]  # a swapped file whose entry was removed from the manifest
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["predict", str(copy), "x.png"])
+    assert result.exit_code == 2 and "manifest.json does not list labels.json" in result.output
+    (copy / "manifest.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["predict", str(copy), "x.png"])
+    assert result.exit_code == 2 and "is not a valid edgetl manifest" in result.output
+    proc = subprocess.run([sys.executable, str(copy / "runner.py"), str(copy), "bench", "--runs", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {copy / 'manifest.json'} is not a valid edgetl manifest (corrupt JSON or no 'files' map)"]
 
 
 def _png(tmp_path, digit=3):
@@ -130,8 +142,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_raw, mutate, message):
     result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out))
     assert result.exit_code == 2
     assert message in result.output
-    assert result.output.strip().count("\n") == 0 or "Traceback" not in result.output
-    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
 
 
@@ -174,6 +185,30 @@ def test_failed_gate_fails_the_build_but_keeps_the_measurements(tmp_path, tiny_r
     assert (tmp_path / "out.failed-report.html").is_file()
     report = json.loads((tmp_path / "out.failed-report.json").read_text())
     assert report["metrics"]["verify"]["gates"][0]["passed"] is False and report["rows"]
+    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out),
+                     "--set", "finetune.epochs=1", "--set", "verify.min_accuracy=")
+    assert result.exit_code == 0, result.output  # a later good build removes the stale failed report
+    assert not list(tmp_path.glob("out.failed-report.*")) and (out / "manifest.json").is_file()
+
+
+def test_output_that_is_not_a_bundle_is_refused_before_any_stage(tmp_path, tiny_raw):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out))
+    assert result.exit_code == 2 and "is not an edgetl bundle; refusing to replace it" in result.output
+    assert "[load]" not in result.output and (out / "notes.txt").read_text() == "mine"
+
+
+def test_summary_prints_na_where_macs_could_not_be_counted():
+    from types import SimpleNamespace
+
+    from edgetl.cli import summary
+
+    row = {"stage": "fp32", "file": "model.onnx", "acc_torch": 90.0, "acc_ort": 90.0, "agreement": 100.0,
+           "p50_ms": 1.0, "p90_ms": 1.2, "size_mb": 2.0, "params": 2_000_000, "macs": None}
+    text = summary(SimpleNamespace(workdir="out", rows=[row], metrics={}))
+    assert text.splitlines()[-1].split()[-2:] == ["2.00M", "n/a"]
 
 
 def test_help_teaches():
@@ -181,6 +216,9 @@ def test_help_teaches():
     assert result.exit_code == 0 and "edgetl build" in result.output
     result = _invoke("build", "--help")
     assert "gradual_unfreeze" in result.output and "--set" in result.output
+    from edgetl.pipeline import _stages
+
+    assert all(f"  {name} " in result.output for name, _, _ in _stages())  # every stage is explained
 
 
 def test_export_parity_gate_fails_the_build(tmp_path, tiny_raw):
@@ -218,6 +256,7 @@ def test_missing_execution_provider_is_one_line_listing_available(bundle, tmp_pa
     result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(tmp_path / "o"),
                      "--set", "finetune.epochs=1")
     assert result.exit_code == 2 and "verify.providers: execution provider 'tensorrt' is not available" in result.output
+    assert "[load]" not in result.output  # checked before the first stage, not after training
 
 
 def test_gpu_providers_measure_latency_and_parity(bundle):

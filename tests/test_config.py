@@ -69,17 +69,40 @@ def test_shipped_recipes_parse():
         assert load_recipe(path).name
 
 
-def test_readme_recipe_reference_is_a_valid_recipe(tmp_path):
-    """The README's recipe reference names every key with a valid value (the strict loader checks both)."""
+def test_readme_recipe_reference_lists_every_key_with_its_default(tmp_path):
+    """The README's recipe reference is a valid recipe (the strict loader checks it), names every key of every
+    section, and shows each key's real default (only the example name, backbone and data source differ)."""
+    import dataclasses
     from pathlib import Path
+
+    import yaml
+
+    from edgetl import config
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = text.split("## Recipe reference", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     path = tmp_path / "reference.yaml"
     path.write_text(block)
     recipe = load_recipe(path)
-    assert recipe.prune is not None and recipe.distill is not None and recipe.quantize is not None
-    assert recipe.quantize.float_leading_convs == "auto" and recipe.distill.feature_layers == ()
+    raw = yaml.safe_load(block)
+    examples = {"name", "backbone.name", "data.kind", "data.path"}
+
+    def check(obj, cls, raw_section: dict, prefix: str) -> None:
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert set(raw_section) == set(names), f"{prefix}: README keys differ from {cls.__name__}"
+        for f in dataclasses.fields(cls):
+            key, value = prefix + f.name, getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                check(value, type(value), raw_section[f.name], key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            if key not in examples and f.name not in ("backbone", "data"):
+                assert value == default, f"README shows {key}: {value!r}, the default is {default!r}"
+
+    check(recipe, config.Recipe, raw, "")
+    for section in ("finetune", "prune", "distill", "quantize"):
+        assert getattr(recipe, section) is not None, section
 
 
 def test_bench_settings_are_valid_overrides_of_the_demo_recipe():
@@ -92,3 +115,20 @@ def test_bench_settings_are_valid_overrides_of_the_demo_recipe():
         assert recipe.backbone.name == swap[0].split("=", 1)[1], key
         assert recipe.data.max_test == 10_000 and recipe.quantize.float_leading_convs == "auto"
         assert recipe.prune.target_macs == 0.22 and recipe.distill.transfer_size == 12_000
+
+
+@pytest.mark.parametrize("override,message", [
+    ("verify.runs=0", "recipe key 'verify.runs': 0 must be >= 1"),
+    ("quantize.float_leading_convs=-1", "recipe key 'quantize.float_leading_convs': -1 must be auto or >= 0"),
+    ("prune.ratio=1.0", "recipe key 'prune.ratio': 1.0 must be between 0 and 1"),
+    ("data.val_fraction=0", "recipe key 'data.val_fraction': 0.0 must be between 0 and 1"),
+    ("name=../elsewhere", "recipe key 'name': '../elsewhere' must be a plain file name"),
+    ("name=", "recipe key 'name'"),
+    ("export=", "recipe key 'export': a bundle ships an ONNX model"),
+])
+def test_out_of_range_values_fail_with_the_key(tiny_raw, override, message):
+    """Values the stages cannot use (0 timed runs, a negative count, a ratio of 1, a bundle name that is a path)
+    fail when the recipe loads, naming the key, not at the end of a long build."""
+    with pytest.raises(EdgetlError) as e:
+        recipe_from_dict(tiny_raw, [override])
+    assert str(e.value).startswith(message)

@@ -126,19 +126,49 @@ def test_text_bundle_is_verified_and_int8(text_bundle):
     assert pre["kind"] == "text" and pre["max_length"] == 16 and pre["tokenizer"] == "tokenizer.json"
 
 
-def test_onnx_matches_pytorch_across_batch_and_sequence_shapes(text_bundle, tiny_bert):
+def test_onnx_matches_pytorch_across_batch_and_sequence_shapes(tiny_bert, tmp_path):
+    """The text export contract: three named inputs with dynamic batch and sequence axes, and the ONNX logits
+    match PyTorch's at shapes other than the export sample's, with padding in the batch."""
     import onnxruntime as ort
+    import torch
 
-    out, _ = text_bundle
-    sess = ort.InferenceSession(str(out / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    from edgetl.backbones import build_backbone
+    from edgetl.config import BackboneCfg
+    from edgetl.data import torch_forward
+    from edgetl.stages.export import export_onnx
+
+    b = build_backbone(BackboneCfg(name=f"hf:{tiny_bert}"), num_classes=2)
+    model = b.model.eval()
+    sample = {n: np.ones((2, 8), np.int64) for n in ("input_ids", "attention_mask", "token_type_ids")}
+    path = export_onnx(model, b.contract, tmp_path / "m.onnx", sample, opset=17)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
     for batch, seq in ((1, 3), (4, 16), (7, 9)):
         ids = np.random.default_rng(batch).integers(5, 20, (batch, seq))
         mask = np.ones_like(ids)
         mask[0, seq // 2 :] = 0  # padding in the first row
-        got = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
-        assert got.shape == (batch, 2) and np.isfinite(got).all()
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        got = sess.run(None, feed)[0]
+        with torch.inference_mode():
+            ref = torch_forward(model, feed).numpy()
+        assert got.shape == (batch, 2)
+        np.testing.assert_allclose(got, ref, atol=b.contract.atol, rtol=0)
+
+
+def test_sentence_pair_inputs_are_split_on_a_tab_and_encoded_as_pairs(tiny_bert):
+    """A sentence-pair bundle ("pair" in preprocess.json) takes 'FIRST<TAB>SECOND' inputs: the runner encodes
+    them as pairs (second segment typed 1), and refuses an input that is not a pair with one clear error."""
+    from edgetl.runner import BundleError, encode_texts, load_tokenizer, text_inputs
+
+    pre = {"kind": "text", "max_length": 16, "inputs": ["input_ids", "attention_mask", "token_type_ids"],
+           "pair": True}
+    tok = load_tokenizer(tiny_bert / "tokenizer.json", 16)
+    feed = encode_texts(tok, text_inputs(["good movie\tbad movie"], pre), pre)
+    types = feed["token_type_ids"][0][feed["attention_mask"][0] == 1]
+    assert types[0] == 0 and types[-1] == 1 and set(types) == {0, 1}
+    with pytest.raises(BundleError, match="FIRST<TAB>SECOND"):
+        text_inputs(["no tab here"], pre)
+    assert text_inputs(["a\tb"], {**pre, "pair": False}) == ["a\tb"]  # single-text bundles take texts as they are
 
 
 def test_text_predict_without_torch_or_transformers(text_bundle, tmp_path):

@@ -24,6 +24,8 @@ const path = require('node:path');
 
 class BundleError extends Error {}
 
+const REQUIRED = ['model.onnx', 'labels.json', 'preprocess.json']; // every bundle's manifest lists these
+
 function sha256(file) {
   return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 }
@@ -31,7 +33,19 @@ function sha256(file) {
 function verifyManifest(dir) {
   const file = path.join(dir, 'manifest.json');
   if (!fs.existsSync(file)) throw new BundleError(`${dir} has no manifest.json: not an edgetl bundle`);
-  const manifest = JSON.parse(fs.readFileSync(file, 'utf8'));
+  let manifest;
+  try {
+    manifest = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch {
+    manifest = null;
+  }
+  if (!manifest || typeof manifest.files !== 'object' || manifest.files === null) {
+    throw new BundleError(`${file} is not a valid edgetl manifest (corrupt JSON or no 'files' map)`);
+  }
+  const unlisted = REQUIRED.filter((name) => !(name in manifest.files));
+  if (unlisted.length) {
+    throw new BundleError(`manifest.json does not list ${unlisted.join(', ')}: incomplete or tampered bundle`);
+  }
   for (const [name, digest] of Object.entries(manifest.files)) {
     const f = path.join(dir, name);
     if (!fs.existsSync(f)) throw new BundleError(`bundle file missing: ${name}`);
@@ -69,7 +83,13 @@ function loadTokenizer(file, pre) {
 
 /** Texts -> {name: BigInt64Array, dims} for the bundle's inputs (input_ids, attention_mask[, token_type_ids]). */
 async function encodeTexts(tokenizer, texts, pre) {
-  const encs = await Promise.all(texts.map((t) => tokenizer.encode(t)));
+  if (pre.pair) { // a sentence-pair bundle: each input is 'FIRST<TAB>SECOND' (runner.py text_inputs)
+    const bad = texts.find((t) => t.split('\t').length !== 2);
+    if (bad !== undefined) {
+      throw new BundleError(`this bundle classifies sentence pairs: give each input as 'FIRST<TAB>SECOND' (got ${JSON.stringify(bad)})`);
+    }
+  }
+  const encs = await Promise.all(texts.map((t) => (pre.pair ? tokenizer.encode(...t.split('\t')) : tokenizer.encode(t))));
   const length = Math.max(...encs.map((e) => e.getIds().length));
   const n = texts.length * length;
   const out = {

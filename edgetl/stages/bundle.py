@@ -1,7 +1,7 @@
 """Write the bundle: the shipped ONNX model and everything a device or app needs beside it.
 
     model.onnx          the model to ship (INT8 when a compression stage produced one, else FP32)
-    model.fp32.onnx     the FP32 reference, when model.onnx is not it
+    model.fp32.onnx     the fine-tuned FP32 reference, when model.onnx is another model (INT8, pruned, distilled)
     labels.json         class names in output order
     preprocess.json     resize / crop / mean / std the runner applies
     recipe.lock.yaml    the resolved recipe and library versions
@@ -89,7 +89,10 @@ def run(state: State, recipe: Recipe) -> State:
         onnx = {shipped: "model.onnx", **({"fp32": onnx["fp32"]} if "fp32" in onnx and shipped != "fp32" else {})}
     state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": {"shipped": shipped, "files": onnx}})
     (out / "labels.json").write_text(json.dumps(state.data.classes, indent=2))
-    (out / "preprocess.json").write_text(json.dumps(state.backbone.contract.preprocess, indent=2))
+    pre = dict(state.backbone.contract.preprocess)
+    if pre.get("kind") == "text" and recipe.data.text_pair_column:
+        pre["pair"] = True  # the runners take 'FIRST<TAB>SECOND' inputs
+    (out / "preprocess.json").write_text(json.dumps(pre, indent=2))
     lock = {"recipe": recipe_to_dict(recipe), "versions": versions()}
     (out / "recipe.lock.yaml").write_text(yaml.safe_dump(lock, sort_keys=False))
     shutil.copyfile(Path(__file__).resolve().parent.parent / "runner.py", out / "runner.py")

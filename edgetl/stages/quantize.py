@@ -381,6 +381,11 @@ def run(state: State, recipe: Recipe) -> State:
         except EdgetlError:
             raise
         except Exception as e:  # noqa: BLE001 - a QAT failure falls back to PTQ when allowed, and says so
+            for name in ("model.qat.fp32.onnx", "model.qat.onnx"):  # half-written files stay out of the bundle
+                (state.workdir / name).unlink(missing_ok=True)
+            float_src.pop("qat", None)
+            onnx.pop("qat", None)
+            models.pop("qat", None)
             if not cfg.fallback_to_ptq:
                 raise EdgetlError(f"QAT failed ({type(e).__name__}: {e}); set quantize.fallback_to_ptq: true") from None
             notes.append(f"QAT failed ({type(e).__name__}: {e}); shipped ORT PTQ instead")

@@ -13,7 +13,7 @@ import io
 import numpy as np
 
 from edgetl.config import Recipe
-from edgetl.errors import EdgetlError
+from edgetl.errors import EdgetlError, GateFailed
 from edgetl.pipeline import State, shipped_role
 
 
@@ -179,5 +179,5 @@ def run(state: State, recipe: Recipe) -> State:
         from edgetl.stages.bundle import write_report
 
         write_report(state)  # kept next to the (unpublished) output so the measurements are not lost
-        raise EdgetlError(f"gate {g['gate']} failed: measured {g['value']:.3g}, limit {g['limit']:g}")
+        raise GateFailed(f"gate {g['gate']} failed: measured {g['value']:.3g}, limit {g['limit']:g}")
     return state

@@ -103,6 +103,18 @@ test('a tampered bundle or a bad input is refused with one error line and exit c
     assert.equal(r.status, 2);
     assert.match(r.stderr, /^error: .*sha256 mismatch.*labels\.json\n$/);
 
+    const manifestFile = path.join(copy, 'manifest.json');
+    const manifest = JSON.parse(fs.readFileSync(manifestFile, 'utf8'));
+    delete manifest.files['labels.json']; // the swapped file's entry removed from the manifest too
+    fs.writeFileSync(manifestFile, JSON.stringify(manifest));
+    r = cli([copy, fx.cases[0].png]);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /^error: manifest\.json does not list labels\.json: incomplete or tampered bundle\n$/);
+    fs.writeFileSync(manifestFile, '{not json');
+    r = cli([copy, fx.cases[0].png]);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /^error: .*is not a valid edgetl manifest/);
+
     const bad = path.join(copy, 'not-a.png');
     fs.writeFileSync(bad, 'not a png');
     r = cli([fx.bundle, bad]);
