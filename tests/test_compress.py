@@ -421,3 +421,30 @@ def test_transfer_set_draws_on_unlabelled_images(tiny_raw, tmp_path):
     recipe = recipe_from_dict(tiny_raw)
     with pytest.raises(EdgetlError, match="no examples beyond data.max_train"):  # found before fine-tuning
         load.run(State(recipe=recipe, workdir=tmp_path), recipe)
+
+
+def test_failed_qat_falls_back_to_ptq_and_leaves_no_qat_files(tmp_path, tiny_raw, monkeypatch):
+    """QAT that fails after writing its ONNX (here: the exporter raises once the file is written) falls back to
+    ORT PTQ, says so, and its half-made files stay out of the bundle and its manifest."""
+    import edgetl.stages.export as export_stage
+    from edgetl.runner import verify_manifest
+
+    real = export_stage.export_onnx
+
+    def export_then_fail(model, contract, path, *args, **kwargs):
+        real(model, contract, path, *args, **kwargs)
+        if "qat" in Path(path).name:
+            raise RuntimeError("exporter bug")
+        return path
+
+    monkeypatch.setattr(export_stage, "export_onnx", export_then_fail)
+    tiny_raw["finetune"]["epochs"] = 1
+    tiny_raw["quantize"] = {"method": "qat", "epochs": 1, "calibration_size": 64, "float_leading_convs": 0,
+                            "require_speedup": False}
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "QAT failed (RuntimeError: exporter bug); shipped ORT PTQ instead" in result.output
+    q = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
+    assert q["chosen"].startswith("ptq") and "qat" not in q["val_acc_ort"]
+    assert not list(out.glob("*qat*")) and not [f for f in verify_manifest(out)["files"] if "qat" in f]
