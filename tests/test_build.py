@@ -142,7 +142,8 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_raw, mutate, message):
     result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out))
     assert result.exit_code == 2
     assert message in result.output
-    assert result.output.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
 
 
