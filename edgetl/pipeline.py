@@ -137,8 +137,11 @@ def _publish(tmp: Path, out: Path) -> None:
     try:
         tmp.rename(out)
     except BaseException:
-        if old is not None:
-            old.rename(out)
+        if old is not None and not out.exists():
+            try:
+                old.rename(out)  # put the previous bundle back
+            except OSError:
+                pass  # it stays at .<name>.old; the original error says what went wrong
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

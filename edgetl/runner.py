@@ -131,7 +131,7 @@ def text_inputs(texts: list[str], pre: dict) -> list:
     'FIRST<TAB>SECOND' split into a (first, second) pair."""
     if not pre.get("pair"):
         return list(texts)
-    bad = [t for t in texts if t.count("\t") != 1]
+    bad = [t for t in texts if t.count("\t") != 1 or not all(half.strip() for half in t.split("\t"))]
     if bad:
         raise BundleError(f"this bundle classifies sentence pairs: give each input as 'FIRST<TAB>SECOND' "
                           f"(got {bad[0]!r})")
@@ -291,13 +291,15 @@ class Bundle:
     def __init__(self, path: str | Path, threads: int = 1, model: str = "model.onnx", check: bool = True,
                  providers: list[str] | None = None):
         self.path = Path(path)
-        if check:
-            verify_manifest(self.path, tuple(dict.fromkeys(REQUIRED + (model,))))
+        listed = verify_manifest(self.path, tuple(dict.fromkeys(REQUIRED + (model,))))["files"] if check else None
         try:
             self.labels = json.loads((self.path / "labels.json").read_text())
             self.preprocess = json.loads((self.path / "preprocess.json").read_text())
         except (OSError, ValueError) as e:
             raise BundleError(f"cannot read the bundle's labels / preprocessing: {type(e).__name__}: {e}") from None
+        tokenizer = self.preprocess.get("tokenizer", "tokenizer.json")
+        if listed is not None and self.preprocess.get("kind") == "text" and tokenizer not in listed:
+            raise BundleError(f"{MANIFEST} does not list {tokenizer}: incomplete or tampered bundle")
         if not (self.path / model).is_file():
             raise BundleError(f"{self.path} has no {model}")
         try:
@@ -308,7 +310,7 @@ class Bundle:
             raise BundleError(f"ONNX Runtime cannot load {model}: {str(e).splitlines()[0][:200]}") from None
         self.tokenizer = None
         if self.preprocess.get("kind") == "text":
-            self.tokenizer = load_tokenizer(self.path / "tokenizer.json", self.preprocess["max_length"])
+            self.tokenizer = load_tokenizer(self.path / tokenizer, self.preprocess["max_length"])
 
     def _top(self, names: list[str], logits: np.ndarray, top_k: int, key: str) -> list[dict]:
         out = []
@@ -351,7 +353,8 @@ class Bundle:
 def format_top(result: dict) -> str:
     """One tab-separated line: the input, then label and probability of each of the top-k."""
     top = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in result["top"])
-    return f"{result.get('file', result.get('text'))}\t{top}"
+    name = str(result.get("file", result.get("text"))).replace("\t", " | ")  # a pair's tab would split the line
+    return f"{name}\t{top}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("top_k", "batch", "threads", "seq", "runs"):
         if getattr(args, name, 1) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if getattr(args, "warmup", 0) < 0:
+        ap.error("--warmup must be >= 0")
     try:
         if args.cmd == "predict":
             for r in Bundle(args.bundle).predict(args.images, args.top_k):

@@ -166,8 +166,9 @@ def test_sentence_pair_inputs_are_split_on_a_tab_and_encoded_as_pairs(tiny_bert)
     feed = encode_texts(tok, text_inputs(["good movie\tbad movie"], pre), pre)
     types = feed["token_type_ids"][0][feed["attention_mask"][0] == 1]
     assert types[0] == 0 and types[-1] == 1 and set(types) == {0, 1}
-    with pytest.raises(BundleError, match="FIRST<TAB>SECOND"):
-        text_inputs(["no tab here"], pre)
+    for bad in ("no tab here", "first\t ", "a\tb\tc"):  # not a pair, an empty half, three parts
+        with pytest.raises(BundleError, match="FIRST<TAB>SECOND"):
+            text_inputs([bad], pre)
     assert text_inputs(["a\tb"], {**pre, "pair": False}) == ["a\tb"]  # single-text bundles take texts as they are
 
 
@@ -267,3 +268,34 @@ def test_bench_feeds_text_models_a_real_sequence_length(text_bundle):
     result = CliRunner().invoke(main, ["bench", str(out / "model.onnx"), "--seq", "16", "--runs", "3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["p50_ms"] > 0
+
+
+def test_sentence_pair_bundle_predicts_tab_separated_pairs(tiny_bert, tmp_path):
+    """A bundle trained on two text columns records "pair" and takes 'FIRST<TAB>SECOND' at predict time; a single
+    text is refused with one line; its tokenizer must be listed in the manifest like the model."""
+    import csv
+
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["premise", "review", "sentiment"])
+        w.writeheader()
+        w.writerows({"premise": "the movie was", **row} for row in sentences(160))
+    recipe = {"name": "pairs", "backbone": {"name": f"hf:{tiny_bert}"},
+              "data": {"kind": "csv", "path": str(tmp_path / "pairs.csv"), "text_column": "premise",
+                       "text_pair_column": "review", "label_column": "sentiment", "max_length": 16, "batch_size": 32},
+              "finetune": {"strategy": "full", "epochs": 1, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
+              "verify": {"runs": 5, "warmup": 2}}
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "p.yaml", recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "preprocess.json").read_text())["pair"] is True
+    result = CliRunner().invoke(main, ["predict", str(out), "the movie was\tgreat lovely fun", "--json"])
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.output)[0]
+    assert top["text"] == "the movie was\tgreat lovely fun" and top["top"][0]["label"] in ("pos", "neg")
+    result = CliRunner().invoke(main, ["predict", str(out), "great lovely fun"])
+    assert result.exit_code == 2 and "FIRST<TAB>SECOND" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"]["tokenizer.json"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["predict", str(out), "the movie was\tgreat"])
+    assert result.exit_code == 2 and "does not list tokenizer.json" in result.stderr

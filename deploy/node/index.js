@@ -9,7 +9,7 @@
  *
  * Image bundles: INPUT is a PNG file, or a JSON file {"shape": [crop, crop, 3], "data": [uint8, ...]} holding an
  * image that is already prepared (resized + cropped, HWC RGB): then only normalization runs. Text bundles: INPUT
- * is the text itself. Prints JSON, one entry per input, in the shape `runner.py` uses:
+ * is the text itself ('FIRST<TAB>SECOND' for a sentence-pair bundle, "pair": true in preprocess.json). Prints JSON, one entry per input, in the shape `runner.py` uses:
  * [{"file" | "text", "top": [{"label", "prob"}]}].
  *
  * Preprocessing is a port of edgetl/runner.py prepare() + normalize(), including Pillow's fixed-point resampling
@@ -56,9 +56,12 @@ function verifyManifest(dir) {
 
 async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx' } = {}) {
   const ort = require('onnxruntime-node'); // loaded here so the preprocessing can be used without it
-  if (check) verifyManifest(dir);
+  const manifest = check ? verifyManifest(dir) : null;
   const read = (name) => JSON.parse(fs.readFileSync(path.join(dir, name), 'utf8'));
   const preprocess = read('preprocess.json');
+  if (manifest && preprocess.kind === 'text' && !(preprocess.tokenizer in manifest.files)) {
+    throw new BundleError(`manifest.json does not list ${preprocess.tokenizer}: incomplete or tampered bundle`);
+  }
   if ((preprocess.layout || 'NCHW') !== 'NCHW' || (preprocess.channels || 3) !== 3) {
     throw new BundleError(`unsupported preprocess layout ${preprocess.layout} / channels ${preprocess.channels}`);
   }
@@ -84,7 +87,7 @@ function loadTokenizer(file, pre) {
 /** Texts -> {name: BigInt64Array, dims} for the bundle's inputs (input_ids, attention_mask[, token_type_ids]). */
 async function encodeTexts(tokenizer, texts, pre) {
   if (pre.pair) { // a sentence-pair bundle: each input is 'FIRST<TAB>SECOND' (runner.py text_inputs)
-    const bad = texts.find((t) => t.split('\t').length !== 2);
+    const bad = texts.find((t) => t.split('\t').length !== 2 || t.split('\t').some((half) => !half.trim()));
     if (bad !== undefined) {
       throw new BundleError(`this bundle classifies sentence pairs: give each input as 'FIRST<TAB>SECOND' (got ${JSON.stringify(bad)})`);
     }

@@ -383,6 +383,7 @@ def run(state: State, recipe: Recipe) -> State:
         except Exception as e:  # noqa: BLE001 - a QAT failure falls back to PTQ when allowed, and says so
             for name in ("model.qat.fp32.onnx", "model.qat.onnx"):  # half-written files stay out of the bundle
                 (state.workdir / name).unlink(missing_ok=True)
+            history = None  # the QAT model was thrown away: its curve is not the shipped model's
             float_src.pop("qat", None)
             onnx.pop("qat", None)
             models.pop("qat", None)
