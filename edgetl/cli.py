@@ -123,14 +123,9 @@ def _millions(n, width: int, digits: int) -> str:
 def bench(model: str, batch: int, threads: int, seq: int, runs: int, warmup: int, providers: str,
           as_json: bool) -> None:
     """ORT latency of an ONNX MODEL: p50/p90/p99 over RUNS runs on random input of the model's shape."""
-    from edgetl.runner import BundleError, device_info, feed_for, latency, peak_rss_mb, session
+    from edgetl.runner import device_info, feed_for, latency, open_session, peak_rss_mb
 
-    try:
-        sess = session(model, threads, providers.split(","))
-    except BundleError:
-        raise
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
-        raise EdgetlError(f"ONNX Runtime cannot load {model}: {str(e).splitlines()[0][:200]}") from None
+    sess = open_session(model, threads, providers.split(","))
     stats = latency(sess, feed_for(sess, batch, seq), runs, warmup)
     stats.update(model=model, threads=threads, providers=sess.get_providers(), peak_rss_mb=peak_rss_mb(),
                  device=device_info())

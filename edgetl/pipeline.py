@@ -56,18 +56,15 @@ def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Rec
     """The one ordered list of stages, each with the recipe condition under which it runs."""
     from edgetl.stages import bundle, distill, export, finetune, load, ort_format, prune, quantize, verify
 
-    def exported(r: Recipe) -> bool:
-        return r.export is not None
-
-    return [
+    return [  # the export section is always present (the recipe loader refuses export: null)
         ("load", load.run, lambda r: True),
         ("finetune", finetune.run, lambda r: r.finetune is not None),
         ("prune", prune.run, lambda r: r.prune is not None),
         ("distill", distill.run, lambda r: r.distill is not None),
-        ("export", export.run, exported),
-        ("quantize", quantize.run, lambda r: r.quantize is not None and exported(r)),
-        ("verify", verify.run, lambda r: r.verify is not None and exported(r)),
-        ("ort_format", ort_format.run, lambda r: exported(r) and r.export.ort_format),
+        ("export", export.run, lambda r: True),
+        ("quantize", quantize.run, lambda r: r.quantize is not None),
+        ("verify", verify.run, lambda r: r.verify is not None),
+        ("ort_format", ort_format.run, lambda r: r.export.ort_format),
         ("bundle", bundle.run, lambda r: True),
     ]
 
@@ -76,15 +73,12 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
     """Run every stage the recipe asks for and publish the bundle at ``out`` (default artifacts/<name>)."""
     import torch
 
-    from edgetl.runner import resolve_providers
+    from edgetl.stages.verify import verify_providers
 
     out = Path(out) if out else Path("artifacts") / recipe.name
     _check_replaceable(out)  # before the first stage, not after an hour of training
     if recipe.verify is not None:  # a provider this onnxruntime lacks fails now, not after training
-        try:
-            resolve_providers(recipe.verify.providers)
-        except Exception as e:  # noqa: BLE001 - BundleError from the runner, which must not import edgetl
-            raise EdgetlError(f"verify.providers: {e}") from None
+        verify_providers(recipe.verify)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

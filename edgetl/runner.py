@@ -168,6 +168,16 @@ def resolve_providers(names: list[str] | tuple[str, ...] | None) -> list[str]:
     return out
 
 
+def open_session(model_path: str | Path, threads: int = 1, providers: list[str] | None = None):
+    """``session`` for a user-named model: a file ORT cannot load is a one-line BundleError, not ORT's traceback."""
+    try:
+        return session(model_path, threads, providers)
+    except BundleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
+        raise BundleError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0][:200]}") from None
+
+
 def session(model_path: str | Path, threads: int = 1, providers: list[str] | None = None):
     import onnxruntime as ort
 
@@ -302,12 +312,7 @@ class Bundle:
             raise BundleError(f"{MANIFEST} does not list {tokenizer}: incomplete or tampered bundle")
         if not (self.path / model).is_file():
             raise BundleError(f"{self.path} has no {model}")
-        try:
-            self.session = session(self.path / model, threads, providers)
-        except BundleError:
-            raise
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
-            raise BundleError(f"ONNX Runtime cannot load {model}: {str(e).splitlines()[0][:200]}") from None
+        self.session = open_session(self.path / model, threads, providers)
         self.tokenizer = None
         if self.preprocess.get("kind") == "text":
             self.tokenizer = load_tokenizer(self.path / tokenizer, self.preprocess["max_length"])

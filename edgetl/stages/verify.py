@@ -103,15 +103,22 @@ def add_latency(state: State, rows: list[dict], cfg) -> None:
             r["speedup_vs_fp32"] = fp32["p50_ms"] / r["p50_ms"]
 
 
+def verify_providers(cfg) -> list[str]:
+    """verify.providers as ORT names; one this onnxruntime lacks is a one-line error naming the key."""
+    from edgetl.runner import BundleError, resolve_providers
+
+    try:
+        return resolve_providers(cfg.providers)
+    except BundleError as e:
+        raise EdgetlError(f"verify.providers: {e}") from None
+
+
 def provider_rows(state: State, path, cfg) -> list[dict]:
     """Latency and parity (against the CPU EP) of the shipped model on every requested provider."""
     from edgetl.data import feeds
-    from edgetl.runner import BundleError, latency, resolve_providers, session
+    from edgetl.runner import latency, session
 
-    try:
-        providers = resolve_providers(cfg.providers)
-    except BundleError as e:
-        raise EdgetlError(f"verify.providers: {e}") from None
+    providers = verify_providers(cfg)
     feed = feeds(state.data.val, state.backbone.contract.preprocess, state.tokenizer, limit=64)[0]
     ref = session(path, cfg.threads, ["cpu"]).run(None, feed)[0]
     rows = []
