@@ -26,11 +26,32 @@ def friendly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; no bundle was written" if fn.__name__ == "build" else "interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("terminated; no bundle was written" if fn.__name__ == "build" else "terminated", err=True)
+            sys.exit(143)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OneLineErrors(click.Group):
+    """Click's usage errors (a bad option, a missing argument) as the same one ``error:`` line, exit code 2."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="edgetl")
 def main() -> None:
     """edgetl: pretrained backbone + your labelled data -> verified ONNX bundle for an edge device.
@@ -73,11 +94,19 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
     from edgetl.config import load_recipe
     from edgetl.pipeline import build as run_build
 
-    # a terminated build unwinds like Ctrl-C, so its temporary directory is removed too
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # a terminated build unwinds like Ctrl-C (its temporary directory is removed too) and says so
+    signal.signal(signal.SIGTERM, _terminated)
     cfg = load_recipe(recipe, overrides)
     state = run_build(cfg, out)
     click.echo(summary(state))
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so ``finally`` blocks clean up before the process exits 143."""
+
+
+def _terminated(*_) -> None:
+    raise Terminated
 
 
 def summary(state) -> str:

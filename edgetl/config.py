@@ -8,6 +8,7 @@ way. A pipeline stage runs when its section is present (``None`` means the secti
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -172,6 +173,16 @@ class Recipe:
 # loading
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; anything larger is a mistake or an attack
+MAX_RECIPE_NODES = 100_000  # values after YAML aliases are expanded (a 661-byte alias bomb expands to billions)
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error lines quote values, never megabytes of them."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -194,27 +205,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except EdgetlError:
                 continue
-        raise EdgetlError(f"recipe key '{key}': expected {_type_name(tp)}, got {value!r}")
+        raise EdgetlError(f"recipe key '{key}': expected {_type_name(tp)}, got {show(value)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise EdgetlError(f"recipe key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
+            raise EdgetlError(f"recipe key '{key}': {show(value)} is not one of {', '.join(map(str, allowed))}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise EdgetlError(f"recipe key '{key}': expected a mapping, got {value!r}")
+            raise EdgetlError(f"recipe key '{key}': expected a mapping, got {show(value)}")
         return _build(tp, value, key + ".")
     if tp is tuple or origin is tuple:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise EdgetlError(f"recipe key '{key}': expected a list of names, got {value!r}")
+            raise EdgetlError(f"recipe key '{key}': expected a list of names, got {show(value)}")
         return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise EdgetlError(f"recipe key '{key}': expected true/false, got {value!r}")
+            raise EdgetlError(f"recipe key '{key}': expected true/false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise EdgetlError(f"recipe key '{key}': expected an integer, got {value!r}")
+            raise EdgetlError(f"recipe key '{key}': expected an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
@@ -223,11 +234,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EdgetlError(f"recipe key '{key}': expected a number, got {value!r}")
+            raise EdgetlError(f"recipe key '{key}': expected a number, got {show(value)}")
+        if not math.isfinite(value):
+            raise EdgetlError(f"recipe key '{key}': expected a finite number, got {show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise EdgetlError(f"recipe key '{key}': expected a string, got {value!r}")
+            raise EdgetlError(f"recipe key '{key}': expected a string, got {show(value)}")
         return value
     raise TypeError(f"unsupported annotation {tp} for {key}")  # a bug in this file, not a user error
 
@@ -262,7 +275,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         if part not in hints:
             raise EdgetlError(f"unknown recipe key '{'.'.join(parts[: i + 1])}' in --set {dotted}")
         if i == len(parts) - 1:
-            node[part] = yaml.safe_load(text) if text != "" else None
+            node[part] = _parse_yaml(text, f"--set {dotted}") if text != "" else None
             return
         tp = hints[part]
         inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
@@ -274,16 +287,50 @@ def apply_override(raw: dict, assignment: str) -> None:
         node = node[part]
 
 
+def _expanded_size(obj: Any, limit: int) -> int:
+    """Values in ``obj`` counting every alias expansion, walking iteratively and stopping once past ``limit``."""
+    n, stack = 0, [obj]
+    while stack and n <= limit:
+        item = stack.pop()
+        n += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return n
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML with a bound on what aliases expand to (and on nesting); every failure is one EdgetlError."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise EdgetlError(f"{where} is not valid YAML{line}") from None
+    except RecursionError:
+        raise EdgetlError(f"{where}: YAML nested too deeply") from None
+    if _expanded_size(raw, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise EdgetlError(f"{where}: YAML expands to more than {MAX_RECIPE_NODES:,} values (anchors/aliases?); "
+                          "write the values out")
+    return raw
+
+
 def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise EdgetlError(f"recipe not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise EdgetlError(f"recipe {path} is {path.stat().st_size:,} bytes; a recipe is a page of settings "
+                          f"(limit {MAX_RECIPE_BYTES:,})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise EdgetlError(f"recipe {path} is not valid YAML{where}") from None
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EdgetlError(f"recipe {path}: byte {e.start} is not UTF-8; save the file as UTF-8") from None
+    except OSError as e:
+        raise EdgetlError(f"cannot read recipe {path}: {e.strerror or type(e).__name__}") from None
+    raw = _parse_yaml(text, f"recipe {path}") or {}
     if not isinstance(raw, dict):
         raise EdgetlError(f"recipe {path} must be a mapping of sections")
     return recipe_from_dict(raw, overrides)
@@ -308,8 +355,8 @@ def _at_least(n: int):
 
 # Allowed values of numeric keys, checked after the types (a section left out or a null value is not checked).
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (_at_least(0), ">= 0"),
-    "backbone.input_size": (_at_least(8), ">= 8"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"),
+    "backbone.input_size": (lambda v: 8 <= v <= 2048, "between 8 and 2048 pixels"),
     "backbone.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.val_fraction": (_fraction, "between 0 and 1"),
     "data.test_fraction": (_fraction, "between 0 and 1"),
@@ -348,7 +395,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "quantize.calibration_size": (_at_least(1), ">= 1"),
     "quantize.lr": (lambda v: v > 0, "> 0"),
     "quantize.float_leading_convs": (lambda v: v == "auto" or v >= 0, "auto or >= 0"),
-    "export.opset": (_at_least(13), ">= 13 (per-channel QDQ needs it)"),
+    "export.opset": (_at_least(17), ">= 17 (the exporters' LayerNormalization and per-channel QDQ need it)"),
     "export.atol": (lambda v: v > 0, "> 0"),
     "export.min_top1_agreement": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "verify.threads": (_at_least(1), ">= 1"),
@@ -356,6 +403,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "verify.runs": (_at_least(1), ">= 1"),
     "verify.min_speedup": (lambda v: v > 0, "> 0"),
     "verify.max_size_mb": (lambda v: v > 0, "> 0"),
+    "verify.max_accuracy_drop": (lambda v: 0 <= v <= 100, "in [0, 100] points"),
+    "verify.min_accuracy": (lambda v: 0 <= v <= 100, "in [0, 100] percent"),
 }
 
 
@@ -366,12 +415,21 @@ def _check_values(recipe: Recipe) -> None:
     if recipe.export is None:
         raise EdgetlError("recipe key 'export': a bundle ships an ONNX model, so the export section cannot be null "
                           "(leave it out for the defaults)")
+    text_data = recipe.data.kind in ("csv", "jsonl", "rotten_tomatoes")
+    text_backbone = recipe.backbone.name.startswith("hf:")
+    if text_data != text_backbone:  # now, not after a minute of network retries for the wrong kind of weights
+        raise EdgetlError(f"recipe key 'data.kind': {recipe.data.kind} is {'text' if text_data else 'image'} data but "
+                          f"{recipe.backbone.name} is {'a text' if text_backbone else 'an image'} backbone "
+                          f"({'hf:<model>' if text_data else 'torchvision:/timm:<model>'} for this data)")
+    if recipe.verify is not None and recipe.verify.max_accuracy_drop is not None and recipe.finetune is None:
+        raise EdgetlError("recipe key 'verify.max_accuracy_drop': the drop is measured from the fine-tuned model, "
+                          "so it needs a finetune section (or use verify.min_accuracy)")
     for key, (ok, allowed) in RULES.items():
         value: Any = recipe
         for part in key.split("."):
             value = getattr(value, part) if value is not None else None
         if value is not None and not ok(value):
-            raise EdgetlError(f"recipe key '{key}': {value!r} must be {allowed}")
+            raise EdgetlError(f"recipe key '{key}': {show(value)} must be {allowed}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -24,6 +24,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 NO_SPARE = ("distill.transfer_size: the training pool has no examples beyond data.max_train and there is no "
             "data.unlabelled_path (lower data.max_train, give unlabelled data, or set transfer_size: 0)")
+MAX_FIELD = 1 << 24  # csv: longest field accepted (16 MB; the csv module's default limit is 128 KB)
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -64,6 +65,14 @@ class Data:
 # sources
 
 
+def user_path(text: str, key: str = "data.path") -> Path:
+    """A path from the recipe with ``~`` expanded; an unknown user (``~nobody/x``) is a one-line error."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise EdgetlError(f"{key}: cannot expand {text!r} (no such user's home directory)") from None
+
+
 def _open_image(path: Path, header_only: bool = False):
     """The decoded image at ``path`` (or, with ``header_only``, None once its header reads as an image)."""
     from PIL import Image, UnidentifiedImageError
@@ -74,14 +83,18 @@ def _open_image(path: Path, header_only: bool = False):
                 return None
             im.load()
             return im.copy()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise EdgetlError(f"cannot read image {path}: {type(e).__name__} (corrupt or not an image)") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise EdgetlError(f"cannot read image {path}: {type(e).__name__} (corrupt, not an image, or over Pillow's "
+                          "decompression-bomb limit)") from None
 
 
 def _folder_pool(root: Path, classes: list[str] | None = None) -> tuple[Pool, list[str]]:
     if not root.is_dir():
         raise EdgetlError(f"data folder not found: {root}")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    for name in found:  # a class folder linked back to the root would read every image again as that class
+        if root.resolve().is_relative_to((root / name).resolve()):
+            raise EdgetlError(f"class folder {root / name} links back to {root}: remove the link")
     if classes is None:
         classes = found
         if len(classes) == 0:
@@ -197,24 +210,32 @@ def _table(cfg: DataCfg) -> list[dict]:
         return _rotten_tomatoes()
     if not cfg.path:
         raise EdgetlError(f"data.path is required for data.kind={cfg.kind}")
-    return _rows(Path(cfg.path).expanduser(), cfg.kind)
+    return _rows(user_path(cfg.path), cfg.kind)
 
 
 def _rows(path: Path, kind: str) -> list[dict]:
     """The rows of a csv (``kind`` "csv") or JSON-lines file."""
     import csv
+    import io
     import json
 
     text = _read_text_file(path)
-    if kind == "csv":
-        return list(csv.DictReader(text.splitlines()))
+    if kind == "csv":  # the csv module splits records itself: quoted fields may hold line breaks, U+2028, ...
+        csv.field_size_limit(MAX_FIELD)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            return list(reader)
+        except csv.Error as e:
+            raise EdgetlError(f"{path} line {reader.line_num}: {e}") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # JSON escapes its own line breaks: only \n ends a record
         if line.strip():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise EdgetlError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise EdgetlError(f"{path} line {n}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise EdgetlError(f"{path} line {n}: expected a JSON object per line")
             rows.append(row)
@@ -257,7 +278,7 @@ def open_sources(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
         return {"train": _idx_pool(root, "train"), "test": _idx_pool(root, "t10k")}, list(FASHION_MNIST_CLASSES)
     if not cfg.path:
         raise EdgetlError("data.path is required for data.kind=folder")
-    root = Path(cfg.path).expanduser()
+    root = user_path(cfg.path)
     if not root.is_dir():
         raise EdgetlError(f"data folder not found: {root}")
     if (root / "train").is_dir():  # given splits
@@ -278,12 +299,12 @@ def unlabelled_pool(cfg: DataCfg) -> Pool | None:
     per line; a .csv / .jsonl file, ``data.text_column`` and ``data.text_pair_column``)."""
     if not cfg.unlabelled_path:
         return None
-    path = Path(cfg.unlabelled_path).expanduser()
+    path = user_path(cfg.unlabelled_path, 'data.unlabelled_path')
     where = f"data.unlabelled_path {path}"
     if cfg.kind not in TEXT_KINDS:
         if not path.is_dir():
             raise EdgetlError(f"{where}: folder not found (images: a folder of image files, any depth)")
-        if cfg.kind == "folder" and cfg.path and path.resolve().is_relative_to(Path(cfg.path).expanduser().resolve()):
+        if cfg.kind == "folder" and cfg.path and path.resolve().is_relative_to(user_path(cfg.path).resolve()):
             raise EdgetlError(f"{where} is inside data.path: its images would be read as a class or a split; "
                               "keep unlabelled images in a folder of their own")
         items = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
@@ -338,7 +359,8 @@ def _spare_pool(train: Pool, idx: np.ndarray, unlabelled: Pool | None, text: boo
 # splitting
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, fraction: float, seed: int,
+                     classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, taken) with ``fraction`` of each class in ``taken``."""
     from sklearn.model_selection import train_test_split
 
@@ -346,16 +368,18 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     counts = np.bincount(labels)
     if (counts[counts > 0] < 2).any():
         small = int(np.flatnonzero((counts > 0) & (counts < 2))[0])
-        raise EdgetlError(f"class index {small} has fewer than 2 examples: cannot split it stratified")
+        name = f"class '{classes[small]}'" if classes and small < len(classes) else f"class index {small}"
+        raise EdgetlError(f"{name} has fewer than 2 examples: cannot split it stratified (add examples or drop it)")
     n_taken = max(int(round(fraction * len(labels))), int((counts > 0).sum()))
     keep, taken = train_test_split(idx, test_size=n_taken, stratify=labels, random_state=seed)
     return np.sort(keep), np.sort(taken)
 
 
-def _subsample(idx: np.ndarray, labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+def _subsample(idx: np.ndarray, labels: np.ndarray, n: int | None, seed: int,
+               classes: list[str] | None = None) -> np.ndarray:
     if n is None or n >= len(idx):
         return idx
-    _, taken = stratified_split(labels[idx], n / len(idx), seed)
+    _, taken = stratified_split(labels[idx], n / len(idx), seed, classes)
     return idx[taken]
 
 
@@ -369,6 +393,26 @@ def _materialize(pool: Pool, idx: np.ndarray, pre: dict, desc: str) -> Split:
     return Split(labels=pool.labels[idx], images=np.stack(arrays))
 
 
+def _available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(n: int, side: int) -> None:
+    """Images are decoded into memory at the model's input size: refuse, before decoding, a set that cannot fit."""
+    need = n * side * side * 3
+    have = _available_bytes()
+    if have is not None and need > 0.7 * have:
+        raise EdgetlError(f"{n:,} images at {side}x{side} px need {need / 2**30:.1f} GiB decoded, more than this "
+                          f"machine has free ({have / 2**30:.1f} GiB): lower backbone.input_size or set "
+                          "data.max_train / max_val / max_test")
+
+
 def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]] | None = None) -> Data:
     """Split (stratified, seeded), subsample and decode the dataset; ``sources`` from ``open_sources(cfg)``."""
     for name in ("val_fraction", "test_fraction"):
@@ -380,7 +424,7 @@ def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]
         pool = pools.pop("pool")
         if len(np.unique(pool.labels)) < 2:
             raise EdgetlError("the dataset has a single class: need at least two")
-        rest, test = stratified_split(pool.labels, cfg.test_fraction, seed)
+        rest, test = stratified_split(pool.labels, cfg.test_fraction, seed, classes)
         pools = {"train": pool}
         test_pool, test_idx = pool, test
     else:
@@ -391,21 +435,24 @@ def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]
     if "val" in pools:
         train_idx, val_pool, val_idx = rest, pools["val"], np.arange(len(pools["val"].labels))
     else:
-        keep, val = stratified_split(train_pool.labels[rest], cfg.val_fraction, seed + 1)
+        keep, val = stratified_split(train_pool.labels[rest], cfg.val_fraction, seed + 1, classes)
         train_idx, val_pool, val_idx = rest[keep], train_pool, rest[val]
     if test_pool is None:  # only train/ (and maybe val/) given: carve test out of train
-        keep, test = stratified_split(train_pool.labels[train_idx], cfg.test_fraction, seed + 2)
+        keep, test = stratified_split(train_pool.labels[train_idx], cfg.test_fraction, seed + 2, classes)
         train_idx, test_pool, test_idx = train_idx[keep], train_pool, train_idx[test]
     elif test_idx is None:
         test_idx = np.arange(len(test_pool.labels))
 
     eligible = train_idx
-    train_idx = _subsample(train_idx, train_pool.labels, cfg.max_train, seed)
-    val_idx = _subsample(val_idx, val_pool.labels, cfg.max_val, seed)
-    test_idx = _subsample(test_idx, test_pool.labels, cfg.max_test, seed)
+    train_idx = _subsample(train_idx, train_pool.labels, cfg.max_train, seed, classes)
+    val_idx = _subsample(val_idx, val_pool.labels, cfg.max_val, seed, classes)
+    test_idx = _subsample(test_idx, test_pool.labels, cfg.max_test, seed, classes)
     unlabelled = unlabelled_pool(cfg)
     _check_disjoint(unlabelled, [(val_pool, val_idx), (test_pool, test_idx)])
     spare_pool = _spare_pool(train_pool, np.setdiff1d(eligible, train_idx), unlabelled, pre.get("kind") == "text")
+
+    if pre.get("kind") != "text":
+        _check_memory(len(train_idx) + len(val_idx) + len(test_idx), pre["crop"])
 
     def spare(n: int, spare_seed: int) -> Split:
         taken = np.random.default_rng(spare_seed).permutation(len(spare_pool.labels))[:n]

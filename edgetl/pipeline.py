@@ -8,6 +8,7 @@ leaves a half-written bundle.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import time
@@ -71,17 +72,22 @@ def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Rec
 
 def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], None] = print) -> State:
     """Run every stage the recipe asks for and publish the bundle at ``out`` (default artifacts/<name>)."""
+    import errno
+
     import torch
 
     from edgetl.stages.verify import verify_providers
 
-    out = Path(out) if out else Path("artifacts") / recipe.name
-    _check_replaceable(out)  # before the first stage, not after an hour of training
+    out = check_output(out, recipe.name)  # before the first stage, not after an hour of training
     if recipe.verify is not None:  # a provider this onnxruntime lacks fails now, not after training
         verify_providers(recipe.verify)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise EdgetlError(f"cannot write the bundle next to {out}: {e.strerror or type(e).__name__}") from None
     torch.manual_seed(recipe.seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     state = State(recipe=recipe, workdir=tmp)
     try:
         for name, run, wanted in _stages():
@@ -96,9 +102,89 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
         kept = _keep_failed_report(tmp, out)
         e.args = (f"{e.args[0]} (measurements in {kept})",)
         raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise EdgetlError(f"no space left on the device holding {out.parent} (nothing was published; the "
+                              "previous bundle, if any, is unchanged)") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone once published (renamed); removed on any failure
     return state.replace(workdir=out)
+
+
+def check_output(out: str | Path | None, name: str) -> Path:
+    """The output directory, refused with one line unless it is free or an edgetl bundle edgetl may replace."""
+    if out is None:
+        out = Path("artifacts") / name
+    elif str(out).strip() == "":
+        raise EdgetlError("--out is empty: give a directory (or leave --out out for artifacts/<name>)")
+    out = Path(out)
+    if out.name in ("", ".", "..") or out.resolve() == Path.cwd().resolve() or \
+            Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise EdgetlError(f"--out {out}: give a new or bundle directory, not the current directory or its parent")
+    if out.is_symlink():
+        raise EdgetlError(f"--out {out} is a symbolic link; give the real directory it should be")
+    for parent in out.resolve().parents:  # a bundle inside a bundle would change the outer one's files
+        if (parent / "manifest.json").is_file() and is_bundle(parent) is None:
+            raise EdgetlError(f"--out {out} is inside the edgetl bundle {parent}; choose a directory outside it")
+        if parent.exists() and not parent.is_dir():
+            raise EdgetlError(f"--out {out}: {parent} is a file, not a directory")
+    _check_replaceable(out)
+    return out
+
+
+def is_bundle(path: Path) -> str | None:
+    """None when ``path`` is a bundle edgetl wrote and nobody changed since; else why not (its manifest has
+    edgetl's format marker, every listed file is present and unchanged, and nothing else is in it)."""
+    from edgetl.runner import MANIFEST, BundleError, verify_manifest
+
+    try:
+        manifest = verify_manifest(path, required=())
+    except BundleError as e:
+        return str(e)
+    if "format" not in manifest:
+        return f"{MANIFEST} has no edgetl format marker"
+    listed = set(manifest["files"]) | {MANIFEST}
+    extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                   if not p.is_dir() and p.relative_to(path).as_posix() not in listed)
+    return f"it holds {extra[0]}, which edgetl did not write" if extra else None
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise EdgetlError(f"output {out} exists and is not a directory; refusing to replace it")
+        if not any(out.iterdir()):
+            return  # an empty directory holds nothing to lose
+        why = is_bundle(out)
+        if why is not None:
+            raise EdgetlError(f"output {out} exists and is not an edgetl bundle ({why}); refusing to replace it")
+
+
+def _owner_alive(tmp: Path) -> bool:
+    """Whether the build that made ``.<name>.<pid>.<random>.partial`` still runs (a killed one left it)."""
+    try:
+        pid = int(tmp.name.split(".")[-3])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> None:
+    """What a killed build left beside ``out``: its temp dirs (removed) and an interrupted publish (the old bundle
+    parked at ``.<name>.old`` with nothing at ``out``: put back)."""
+    for tmp in out.parent.glob(f".{out.name}.*.partial"):
+        if tmp.is_dir() and not _owner_alive(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir():
+        if not out.exists() and is_bundle(old) is None:
+            old.rename(out)
+        elif out.exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _failed_reports(out: Path) -> list[Path]:
@@ -112,11 +198,6 @@ def _keep_failed_report(tmp: Path, out: Path) -> Path:
     shutil.copyfile(tmp / "report.json", kept_json)
     shutil.copyfile(write_html(tmp), kept_html)
     return kept_json
-
-
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and not (out / "manifest.json").is_file():
-        raise EdgetlError(f"output {out} exists and is not an edgetl bundle; refusing to replace it")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -135,7 +216,7 @@ def _publish(tmp: Path, out: Path) -> None:
             try:
                 old.rename(out)  # put the previous bundle back
             except OSError:
-                pass  # it stays at .<name>.old; the original error says what went wrong
+                pass  # it stays at .<name>.old; the next build puts it back
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

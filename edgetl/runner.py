@@ -42,25 +42,65 @@ def sha256(path: Path) -> str:
 
 
 REQUIRED = ("model.onnx", "labels.json", "preprocess.json")  # every bundle's manifest lists these
+FORMAT = "edgetl-bundle"  # manifest.json's "format": how edgetl knows a directory is a bundle it wrote
+FORMAT_VERSION = 1
+MAX_JSON_BYTES = 16 << 20  # manifest / labels / preprocess files are small; refuse to parse anything huge
 
 
-def verify_manifest(bundle: Path, required: tuple[str, ...] = REQUIRED) -> dict:
-    """Check every file listed in manifest.json against its sha256 (and that ``required`` are listed); return it."""
+def read_json(path: Path, what: str):
+    """A small JSON file of the bundle; unreadable, huge, corrupt or absurdly nested is one BundleError."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise BundleError(f"{path} is too large for a bundle's {what}")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except BundleError:
+        raise
+    except (OSError, ValueError, RecursionError) as e:
+        raise BundleError(f"cannot read the bundle's {what} {path.name}: {type(e).__name__}") from None
+
+
+def safe_name(bundle: Path, name) -> Path:
+    """The file ``name`` inside ``bundle``: only plain relative paths below the bundle are valid (no absolute
+    paths, no '..', no backslashes, no symlinks out), so a manifest can never point outside its directory."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not parts or name.startswith("/") or "\\" in name or ":" in name
+            or any(p in ("", ".", "..") for p in parts)):
+        raise BundleError(f"{MANIFEST} lists {str(name)[:80]!r}: only plain file names inside the bundle are valid")
+    root = Path(bundle).resolve()
+    path = Path(bundle) / name
+    if path.is_symlink() or not path.resolve().is_relative_to(root):
+        raise BundleError(f"bundle file {name} points outside the bundle")
+    return path
+
+
+def read_manifest(bundle: Path) -> dict:
+    """manifest.json, checked to be edgetl's (format marker, a map of safe names to sha256 digests)."""
     path = Path(bundle) / MANIFEST
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST}: not an edgetl bundle")
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError:
+        manifest = read_json(path, "manifest")
+    except BundleError:
         manifest = None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise BundleError(f"{path} is not a valid edgetl manifest (corrupt JSON or no 'files' map)")
+    if manifest.get("format", FORMAT) != FORMAT:
+        raise BundleError(f"{path} is not an edgetl manifest (format {str(manifest.get('format'))[:40]!r})")
+    for name in files:
+        safe_name(bundle, name)
+    return manifest
+
+
+def verify_manifest(bundle: Path, required: tuple[str, ...] = REQUIRED) -> dict:
+    """Check every file listed in manifest.json against its sha256 (and that ``required`` are listed); return it."""
+    manifest = read_manifest(bundle)
+    files = manifest["files"]
     unlisted = [name for name in required if name not in files]
     if unlisted:
         raise BundleError(f"{MANIFEST} does not list {', '.join(unlisted)}: incomplete or tampered bundle")
     for name, digest in files.items():
-        f = Path(bundle) / name
+        f = safe_name(bundle, name)
         if not f.is_file():
             raise BundleError(f"bundle file missing: {name}")
         if sha256(f) != digest:
@@ -295,6 +335,33 @@ def device_info() -> dict:
             "int8": [f for f, on in cpu_int8_features().items() if on and f != "vnni_or_dot"]}
 
 
+def check_preprocess(pre) -> dict:
+    """preprocess.json with the keys and ranges the runner uses; anything else is one BundleError."""
+    def bad(what: str):
+        raise BundleError(f"preprocess.json: {what}")
+
+    if not isinstance(pre, dict) or pre.get("kind") not in ("image", "text"):
+        bad("expected an object with kind 'image' or 'text'")
+    if pre["kind"] == "text":
+        if not isinstance(pre.get("max_length"), int) or not 2 <= pre["max_length"] <= 65536:
+            bad("max_length must be an integer >= 2")
+        if not isinstance(pre.get("inputs"), list) or not pre["inputs"]:
+            bad("inputs must list the model's input names")
+        return pre
+    for key in ("resize", "crop"):
+        if not isinstance(pre.get(key), int) or not 1 <= pre[key] <= 8192:
+            bad(f"{key} must be an integer between 1 and 8192")
+    if pre["crop"] > pre["resize"]:
+        bad("crop must not exceed resize")
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if not isinstance(v, list) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+            bad(f"{key} must be a list of 3 numbers")
+    if not all(x > 0 for x in pre["std"]):
+        bad("std must be positive")
+    return pre
+
+
 class Bundle:
     """A verified bundle, ready to predict."""
 
@@ -302,20 +369,28 @@ class Bundle:
                  providers: list[str] | None = None):
         self.path = Path(path)
         listed = verify_manifest(self.path, tuple(dict.fromkeys(REQUIRED + (model,))))["files"] if check else None
-        try:
-            self.labels = json.loads((self.path / "labels.json").read_text())
-            self.preprocess = json.loads((self.path / "preprocess.json").read_text())
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read the bundle's labels / preprocessing: {type(e).__name__}: {e}") from None
+        self.labels = read_json(self.path / "labels.json", "labels")
+        self.preprocess = check_preprocess(read_json(self.path / "preprocess.json", "preprocessing"))
+        if not isinstance(self.labels, list) or not self.labels or not all(isinstance(x, str) for x in self.labels):
+            raise BundleError("labels.json must be a non-empty list of class names")
         tokenizer = self.preprocess.get("tokenizer", "tokenizer.json")
-        if listed is not None and self.preprocess.get("kind") == "text" and tokenizer not in listed:
-            raise BundleError(f"{MANIFEST} does not list {tokenizer}: incomplete or tampered bundle")
-        if not (self.path / model).is_file():
+        if self.preprocess["kind"] == "text":
+            safe_name(self.path, tokenizer)
+            if listed is not None and tokenizer not in listed:
+                raise BundleError(f"{MANIFEST} does not list {tokenizer}: incomplete or tampered bundle")
+        model_path = safe_name(self.path, model)
+        if not model_path.is_file():
             raise BundleError(f"{self.path} has no {model}")
-        self.session = open_session(self.path / model, threads, providers)
+        self.session = open_session(model_path, threads, providers)
+        width = self.session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and width != len(self.labels):
+            raise BundleError(f"labels.json names {len(self.labels)} classes but the model outputs {width}")
         self.tokenizer = None
-        if self.preprocess.get("kind") == "text":
-            self.tokenizer = load_tokenizer(self.path / tokenizer, self.preprocess["max_length"])
+        if self.preprocess["kind"] == "text":
+            try:
+                self.tokenizer = load_tokenizer(self.path / tokenizer, self.preprocess["max_length"])
+            except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception type for a bad file
+                raise BundleError(f"cannot load {tokenizer}: {str(e).splitlines()[0][:120]}") from None
 
     def _top(self, names: list[str], logits: np.ndarray, top_k: int, key: str) -> list[dict]:
         out = []
@@ -350,8 +425,9 @@ class Bundle:
             try:
                 with Image.open(f) as im:
                     arrays.append(prepare(im, self.preprocess))
-            except (OSError, UnidentifiedImageError) as e:
-                raise BundleError(f"cannot read image {f}: {type(e).__name__}") from None
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+                raise BundleError(f"cannot read image {f}: {type(e).__name__} (corrupt, not an image, or over "
+                                  "Pillow's decompression-bomb limit)") from None
         return self._top([str(f) for f in files], self.logits_from_arrays(np.stack(arrays)), top_k, "file")
 
 
@@ -362,8 +438,16 @@ def format_top(result: dict) -> str:
     return f"{name}\t{top}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one ``error:`` line (exit 2), like every other error."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = _Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", help="bundle directory (has manifest.json)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("predict", help="top-k labels for images (or texts, for a text bundle)")

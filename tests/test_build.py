@@ -176,7 +176,7 @@ def test_failed_build_keeps_the_old_bundle_and_leaves_no_partial(tmp_path, tiny_
 
 
 def test_failed_gate_fails_the_build_but_keeps_the_measurements(tmp_path, tiny_raw):
-    tiny_raw["verify"]["min_accuracy"] = 101.0
+    tiny_raw["verify"]["min_accuracy"] = 100.0  # not reached by a tiny net after one epoch
     out = tmp_path / "out"
     result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out),
                      "--set", "finetune.epochs=1")
@@ -197,7 +197,7 @@ def test_output_that_is_not_a_bundle_is_refused_before_any_stage(tmp_path, tiny_
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out))
-    assert result.exit_code == 2 and "is not an edgetl bundle; refusing to replace it" in result.output
+    assert result.exit_code == 2 and "is not an edgetl bundle (" in result.output
     assert "[load]" not in result.output and (out / "notes.txt").read_text() == "mine"
 
 

@@ -30,24 +30,61 @@ function sha256(file) {
   return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 }
 
+/** The file `name` inside the bundle: only plain relative names below it (no absolute paths, '..', backslashes
+ * or symlinks out), so a manifest can never make the runner read outside its directory (runner.py safe_name). */
+function safeName(dir, name) {
+  const parts = typeof name === 'string' ? name.split('/') : [];
+  if (!parts.length || name.startsWith('/') || name.includes('\\') || name.includes(':')
+      || parts.some((p) => p === '' || p === '.' || p === '..')) {
+    throw new BundleError(`manifest.json lists ${JSON.stringify(String(name).slice(0, 80))}: only plain file names inside the bundle are valid`);
+  }
+  const f = path.join(dir, name);
+  let real = null;
+  try {
+    if (fs.lstatSync(f).isSymbolicLink()) real = '';
+    else real = fs.realpathSync(f);
+  } catch {
+    return f; // missing: the caller says so
+  }
+  const root = fs.realpathSync(dir);
+  if (!real || !(real === root || real.startsWith(root + path.sep))) {
+    throw new BundleError(`bundle file ${name} points outside the bundle`);
+  }
+  return f;
+}
+
+function readJson(file, what) {
+  try {
+    if (fs.statSync(file).size > 16 * 1024 * 1024) throw new Error('too large');
+    return JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new BundleError(`cannot read the bundle's ${what} ${path.basename(file)}: ${e.name || 'Error'}`);
+  }
+}
+
 function verifyManifest(dir) {
   const file = path.join(dir, 'manifest.json');
   if (!fs.existsSync(file)) throw new BundleError(`${dir} has no manifest.json: not an edgetl bundle`);
   let manifest;
   try {
-    manifest = JSON.parse(fs.readFileSync(file, 'utf8'));
+    manifest = readJson(file, 'manifest');
   } catch {
     manifest = null;
   }
-  if (!manifest || typeof manifest.files !== 'object' || manifest.files === null) {
+  if (!manifest || typeof manifest.files !== 'object' || manifest.files === null || Array.isArray(manifest.files)
+      || !Object.values(manifest.files).every((v) => typeof v === 'string')) {
     throw new BundleError(`${file} is not a valid edgetl manifest (corrupt JSON or no 'files' map)`);
+  }
+  if ((manifest.format || 'edgetl-bundle') !== 'edgetl-bundle') {
+    throw new BundleError(`${file} is not an edgetl manifest (format ${JSON.stringify(String(manifest.format).slice(0, 40))})`);
   }
   const unlisted = REQUIRED.filter((name) => !(name in manifest.files));
   if (unlisted.length) {
     throw new BundleError(`manifest.json does not list ${unlisted.join(', ')}: incomplete or tampered bundle`);
   }
+  for (const name of Object.keys(manifest.files)) safeName(dir, name);
   for (const [name, digest] of Object.entries(manifest.files)) {
-    const f = path.join(dir, name);
+    const f = safeName(dir, name);
     if (!fs.existsSync(f)) throw new BundleError(`bundle file missing: ${name}`);
     if (sha256(f) !== digest) throw new BundleError(`bundle file changed since build (sha256 mismatch): ${name}`);
   }
@@ -57,19 +94,34 @@ function verifyManifest(dir) {
 async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx' } = {}) {
   const ort = require('onnxruntime-node'); // loaded here so the preprocessing can be used without it
   const manifest = check ? verifyManifest(dir) : null;
-  const read = (name) => JSON.parse(fs.readFileSync(path.join(dir, name), 'utf8'));
+  const read = (name) => readJson(safeName(dir, name), name.replace('.json', ''));
   const preprocess = read('preprocess.json');
+  if (!preprocess || typeof preprocess !== 'object' || !['image', 'text'].includes(preprocess.kind)) {
+    throw new BundleError("preprocess.json: expected an object with kind 'image' or 'text'");
+  }
+  if (preprocess.kind === 'text') safeName(dir, preprocess.tokenizer);
+  else {
+    for (const key of ['resize', 'crop']) {
+      if (!Number.isInteger(preprocess[key]) || preprocess[key] < 1 || preprocess[key] > 8192) {
+        throw new BundleError(`preprocess.json: ${key} must be an integer between 1 and 8192`);
+      }
+    }
+  }
+  const labels = read('labels.json');
+  if (!Array.isArray(labels) || !labels.length || !labels.every((x) => typeof x === 'string')) {
+    throw new BundleError('labels.json must be a non-empty list of class names');
+  }
   if (manifest && preprocess.kind === 'text' && !(preprocess.tokenizer in manifest.files)) {
     throw new BundleError(`manifest.json does not list ${preprocess.tokenizer}: incomplete or tampered bundle`);
   }
   if ((preprocess.layout || 'NCHW') !== 'NCHW' || (preprocess.channels || 3) !== 3) {
     throw new BundleError(`unsupported preprocess layout ${preprocess.layout} / channels ${preprocess.channels}`);
   }
-  const session = await ort.InferenceSession.create(path.join(dir, model), {
+  const session = await ort.InferenceSession.create(safeName(dir, model), {
     executionProviders: ['cpu'], intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'all',
   });
   const tokenizer = preprocess.kind === 'text' ? loadTokenizer(path.join(dir, preprocess.tokenizer), preprocess) : null;
-  return { dir, labels: read('labels.json'), preprocess, session, ort, tokenizer };
+  return { dir, labels, preprocess, session, ort, tokenizer };
 }
 
 // ------------------------------------------------------------------------------------------------------------

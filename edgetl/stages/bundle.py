@@ -28,7 +28,7 @@ from edgetl import __version__
 from edgetl.config import Recipe, recipe_to_dict
 from edgetl.pipeline import State
 from edgetl.report import write_html
-from edgetl.runner import MANIFEST, device_info, sha256
+from edgetl.runner import FORMAT, FORMAT_VERSION, MANIFEST, device_info, sha256
 
 LIBRARIES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "torch-pruning", "numpy", "scikit-learn",
              "transformers", "optimum", "optimum-onnx", "tokenizers")
@@ -65,7 +65,7 @@ def write_report(state: State) -> Path:
 def write_manifest(root: Path) -> dict:
     files = {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    manifest = {"edgetl": __version__, "files": files}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgetl": __version__, "files": files}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

@@ -107,8 +107,6 @@ def run(state: State, recipe: Recipe) -> State:
     """Export every float model the pipeline kept (fine-tuned, pruned, distilled) and check each one."""
 
     cfg = recipe.export
-    if cfg.opset < 17:
-        raise EdgetlError("export.opset must be 17 or newer")
     contract = state.backbone.contract
     atol = cfg.atol if cfg.atol is not None else contract.atol
     batches = parity_feeds(state)

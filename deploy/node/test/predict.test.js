@@ -155,3 +155,28 @@ test('text: probabilities and top-k labels equal the Python runner\'s, in the li
     assert.equal(empty.status, 2);
     assert.match(empty.stderr, /^error: empty text\n$/);
   });
+
+test('a manifest naming files outside the bundle is refused before anything is read or hashed', { skip }, () => {
+  const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'edgetl-node-'));
+  try {
+    fs.cpSync(fx.bundle, copy, { recursive: true });
+    const manifestFile = path.join(copy, 'manifest.json');
+    const good = fs.readFileSync(manifestFile, 'utf8');
+    for (const name of ['../../etc/passwd', '/etc/passwd', 'sub/../../x', 'a\\b']) {
+      const manifest = JSON.parse(good);
+      manifest.files[name] = '0'.repeat(64);
+      fs.writeFileSync(manifestFile, JSON.stringify(manifest));
+      const r = cli([copy, fx.cases[0].png]);
+      assert.equal(r.status, 2, name);
+      assert.match(r.stderr, /^error: manifest\.json lists .*only plain file names inside the bundle are valid\n$/, name);
+    }
+    fs.writeFileSync(manifestFile, good);
+    fs.rmSync(path.join(copy, 'labels.json'));
+    fs.symlinkSync('/etc/hostname', path.join(copy, 'labels.json'));
+    const r = cli([copy, fx.cases[0].png]);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /^error: bundle file labels\.json points outside the bundle\n$/);
+  } finally {
+    fs.rmSync(copy, { recursive: true, force: true });
+  }
+});
