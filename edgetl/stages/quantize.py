@@ -1,7 +1,7 @@
 """INT8: quantization-aware training and/or ORT post-training quantization, ending in a QDQ ONNX model that
 ONNX Runtime executes with int8 kernels (QLinearConv / MatMulInteger), never slower than FP32 unannounced.
 
-Design (measured on this stack, see README): Q/DQ placement is left to ONNX Runtime's own static quantizer,
+Design (measured on this stack, see docs/benchmarks.md): Q/DQ placement is left to ONNX Runtime's own static quantizer,
 because it puts them exactly where ORT fuses (uint8 activations, int8 per-channel weights, QDQ format). QAT
 makes the *weights* robust to that quantization: a fake-quant pass mirrors it during fine-tuning
 
