@@ -41,8 +41,10 @@ test: setup
 	$(PY) -m pytest -q
 	deploy/node/run_test.sh
 
+# the house style: ruff's lint rules and its formatter (120 columns), both checked in CI
 lint: setup
 	$(VENV)/bin/ruff check edgetl tests benchmarks deploy
+	$(VENV)/bin/ruff format --check edgetl tests benchmarks deploy
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -41,17 +41,28 @@ sys.path.insert(0, str(ROOT))
 # 8 and 22% INT8 added nothing measurable) and the distillation budget to recover: 5 epochs over the 4,000
 # labelled images plus 12,000 spare training images labelled by the teacher. Measured 2026-12-02: MobileNetV2
 # -0.6 pt at 3.30x as INT8.
-BENCH_SET = ["data.max_test=10000", "data.max_val=2000", "quantize.float_leading_convs=auto",
-             "prune.target_macs=0.28", "prune.round_to=32", "prune.steps=3", "distill.epochs=5",
-             "distill.transfer_size=12000"]
+BENCH_SET = [
+    "data.max_test=10000",
+    "data.max_val=2000",
+    "quantize.float_leading_convs=auto",
+    "prune.target_macs=0.28",
+    "prune.round_to=32",
+    "prune.steps=3",
+    "distill.epochs=5",
+    "distill.transfer_size=12000",
+]
 WORKDIRS: list[Path] = []  # removed at the end unless --keep
 RECIPE = ROOT / "models" / "mobilenet_v2_fmnist.yaml"  # the demo recipe; BACKBONES swap the backbone
 BACKBONES = {  # applied after BENCH_SET: the backbone swap and what this backbone needs differently
     "mobilenet_v2": ["backbone.name=torchvision:mobilenet_v2", "backbone.pretrained=IMAGENET1K_V1"],
     # Lite0 distilled at 28% (lands on 26%) ends 1.7 pt *above* its fine-tuned model at only 2.59x, so it is pruned
     # deeper: 18% (lands on 16%) gave +0.8 pt at 3.30x (2026-12-02)
-    "lite0": ["backbone.name=timm:tf_efficientnet_lite0", "backbone.pretrained=true", "finetune.freeze_blocks=4",
-              "prune.target_macs=0.18"],
+    "lite0": [
+        "backbone.name=timm:tf_efficientnet_lite0",
+        "backbone.pretrained=true",
+        "finetune.freeze_blocks=4",
+        "prune.target_macs=0.18",
+    ],
 }
 
 
@@ -80,17 +91,23 @@ def ort_default_ptq(src: Path, dst: Path, calib: np.ndarray) -> Path:
     return dst
 
 
-def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str], targets: list[float] | None = None,
-                   b_only: bool = False, a_only: bool = False) -> list[dict]:
+def bench_backbone(
+    key: str,
+    runs: int,
+    quick: bool,
+    overrides_extra: list[str],
+    targets: list[float] | None = None,
+    b_only: bool = False,
+    a_only: bool = False,
+) -> list[dict]:
     import copy
 
     import torch
 
     from edgetl.config import load_recipe
-    from edgetl.data import feeds
-    from edgetl.pipeline import State
-    from edgetl.runner import feed_for, interleaved_latency, normalize, session
-    from edgetl.stages.verify import ort_accuracy, torch_predictions
+    from edgetl.measure import ort_metric, torch_predictions
+    from edgetl.runner import feed_for, interleaved_latency, session
+    from edgetl.state import State
 
     overrides = BENCH_SET + list(BACKBONES[key])
     if quick:
@@ -115,7 +132,7 @@ def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str],
     fp32_path = work / "a" / "model.fp32.onnx"
     variants = {"ORT FP32": fp32_path}
     if not b_only:
-        calib = normalize(base.data.train.images[:256], base.backbone.contract.preprocess)
+        calib = base.modality.feeds(base.data.train, batch=256, limit=256)[0]["input"]
         chosen_a = state_a.metrics["quantize"]["chosen"] or "fp32"
         variants["ORT quantize_static (defaults)"] = ort_default_ptq(fp32_path, work / "ort_default.onnx", calib)
         variants[f"edgetl INT8 ({chosen_a})"] = work / "a" / state_a.onnx[chosen_a]
@@ -131,12 +148,10 @@ def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str],
         label = f"INT8 ({chosen_b})" if chosen_b else "FP32 shipped (INT8 slower)"
         variants[f"edgetl pruned ({left})+distilled+{label}"] = work / f"b{i}" / state_b.onnx[chosen_b or "distilled"]
 
-    pre = base.backbone.contract.preprocess
-    y_test = base.data.test.labels
-
-    test = feeds(base.data.test, pre)
-    ort_accs = {name: ort_accuracy(p, test, y_test) for name, p in variants.items()}
-    torch_acc = 100.0 * float((torch_predictions(fp32_model.eval(), test) == y_test).mean())
+    task, y_test = base.task, base.data.test.labels
+    test = base.modality.feeds(base.data.test)
+    ort_accs = {name: ort_metric(task, p, test, y_test).value for name, p in variants.items()}
+    torch_acc = task.score(torch_predictions(task, fp32_model.eval(), test), y_test).value
     acc = {"PyTorch eager FP32": torch_acc, **ort_accs}
 
     rows = {name: {"backbone": key, "variant": name, "acc": a, "size_mb": None} for name, a in acc.items()}
@@ -144,8 +159,10 @@ def bench_backbone(key: str, runs: int, quick: bool, overrides_extra: list[str],
         rows[name]["size_mb"] = p.stat().st_size / 1e6
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        sessions = {"PyTorch eager FP32": TorchSession(fp32_model.eval()),
-                    **{name: session(p, threads=threads) for name, p in variants.items()}}
+        sessions = {
+            "PyTorch eager FP32": TorchSession(fp32_model.eval()),
+            **{name: session(p, threads=threads) for name, p in variants.items()},
+        }
         lat = interleaved_latency(sessions, feed_for(sessions["ORT FP32"], 1), runs=runs, warmup=20)
         for name in sessions:
             rows[name][f"p50_ms_{threads}t"] = lat[name]["p50_ms"]
@@ -162,7 +179,7 @@ class TorchSession:
     def run(self, _outputs, feed):
         import torch
 
-        from edgetl.data import torch_forward
+        from edgetl.measure import torch_forward
 
         with torch.inference_mode():
             return [torch_forward(self.model, feed).numpy()]
@@ -176,8 +193,11 @@ def optimum_dynamic_int8(fp32: Path, out_dir: Path) -> Path:
     from edgetl.runner import cpu_int8_features
 
     flags = cpu_int8_features()
-    make = AutoQuantizationConfig.avx512_vnni if flags["avx512_vnni"] else (
-        AutoQuantizationConfig.avx512 if flags["avx512f"] else AutoQuantizationConfig.avx2)
+    make = (
+        AutoQuantizationConfig.avx512_vnni
+        if flags["avx512_vnni"]
+        else (AutoQuantizationConfig.avx512 if flags["avx512f"] else AutoQuantizationConfig.avx2)
+    )
     quantizer = ORTQuantizer.from_pretrained(fp32.parent, file_name=fp32.name)
     quantizer.quantize(save_dir=out_dir, quantization_config=make(is_static=False, per_channel=False))
     return next(out_dir.glob("*quantized*.onnx"))
@@ -188,11 +208,11 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
     import yaml
 
     from edgetl.config import load_recipe, recipe_from_dict
-    from edgetl.data import feeds
-    from edgetl.pipeline import State, build
+    from edgetl.measure import ort_metric
+    from edgetl.pipeline import build
     from edgetl.runner import interleaved_latency, session
     from edgetl.stages import load
-    from edgetl.stages.verify import ort_accuracy
+    from edgetl.state import State
 
     work = Path(tempfile.mkdtemp(prefix="bench-minilm-"))
     WORKDIRS.append(work)
@@ -201,7 +221,6 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
         bundle = build(load_recipe(ROOT / "models" / "minilm_rotten_tomatoes.yaml", overrides), work / "bundle").workdir
     recipe = recipe_from_dict(yaml.safe_load((bundle / "recipe.lock.yaml").read_text())["recipe"])
     state = load.run(State(recipe=recipe, workdir=work), recipe)  # the same test split and tokenizer
-    pre = state.backbone.contract.preprocess
     (work / "fp32").mkdir()
     shutil.copyfile(bundle / "model.fp32.onnx", work / "fp32" / "model.onnx")
     shipped = json.loads((bundle / "report.json").read_text())["metrics"]["quantize"]["chosen"]
@@ -210,14 +229,14 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
         "optimum ORTQuantizer dynamic INT8": optimum_dynamic_int8(work / "fp32" / "model.onnx", work / "optimum"),
         f"edgetl INT8 bundle ({shipped})": bundle / "model.onnx",
     }
-    test = feeds(state.data.test, pre, state.tokenizer)
+    test = state.modality.feeds(state.data.test)
     y = state.data.test.labels
     rows = {}
     for name, p in variants.items():
-        rows[name] = {"acc": ort_accuracy(p, test, y), "size_mb": p.stat().st_size / 1e6}
+        rows[name] = {"acc": ort_metric(state.task, p, test, y).value, "size_mb": p.stat().st_size / 1e6}
     out = []
     for seq in (32, 128):
-        feed = feeds(state.data.test, pre, state.tokenizer, batch=1, limit=1, pad_to=seq)[0]
+        feed = state.modality.feeds(state.data.test, batch=1, limit=1, pad_to=seq)[0]
         for threads in (1, 2):
             sessions = {name: session(p, threads=threads) for name, p in variants.items()}
             lat = interleaved_latency(sessions, feed, runs=runs, warmup=20)
@@ -226,9 +245,18 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
                 rows[name][f"speedup_{threads}t_{seq}"] = lat["ORT FP32"]["p50_ms"] / lat[name]["p50_ms"]
     for seq in (32, 128):
         for name, r in rows.items():
-            out.append({"backbone": f"minilm (seq {seq})", "variant": name, "acc": r["acc"], "size_mb": r["size_mb"],
-                        "p50_ms_1t": r[f"p50_ms_1t_{seq}"], "speedup_1t": r[f"speedup_1t_{seq}"],
-                        "p50_ms_2t": r[f"p50_ms_2t_{seq}"], "speedup_2t": r[f"speedup_2t_{seq}"]})
+            out.append(
+                {
+                    "backbone": f"minilm (seq {seq})",
+                    "variant": name,
+                    "acc": r["acc"],
+                    "size_mb": r["size_mb"],
+                    "p50_ms_1t": r[f"p50_ms_1t_{seq}"],
+                    "speedup_1t": r[f"speedup_1t_{seq}"],
+                    "p50_ms_2t": r[f"p50_ms_2t_{seq}"],
+                    "speedup_2t": r[f"speedup_2t_{seq}"],
+                }
+            )
     return out
 
 
@@ -237,17 +265,32 @@ def main() -> None:
     ap.add_argument("--backbones", default="mobilenet_v2,lite0,minilm")
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--quick", action="store_true", help="fewer images and epochs (smoke run)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="recipe override for the image backbones, after the bench's own (repeatable)")
-    ap.add_argument("--prune-targets", default=None, metavar="0.26,0.30",
-                    help="branch B once per prune.target_macs value, all from the same fine-tuned model")
-    ap.add_argument("--b-only", action="store_true",
-                    help="skip branch A and ORT's default PTQ (rows: PyTorch, ORT FP32, branch B)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the image backbones, after the bench's own (repeatable)",
+    )
+    ap.add_argument(
+        "--prune-targets",
+        default=None,
+        metavar="0.26,0.30",
+        help="branch B once per prune.target_macs value, all from the same fine-tuned model",
+    )
+    ap.add_argument(
+        "--b-only", action="store_true", help="skip branch A and ORT's default PTQ (rows: PyTorch, ORT FP32, branch B)"
+    )
     ap.add_argument("--a-only", action="store_true", help="skip branch B (prune + distill)")
     ap.add_argument("--keep", action="store_true", help="keep the work folders (models of every variant)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    ap.add_argument("--text-bundle", type=Path, default=None,
-                    help="measure this text bundle (e.g. artifacts/minilm_rotten_tomatoes) instead of building one")
+    ap.add_argument(
+        "--text-bundle",
+        type=Path,
+        default=None,
+        help="measure this text bundle (e.g. artifacts/minilm_rotten_tomatoes) instead of building one",
+    )
     args = ap.parse_args()
     if args.a_only and args.b_only:
         ap.error("--a-only and --b-only exclude each other")
@@ -262,15 +305,19 @@ def main() -> None:
             targets = [float(t) for t in args.prune_targets.split(",")] if args.prune_targets else None
             rows += bench_backbone(key, args.runs, args.quick, args.overrides, targets, args.b_only, args.a_only)
     print(f"\ndevice: {json.dumps(device_info())}  ({time.time() - t0:.0f} s)")
-    print("| backbone | variant | test acc | Δacc vs ORT FP32 | p50 1 thread | speedup 1t | p50 2 threads | "
-          "speedup 2t | size MB |")
+    print(
+        "| backbone | variant | test acc | Δacc vs ORT FP32 | p50 1 thread | speedup 1t | p50 2 threads | "
+        "speedup 2t | size MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(x for x in rows if x["backbone"] == r["backbone"] and x["variant"] == "ORT FP32")
         size = f"{r['size_mb']:.2f}" if r["size_mb"] else "-"
-        print(f"| {r['backbone']} | {r['variant']} | {r['acc']:.1f}% | {r['acc'] - ref['acc']:+.1f} | "
-              f"{r['p50_ms_1t']:.2f} ms | {r['speedup_1t']:.2f}x | {r['p50_ms_2t']:.2f} ms | {r['speedup_2t']:.2f}x | "
-              f"{size} |")
+        print(
+            f"| {r['backbone']} | {r['variant']} | {r['acc']:.1f}% | {r['acc'] - ref['acc']:+.1f} | "
+            f"{r['p50_ms_1t']:.2f} ms | {r['speedup_1t']:.2f}x | {r['p50_ms_2t']:.2f} ms | {r['speedup_2t']:.2f}x | "
+            f"{size} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     for work in WORKDIRS:

@@ -75,10 +75,10 @@ def profile(name: str, size: int, runs: int, threads: int, work: Path) -> dict:
     import torch
 
     from edgetl.backbones import build_backbone
+    from edgetl.compress.ort_quant import quantize_onnx
     from edgetl.config import BackboneCfg, QuantizeCfg
+    from edgetl.onnx_export import export_onnx
     from edgetl.runner import cpu_int8_features
-    from edgetl.stages.export import export_onnx
-    from edgetl.stages.quantize import quantize_onnx
 
     torch.manual_seed(0)
     bb = build_backbone(BackboneCfg(name=name, pretrained=False, input_size=size), 10)
@@ -86,8 +86,13 @@ def profile(name: str, size: int, runs: int, threads: int, work: Path) -> dict:
     calib = rng.standard_normal((32, 3, size, size)).astype(np.float32)
     stem = name.replace(":", "_") + f"_{size}"
     fp32 = export_onnx(bb.model.eval(), bb.contract, work / f"{stem}.fp32.onnx", {"input": calib[:1]}, 17)
-    int8 = quantize_onnx(fp32, work / f"{stem}.int8.onnx", [{"input": calib[i : i + 16]} for i in (0, 16)],
-                         QuantizeCfg(float_leading_convs=0), reduce_range=not cpu_int8_features()["vnni_or_dot"])
+    int8 = quantize_onnx(
+        fp32,
+        work / f"{stem}.int8.onnx",
+        [{"input": calib[i : i + 16]} for i in (0, 16)],
+        QuantizeCfg(float_leading_convs=0),
+        reduce_range=not cpu_int8_features()["vnni_or_dot"],
+    )
     feed = {"input": calib[:1]}
     kinds = conv_kinds(fp32)
     t32, total32 = kernel_times(fp32, "Conv", feed, runs, threads)
@@ -119,11 +124,16 @@ def main() -> None:
             for size in map(int, args.sizes.split(",")):
                 r = profile(name, size, args.runs, args.threads, Path(tmp))
                 for kind, (a, b, n) in sorted(r["kinds"].items()):
-                    print(f"| {name} | {size} | {kind} | {n} | {a / 1e3:.3f} | {b / 1e3:.3f} | {a / b:.2f}x | "
-                          f"{b / r['total_int8']:.0%} |", flush=True)
+                    print(
+                        f"| {name} | {size} | {kind} | {n} | {a / 1e3:.3f} | {b / 1e3:.3f} | {a / b:.2f}x | "
+                        f"{b / r['total_int8']:.0%} |",
+                        flush=True,
+                    )
                 a, b = r["total_fp32"], r["total_int8"]
-                print(f"| {name} | {size} | all kernels | | {a / 1e3:.3f} | {b / 1e3:.3f} | {a / b:.2f}x | 100% |",
-                      flush=True)
+                print(
+                    f"| {name} | {size} | all kernels | | {a / 1e3:.3f} | {b / 1e3:.3f} | {a / b:.2f}x | 100% |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DEFAULT = ",".join(["torchvision:mobilenet_v3_large", "torchvision:mobilenet_v3_small", "torchvision:mobilenet_v2",
-                    "timm:tf_efficientnet_lite0"])
+DEFAULT = ",".join(
+    [
+        "torchvision:mobilenet_v3_large",
+        "torchvision:mobilenet_v3_small",
+        "torchvision:mobilenet_v2",
+        "timm:tf_efficientnet_lite0",
+    ]
+)
 
 
 def variants(name: str, size: int, work: Path) -> dict:
@@ -32,10 +38,10 @@ def variants(name: str, size: int, work: Path) -> dict:
 
     from benchmarks.compression import ort_default_ptq
     from edgetl.backbones import build_backbone
+    from edgetl.compress.ort_quant import FUSED_OPS, quantize_onnx
     from edgetl.config import BackboneCfg, QuantizeCfg
+    from edgetl.onnx_export import export_onnx
     from edgetl.runner import cpu_int8_features
-    from edgetl.stages.export import export_onnx
-    from edgetl.stages.quantize import FUSED_OPS, quantize_onnx
 
     torch.manual_seed(0)
     bb = build_backbone(BackboneCfg(name=name, pretrained=False, input_size=size), 10)
@@ -50,8 +56,9 @@ def variants(name: str, size: int, work: Path) -> dict:
         "ORT FP32": fp32,
         "ORT quantize_static (defaults)": ort_default_ptq(fp32, work / f"{stem}.ortdefault.onnx", calib),
         "edgetl full QDQ": quantize_onnx(fp32, work / f"{stem}.full.onnx", batches, cfg, reduce_range),
-        "edgetl Conv/MatMul-only QDQ": quantize_onnx(fp32, work / f"{stem}.conv.onnx", batches, cfg, reduce_range,
-                                                     op_types=FUSED_OPS),
+        "edgetl Conv/MatMul-only QDQ": quantize_onnx(
+            fp32, work / f"{stem}.conv.onnx", batches, cfg, reduce_range, op_types=FUSED_OPS
+        ),
     }
 
 
@@ -72,24 +79,30 @@ def main() -> None:
                 feed = {"input": np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)}
                 row = {n: {} for n in paths}
                 for threads in (1, 2):
-                    lat = interleaved_latency({n: session(p, threads) for n, p in paths.items()}, feed,
-                                              runs=args.runs, warmup=20)
+                    lat = interleaved_latency(
+                        {n: session(p, threads) for n, p in paths.items()}, feed, runs=args.runs, warmup=20
+                    )
                     for n in paths:
                         row[n][f"p50_{threads}t"] = lat[n]["p50_ms"]
                         row[n][f"speedup_{threads}t"] = lat["ORT FP32"]["p50_ms"] / lat[n]["p50_ms"]
                 full, conv = row["edgetl full QDQ"]["speedup_1t"], row["edgetl Conv/MatMul-only QDQ"]["speedup_1t"]
                 ships = "full QDQ" if full >= 1.0 else "Conv/MatMul-only" if conv >= 1.0 else "FP32"
                 for n in paths:
-                    rows.append({"backbone": name, "size": size, "variant": n, **row[n],
-                                 "guard_ships": ships})
-                print(f"{name} @ {size}px: " + ", ".join(f"{n} {row[n]['speedup_1t']:.2f}x" for n in paths)
-                      + f" -> ships {ships}", flush=True)
+                    rows.append({"backbone": name, "size": size, "variant": n, **row[n], "guard_ships": ships})
+                print(
+                    f"{name} @ {size}px: "
+                    + ", ".join(f"{n} {row[n]['speedup_1t']:.2f}x" for n in paths)
+                    + f" -> ships {ships}",
+                    flush=True,
+                )
     print(f"\ndevice: {json.dumps(device_info())}")
     print("| backbone | px | variant | p50 1t | speedup 1t | p50 2t | speedup 2t | guard ships |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backbone']} | {r['size']} | {r['variant']} | {r['p50_1t']:.2f} ms | {r['speedup_1t']:.2f}x | "
-              f"{r['p50_2t']:.2f} ms | {r['speedup_2t']:.2f}x | {r['guard_ships']} |")
+        print(
+            f"| {r['backbone']} | {r['size']} | {r['variant']} | {r['p50_1t']:.2f} ms | {r['speedup_1t']:.2f}x | "
+            f"{r['p50_2t']:.2f} ms | {r['speedup_2t']:.2f}x | {r['guard_ships']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

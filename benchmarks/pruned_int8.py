@@ -30,12 +30,13 @@ STEPS = 3
 def variants(target: float, round_to: int, size: int, work: Path, base, calib: np.ndarray) -> tuple[dict, float]:
     import torch
 
+    from edgetl.compress.ort_quant import quantize_onnx
+    from edgetl.compress.prune import make_pruner, prune_step, ratio_for_macs
     from edgetl.config import PruneCfg, QuantizeCfg
+    from edgetl.measure import count_params_macs
+    from edgetl.onnx_export import export_onnx
     from edgetl.runner import cpu_int8_features
-    from edgetl.stages.export import export_onnx
-    from edgetl.stages.prune import make_pruner, prune_step, ratio_for_macs
-    from edgetl.stages.quantize import AUTO_FLOAT_LEADING, quantize_onnx
-    from edgetl.stages.verify import count_params_macs
+    from edgetl.stages.quantize import AUTO_FLOAT_LEADING
 
     example = torch.randn(1, 3, size, size)
 
@@ -57,8 +58,9 @@ def variants(target: float, round_to: int, size: int, work: Path, base, calib: n
     return {
         "FP32": fp32,
         "INT8": quantize_onnx(fp32, work / f"{tag}.int8.onnx", batches, cfg, reduce_range),
-        "INT8 (stem FP32)": quantize_onnx(fp32, work / f"{tag}.fl2.onnx", batches, cfg, reduce_range,
-                                          float_leading=AUTO_FLOAT_LEADING[0]),
+        "INT8 (stem FP32)": quantize_onnx(
+            fp32, work / f"{tag}.fl2.onnx", batches, cfg, reduce_range, float_leading=AUTO_FLOAT_LEADING[0]
+        ),
     }, left
 
 
@@ -74,8 +76,8 @@ def main() -> None:
 
     from edgetl.backbones import build_backbone
     from edgetl.config import BackboneCfg
+    from edgetl.onnx_export import export_onnx
     from edgetl.runner import device_info, interleaved_latency, session
-    from edgetl.stages.export import export_onnx
 
     torch.manual_seed(0)
     base = build_backbone(BackboneCfg(name="torchvision:mobilenet_v2", pretrained=False, input_size=args.size), 10)
@@ -94,8 +96,9 @@ def main() -> None:
                 print(f"target {target:g}, round_to {round_to}: {left:.1%} of the MACs", flush=True)
         lat = {}
         for threads in (1, 2):
-            lat[threads] = interleaved_latency({n: session(p, threads) for n, p in paths.items()}, feed,
-                                               runs=args.runs, warmup=20)
+            lat[threads] = interleaved_latency(
+                {n: session(p, threads) for n, p in paths.items()}, feed, runs=args.runs, warmup=20
+            )
         ref = {t: lat[t]["unpruned FP32"]["p50_ms"] for t in (1, 2)}
         for (target, round_to), left in configs.items():
             names = [f"{target:g}|{round_to}|{k}" for k in ("FP32", "INT8", "INT8 (stem FP32)")]
@@ -106,14 +109,19 @@ def main() -> None:
                     r[f"{k}_speedup_{t}t"] = ref[t] / lat[t][n]["p50_ms"]
             rows.append(r)
     print(f"\ndevice: {json.dumps(device_info())}; unpruned ORT FP32 p50 {ref[1]:.2f} ms (1t), {ref[2]:.2f} ms (2t)")
-    print("| target_macs | round_to | MACs left | pruned FP32 1t (2t) | pruned INT8 1t (2t) | INT8, stem FP32 1t (2t) "
-          "| INT8 / pruned FP32 1t |")
+    print(
+        "| target_macs | round_to | MACs left | pruned FP32 1t (2t) | pruned INT8 1t (2t) | INT8, stem FP32 1t (2t) "
+        "| INT8 / pruned FP32 1t |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[f'{k}_speedup_1t']:.2f}x ({r[f'{k}_speedup_2t']:.2f}x)" for k in ("fp32", "int8", "int8_fl2")]
         best = max(r["int8_speedup_1t"], r["int8_fl2_speedup_1t"]) / r["fp32_speedup_1t"]
-        print(f"| {r['target_macs']:g} | {r['round_to']} | {r['macs_left']:.0%} | " + " | ".join(cells)
-              + f" | {best:.2f}x |")
+        print(
+            f"| {r['target_macs']:g} | {r['round_to']} | {r['macs_left']:.0%} | "
+            + " | ".join(cells)
+            + f" | {best:.2f}x |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -1,10 +1,11 @@
-"""Build a classifier from a library name and declare how it exports.
+"""Build a pretrained trunk with the task's head from a library name and declare how it exports.
 
 Names pass straight to the libraries: ``torchvision:<builder>`` (``torchvision.models.get_model``),
-``timm:<model>`` (``timm.create_model``) and ``hf:<hub name or directory>``
-(``transformers.AutoModelForSequenceClassification``). The head is replaced for the dataset's classes. Each
-backbone carries its export contract (input/output names, dynamic axes, tolerance) and the preprocessing its
-pretrained weights expect (or its tokenizer), so export and the device runner need no other source of truth.
+``timm:<model>`` (``timm.create_model``) and ``hf:<hub name or directory>`` (the task's transformers Auto class,
+e.g. ``AutoModelForSequenceClassification``). The old head is replaced by the task's (``task.head``, or the
+library's own head sized by ``task.num_outputs``). Each backbone carries its export contract (input/output names
+from the task, dynamic axes, tolerance) and the preprocessing its pretrained weights expect (or its tokenizer), so
+export and the device runner need no other source of truth.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ class ExportContract:
 class Backbone:
     model: Any  # torch.nn.Module
     blocks: list[list[str]]  # parameter names grouped from input to output, head excluded
-    head: str  # module name of the final Linear
+    head: str  # module name of the task head
     contract: ExportContract
     tokenizer_file: Path | None = None  # text backbones: the tokenizer.json that ships in the bundle
+    transformer: bool = False  # a transformer encoder (heads / FFN neurons prune; every layer distils)
 
 
 def _preprocess(input_size: int, crop_pct: float, mean, std, interpolation: str) -> dict:
@@ -94,7 +96,12 @@ def replace_module(model, name: str, new) -> None:
     setattr(parent, name.rsplit(".", 1)[-1], new)
 
 
-def _torchvision(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
+def _contract(task, pre: dict, **kw) -> ExportContract:
+    axes = {"input": {0: "batch"}, **task.output_axes()}
+    return ExportContract(output_names=tuple(task.output_names), dynamic_axes=axes, preprocess=pre, **kw)
+
+
+def _torchvision(name: str, cfg: BackboneCfg, task) -> Backbone:
     import torchvision
     from torch import nn
 
@@ -125,7 +132,7 @@ def _torchvision(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
         _load_into(model, cfg.pretrained)
     head = _last_linear(model)
     old = model.get_submodule(head)
-    replace_module(model, head, nn.Linear(old.in_features, num_classes))
+    replace_module(model, head, task.head(old.in_features))
     if cfg.dropout is not None:
         for m in model.modules():
             if isinstance(m, nn.Dropout):
@@ -146,10 +153,10 @@ def _torchvision(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     size = cfg.input_size or tf.crop_size[0]
     crop_pct = tf.crop_size[0] / tf.resize_size[0]
     pre = _preprocess(size, crop_pct, tf.mean, tf.std, tf.interpolation.value)
-    return Backbone(model, groups, head, ExportContract(preprocess=pre))
+    return Backbone(model, groups, head, _contract(task, pre))
 
 
-def _timm(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
+def _timm(name: str, cfg: BackboneCfg, task) -> Backbone:
     import timm
     from timm.models import group_parameters
 
@@ -157,7 +164,7 @@ def _timm(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
         raise EdgetlError(
             f"unknown timm model '{name}'; list valid names with: python -c 'import timm; print(timm.list_models())'"
         )
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {"num_classes": task.num_outputs}  # timm's own head, initialised its way
     if cfg.dropout is not None:
         kwargs["drop_rate"] = cfg.dropout
     if cfg.pretrained is True:
@@ -181,7 +188,7 @@ def _timm(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     pc = model.pretrained_cfg
     size = cfg.input_size or pc["input_size"][-1]
     pre = _preprocess(size, pc.get("crop_pct", 0.875), pc["mean"], pc["std"], pc.get("interpolation", "bilinear"))
-    return Backbone(model, groups, head, ExportContract(preprocess=pre))
+    return Backbone(model, groups, head, _contract(task, pre))
 
 
 def encoder_layer_names(model) -> list[str]:
@@ -191,8 +198,11 @@ def encoder_layer_names(model) -> list[str]:
     from torch import nn
 
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-                sum(isinstance(m, nn.Linear) for m in layer.modules()) == 6 for layer in module):
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and all(sum(isinstance(m, nn.Linear) for m in layer.modules()) == 6 for layer in module)
+        ):
             return [f"{name}.{i}" for i in range(len(module))]
     return []
 
@@ -200,8 +210,8 @@ def encoder_layer_names(model) -> list[str]:
 def _hf_wrapper():
     import torch
 
-    class HFClassifier(torch.nn.Module):
-        """A transformers sequence classifier that takes token tensors by name and returns plain logits."""
+    class HFModel(torch.nn.Module):
+        """A transformers model that takes token tensors by name and returns its plain logits."""
 
         def __init__(self, model, input_names: tuple[str, ...]):
             super().__init__()
@@ -214,13 +224,14 @@ def _hf_wrapper():
                 kwargs["token_type_ids"] = token_type_ids
             return self.model(**kwargs).logits
 
-    return HFClassifier
+    return HFModel
 
 
-def _hf(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
+def _hf(name: str, cfg: BackboneCfg, task) -> Backbone:
     import inspect
 
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from edgetl.assets import cache_dir, offline_hf_dir
@@ -229,19 +240,22 @@ def _hf(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     src = str(local) if local.is_dir() else str(offline_hf_dir(name) or name)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we replace the head
     try:
-        config = AutoConfig.from_pretrained(src, num_labels=num_classes)
+        auto = getattr(transformers, task.hf_auto_class)
+        config = AutoConfig.from_pretrained(src, num_labels=task.num_outputs)
         if cfg.dropout is not None:
             for key in ("hidden_dropout_prob", "classifier_dropout", "seq_classif_dropout", "dropout"):
                 if hasattr(config, key):
                     setattr(config, key, cfg.dropout)
         if cfg.pretrained is False:
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = auto.from_config(config)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(src, config=config, ignore_mismatched_sizes=True)
+            model = auto.from_pretrained(src, config=config, ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
-        raise EdgetlError(f"could not load transformers model '{name}' ({str(e).splitlines()[0][:160]}); "
-                          "offline, point hf: at a local directory with config.json, weights and tokenizer") from None
+        raise EdgetlError(
+            f"could not load transformers model '{name}' ({str(e).splitlines()[0][:160]}); "
+            "offline, point hf: at a local directory with config.json, weights and tokenizer"
+        ) from None
     if isinstance(cfg.pretrained, str):
         _load_into(model, cfg.pretrained)
     if not getattr(tokenizer, "is_fast", False):
@@ -263,21 +277,37 @@ def _hf(name: str, cfg: BackboneCfg, num_classes: int) -> Backbone:
     if rest:  # pooler, pre_classifier: trained with the top block
         groups[-1] += rest
     axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
-    pre = {"kind": "text", "inputs": list(inputs), "max_length": 128, "pad_id": int(tokenizer.pad_token_id or 0),
-           "tokenizer": "tokenizer.json"}
-    contract = ExportContract(input_names=inputs, dynamic_axes={**axes, "logits": {0: "batch"}}, atol=1e-3,
-                              preprocess=pre, exporter="optimum")
-    return Backbone(wrapper, groups, head, contract, tokenizer_file=tok_file)
+    pre = {
+        "kind": "text",
+        "inputs": list(inputs),
+        "max_length": 128,
+        "pad_id": int(tokenizer.pad_token_id or 0),
+        "tokenizer": "tokenizer.json",
+    }
+    contract = ExportContract(
+        input_names=inputs,
+        output_names=tuple(task.output_names),
+        dynamic_axes={**axes, **task.output_axes()},
+        atol=1e-3,
+        preprocess=pre,
+        exporter="optimum",
+    )
+    return Backbone(wrapper, groups, head, contract, tokenizer_file=tok_file, transformer=True)
 
 
 FAMILIES = {"torchvision": _torchvision, "timm": _timm, "hf": _hf}
 
 
-def build_backbone(cfg: BackboneCfg, num_classes: int) -> Backbone:
+def build_backbone(cfg: BackboneCfg, task) -> Backbone:
+    """The trunk ``cfg`` names with ``task``'s head (a task object, or a class count for classification)."""
+    if isinstance(task, int):
+        from edgetl.tasks import create_task
+
+        task = create_task("classification", [str(i) for i in range(task)])
     family, _, name = cfg.name.partition(":")
     if family not in FAMILIES or not name:
         raise EdgetlError(
             f"backbone.name '{cfg.name}' must be '<library>:<model>' with library one of {', '.join(FAMILIES)} "
             "(e.g. torchvision:mobilenet_v2, timm:tf_efficientnet_lite0, hf:distilbert-base-uncased)"
         )
-    return FAMILIES[family](name, cfg, num_classes)
+    return FAMILIES[family](name, cfg, task)

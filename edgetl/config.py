@@ -23,6 +23,12 @@ from edgetl.errors import EdgetlError
 
 
 @dataclass(frozen=True)
+class TaskCfg:
+    kind: Literal["classification"] = "classification"  # what the model predicts (edgetl/tasks/); one label per
+    # example today: detection, token classification and seq2seq plug into the same protocol
+
+
+@dataclass(frozen=True)
 class BackboneCfg:
     name: str  # "torchvision:mobilenet_v2", "timm:tf_efficientnet_lite0", "hf:distilbert-base-uncased", "hf:/a/dir"
     pretrained: bool | str = True  # true: default library weights; false: random init; a torchvision tag
@@ -138,8 +144,11 @@ class QuantizeCfg:
 @dataclass(frozen=True)
 class ExportCfg:
     opset: int = 17
-    atol: float | None = None  # max |ORT - PyTorch| on logits; None = the backbone's declared tolerance
-    min_top1_agreement: float = 0.99  # ORT and PyTorch must pick the same class on this fraction of inputs
+    # ORT must stay within atol + rtol * max|PyTorch output| of PyTorch on every output (scale-aware: large logits
+    # differ more in absolute terms); None = the backbone's declared atol
+    atol: float | None = None
+    rtol: float = 1e-4
+    min_agreement: float = 0.99  # ORT and PyTorch must decode the same prediction on this fraction of inputs
     ort_format: bool = False  # also write model.ort (ONNX Runtime Mobile) and run ORT's mobile usability check
 
 
@@ -149,10 +158,14 @@ class VerifyCfg:
     providers: tuple = ("cpu",)  # execution providers to measure the shipped model on (cpu, cuda, tensorrt)
     warmup: int = 10  # untimed runs before latency is measured
     runs: int = 100  # timed batch-1 runs
-    max_accuracy_drop: float | None = None  # gate, in points: PyTorch fine-tuned accuracy minus shipped ORT accuracy
+    # gates on the task's primary metric (classification: accuracy, %): the fine-tuned PyTorch model's test metric
+    # minus the shipped model's under ORT, in the metric's units; and the shipped model's ORT test metric
+    max_metric_drop: float | None = None
+    min_metric: float | None = None
     min_speedup: float | None = None  # gate: FP32 ONNX p50 / shipped model p50
     max_size_mb: float | None = None  # gate: shipped model.onnx size
-    min_accuracy: float | None = None  # gate: shipped ORT test accuracy, in percent
+    max_accuracy_drop: float | None = None  # classification: the same as max_metric_drop
+    min_accuracy: float | None = None  # classification: the same as min_metric
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,7 @@ class Recipe:
     name: str
     backbone: BackboneCfg
     data: DataCfg
+    task: TaskCfg = field(default_factory=TaskCfg)
     seed: int = 0
     finetune: FinetuneCfg | None = None
     prune: PruneCfg | None = None
@@ -312,8 +326,9 @@ def _parse_yaml(text: str, where: str) -> Any:
     except RecursionError:
         raise EdgetlError(f"{where}: YAML nested too deeply") from None
     if _expanded_size(raw, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
-        raise EdgetlError(f"{where}: YAML expands to more than {MAX_RECIPE_NODES:,} values (anchors/aliases?); "
-                          "write the values out")
+        raise EdgetlError(
+            f"{where}: YAML expands to more than {MAX_RECIPE_NODES:,} values (anchors/aliases?); write the values out"
+        )
     return raw
 
 
@@ -322,8 +337,10 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     if not path.is_file():
         raise EdgetlError(f"recipe not found: {path}")
     if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise EdgetlError(f"recipe {path} is {path.stat().st_size:,} bytes; a recipe is a page of settings "
-                          f"(limit {MAX_RECIPE_BYTES:,})")
+        raise EdgetlError(
+            f"recipe {path} is {path.stat().st_size:,} bytes; a recipe is a page of settings "
+            f"(limit {MAX_RECIPE_BYTES:,})"
+        )
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -397,7 +414,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "quantize.float_leading_convs": (lambda v: v == "auto" or v >= 0, "auto or >= 0"),
     "export.opset": (_at_least(17), ">= 17 (the exporters' LayerNormalization and per-channel QDQ need it)"),
     "export.atol": (lambda v: v > 0, "> 0"),
-    "export.min_top1_agreement": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "export.min_agreement": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "verify.threads": (_at_least(1), ">= 1"),
     "verify.warmup": (_at_least(0), ">= 0"),
     "verify.runs": (_at_least(1), ">= 1"),
@@ -405,25 +422,44 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "verify.max_size_mb": (lambda v: v > 0, "> 0"),
     "verify.max_accuracy_drop": (lambda v: 0 <= v <= 100, "in [0, 100] points"),
     "verify.min_accuracy": (lambda v: 0 <= v <= 100, "in [0, 100] percent"),
+    "verify.max_metric_drop": (lambda v: 0 <= v <= 100, "in [0, 100] (the metric's points)"),
+    "verify.min_metric": (lambda v: 0 <= v <= 100, "in [0, 100] (the metric's points)"),
+    "export.rtol": (_at_least(0), ">= 0"),
 }
 
 
 def _check_values(recipe: Recipe) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.name):
-        raise EdgetlError(f"recipe key 'name': {recipe.name!r} must be a plain file name (letters, digits, . _ -), "
-                          "it names the bundle directory")
+        raise EdgetlError(
+            f"recipe key 'name': {recipe.name!r} must be a plain file name (letters, digits, . _ -), "
+            "it names the bundle directory"
+        )
     if recipe.export is None:
-        raise EdgetlError("recipe key 'export': a bundle ships an ONNX model, so the export section cannot be null "
-                          "(leave it out for the defaults)")
+        raise EdgetlError(
+            "recipe key 'export': a bundle ships an ONNX model, so the export section cannot be null "
+            "(leave it out for the defaults)"
+        )
     text_data = recipe.data.kind in ("csv", "jsonl", "rotten_tomatoes")
     text_backbone = recipe.backbone.name.startswith("hf:")
     if text_data != text_backbone:  # now, not after a minute of network retries for the wrong kind of weights
-        raise EdgetlError(f"recipe key 'data.kind': {recipe.data.kind} is {'text' if text_data else 'image'} data but "
-                          f"{recipe.backbone.name} is {'a text' if text_backbone else 'an image'} backbone "
-                          f"({'hf:<model>' if text_data else 'torchvision:/timm:<model>'} for this data)")
-    if recipe.verify is not None and recipe.verify.max_accuracy_drop is not None and recipe.finetune is None:
-        raise EdgetlError("recipe key 'verify.max_accuracy_drop': the drop is measured from the fine-tuned model, "
-                          "so it needs a finetune section (or use verify.min_accuracy)")
+        raise EdgetlError(
+            f"recipe key 'data.kind': {recipe.data.kind} is {'text' if text_data else 'image'} data but "
+            f"{recipe.backbone.name} is {'a text' if text_backbone else 'an image'} backbone "
+            f"({'hf:<model>' if text_data else 'torchvision:/timm:<model>'} for this data)"
+        )
+    v = recipe.verify
+    if v is not None:
+        for new, old in (("max_metric_drop", "max_accuracy_drop"), ("min_metric", "min_accuracy")):
+            if getattr(v, old) is not None and recipe.task.kind != "classification":
+                raise EdgetlError(f"recipe key 'verify.{old}' is for classification; use verify.{new}")
+            if getattr(v, old) is not None and getattr(v, new) is not None:
+                raise EdgetlError(f"recipe keys 'verify.{old}' and 'verify.{new}' are the same gate: set one")
+        for key in ("max_metric_drop", "max_accuracy_drop"):
+            if getattr(v, key) is not None and recipe.finetune is None:
+                raise EdgetlError(
+                    f"recipe key 'verify.{key}': the drop is measured from the fine-tuned model, so it "
+                    "needs a finetune section (or use verify.min_metric)"
+                )
     for key, (ok, allowed) in RULES.items():
         value: Any = recipe
         for part in key.split("."):

@@ -1,8 +1,7 @@
-"""Datasets, stratified splits, transforms and tokenization.
+"""Data sources, stratified splits and the spare pool; decoding is the modality's (``edgetl.modalities``).
 
-Images are decoded once with the device runner's own ``prepare`` (resize shorter side, center crop) and kept
-in memory as uint8, so evaluation sees exactly what a device sees. Training adds augmentation on top. Texts
-are tokenized with the backbone's ``tokenizer.json`` through the runner's ``encode_texts`` for the same reason.
+Images are decoded once with the device runner's own ``prepare`` and kept in memory as uint8, so evaluation sees
+exactly what a device sees; texts are tokenized per batch with the runner's ``encode_texts`` for the same reason.
 Sources return *items* (file paths, arrays or texts) so splitting and subsampling happen before any decoding.
 """
 
@@ -18,15 +17,26 @@ import numpy as np
 
 from edgetl.config import DataCfg
 from edgetl.errors import EdgetlError
-from edgetl.runner import encode_texts, normalize, prepare
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-NO_SPARE = ("distill.transfer_size: the training pool has no examples beyond data.max_train and there is no "
-            "data.unlabelled_path (lower data.max_train, give unlabelled data, or set transfer_size: 0)")
+NO_SPARE = (
+    "distill.transfer_size: the training pool has no examples beyond data.max_train and there is no "
+    "data.unlabelled_path (lower data.max_train, give unlabelled data, or set transfer_size: 0)"
+)
 MAX_FIELD = 1 << 24  # csv: longest field accepted (16 MB; the csv module's default limit is 128 KB)
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @dataclass
@@ -84,8 +94,10 @@ def _open_image(path: Path, header_only: bool = False):
             im.load()
             return im.copy()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise EdgetlError(f"cannot read image {path}: {type(e).__name__} (corrupt, not an image, or over Pillow's "
-                          "decompression-bomb limit)") from None
+        raise EdgetlError(
+            f"cannot read image {path}: {type(e).__name__} (corrupt, not an image, or over Pillow's "
+            "decompression-bomb limit)"
+        ) from None
 
 
 def _folder_pool(root: Path, classes: list[str] | None = None) -> tuple[Pool, list[str]]:
@@ -167,8 +179,10 @@ def _text_rows(rows: list[dict], cfg: DataCfg, where: str, labelled: bool = True
     columns = text_columns[:1] + ([cfg.label_column] if labelled else []) + text_columns[1:]
     for col in columns:
         if col not in rows[0]:
-            raise EdgetlError(f"{where} has no column '{col}' (columns: {', '.join(map(str, rows[0]))}); "
-                              "set data.text_column / data.label_column")
+            raise EdgetlError(
+                f"{where} has no column '{col}' (columns: {', '.join(map(str, rows[0]))}); "
+                "set data.text_column / data.label_column"
+            )
     items, labels = [], []
     for n, row in enumerate(rows, 1):
         texts = [row.get(c) for c in text_columns]
@@ -299,16 +313,23 @@ def unlabelled_pool(cfg: DataCfg) -> Pool | None:
     per line; a .csv / .jsonl file, ``data.text_column`` and ``data.text_pair_column``)."""
     if not cfg.unlabelled_path:
         return None
-    path = user_path(cfg.unlabelled_path, 'data.unlabelled_path')
+    path = user_path(cfg.unlabelled_path, "data.unlabelled_path")
     where = f"data.unlabelled_path {path}"
     if cfg.kind not in TEXT_KINDS:
         if not path.is_dir():
             raise EdgetlError(f"{where}: folder not found (images: a folder of image files, any depth)")
         if cfg.kind == "folder" and cfg.path and path.resolve().is_relative_to(user_path(cfg.path).resolve()):
-            raise EdgetlError(f"{where} is inside data.path: its images would be read as a class or a split; "
-                              "keep unlabelled images in a folder of their own")
-        items = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            raise EdgetlError(
+                f"{where} is inside data.path: its images would be read as a class or a split; "
+                "keep unlabelled images in a folder of their own"
+            )
+        items = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTS
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         for item in items:
             _open_image(item, header_only=True)
         load = _open_image
@@ -341,26 +362,26 @@ def _check_disjoint(unlabelled: Pool | None, held_out: list[tuple[Pool, np.ndarr
     seen = {key(pool.items[i]) for pool, idx in held_out for i in idx}
     clash = sum(key(item) in seen for item in unlabelled.items)
     if clash:
-        raise EdgetlError(f"data.unlabelled_path: {clash} of its examples are validation or test examples; "
-                          "remove them (they would leak into distillation)")
+        raise EdgetlError(
+            f"data.unlabelled_path: {clash} of its examples are validation or test examples; "
+            "remove them (they would leak into distillation)"
+        )
 
 
-def _spare_pool(train: Pool, idx: np.ndarray, unlabelled: Pool | None, text: bool) -> Pool:
+def _spare_pool(train: Pool, idx: np.ndarray, unlabelled: Pool | None, modality) -> Pool:
     """The training pool's examples ``idx`` followed by the unlabelled ones, in one pool."""
-    extra = unlabelled.items if unlabelled else []
     labels = np.concatenate([train.labels[idx], unlabelled.labels if unlabelled else np.zeros(0, np.int64)])
-    if text:  # texts are their own items
-        return Pool([train.items[i] for i in idx] + list(extra), labels, None)
-    items = [(train.load, train.items[i]) for i in idx] + [(unlabelled.load, it) for it in extra]
-    return Pool(items, labels, lambda item: item[0](item[1]))
+    items, load = modality.spare_items(train, idx, unlabelled)
+    return Pool(items, labels, load)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # splitting
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int,
-                     classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int, classes: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, taken) with ``fraction`` of each class in ``taken``."""
     from sklearn.model_selection import train_test_split
 
@@ -375,22 +396,13 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int,
     return np.sort(keep), np.sort(taken)
 
 
-def _subsample(idx: np.ndarray, labels: np.ndarray, n: int | None, seed: int,
-               classes: list[str] | None = None) -> np.ndarray:
+def _subsample(
+    idx: np.ndarray, labels: np.ndarray, n: int | None, seed: int, classes: list[str] | None = None
+) -> np.ndarray:
     if n is None or n >= len(idx):
         return idx
     _, taken = stratified_split(labels[idx], n / len(idx), seed, classes)
     return idx[taken]
-
-
-def _materialize(pool: Pool, idx: np.ndarray, pre: dict, desc: str) -> Split:
-    from tqdm.auto import tqdm
-
-    if pre.get("kind") == "text":
-        return Split(labels=pool.labels[idx], texts=[pool.items[i] for i in idx])
-    arrays = [prepare(pool.load(pool.items[i]), pre) for i in tqdm(idx, desc=f"decode {desc}", leave=False,
-                                                                    disable=len(idx) < 2000)]
-    return Split(labels=pool.labels[idx], images=np.stack(arrays))
 
 
 def _available_bytes() -> int | None:
@@ -403,18 +415,25 @@ def _available_bytes() -> int | None:
     return None
 
 
-def _check_memory(n: int, side: int) -> None:
-    """Images are decoded into memory at the model's input size: refuse, before decoding, a set that cannot fit."""
-    need = n * side * side * 3
+def _check_memory(n: int, need: int) -> None:
+    """Examples are decoded into memory (images at the model's input size): refuse, before decoding, a set that
+    cannot fit."""
     have = _available_bytes()
     if have is not None and need > 0.7 * have:
-        raise EdgetlError(f"{n:,} images at {side}x{side} px need {need / 2**30:.1f} GiB decoded, more than this "
-                          f"machine has free ({have / 2**30:.1f} GiB): lower backbone.input_size or set "
-                          "data.max_train / max_val / max_test")
+        raise EdgetlError(
+            f"{n:,} examples need {need / 2**30:.1f} GiB decoded, more than this machine has free "
+            f"({have / 2**30:.1f} GiB): lower backbone.input_size or set data.max_train / max_val / "
+            "max_test"
+        )
 
 
-def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]] | None = None) -> Data:
-    """Split (stratified, seeded), subsample and decode the dataset; ``sources`` from ``open_sources(cfg)``."""
+def load_data(cfg: DataCfg, modality, seed: int, sources: tuple[dict, list[str]] | None = None) -> Data:
+    """Split (stratified, seeded), subsample and decode the dataset; ``sources`` from ``open_sources(cfg)``;
+    ``modality`` decodes (a preprocessing dict is taken as the modality it describes)."""
+    if isinstance(modality, dict):
+        from edgetl.modalities import modality_for
+
+        modality = modality_for(modality)
     for name in ("val_fraction", "test_fraction"):
         if not 0.0 < getattr(cfg, name) < 1.0:
             raise EdgetlError(f"recipe key 'data.{name}' must be between 0 and 1")
@@ -449,19 +468,18 @@ def load_data(cfg: DataCfg, pre: dict, seed: int, sources: tuple[dict, list[str]
     test_idx = _subsample(test_idx, test_pool.labels, cfg.max_test, seed, classes)
     unlabelled = unlabelled_pool(cfg)
     _check_disjoint(unlabelled, [(val_pool, val_idx), (test_pool, test_idx)])
-    spare_pool = _spare_pool(train_pool, np.setdiff1d(eligible, train_idx), unlabelled, pre.get("kind") == "text")
-
-    if pre.get("kind") != "text":
-        _check_memory(len(train_idx) + len(val_idx) + len(test_idx), pre["crop"])
+    spare_pool = _spare_pool(train_pool, np.setdiff1d(eligible, train_idx), unlabelled, modality)
+    n = len(train_idx) + len(val_idx) + len(test_idx)
+    _check_memory(n, modality.decoded_bytes(n))
 
     def spare(n: int, spare_seed: int) -> Split:
         taken = np.random.default_rng(spare_seed).permutation(len(spare_pool.labels))[:n]
-        return _materialize(spare_pool, np.sort(taken), pre, "spare")
+        return modality.materialize(spare_pool, np.sort(taken), "spare")
 
     return Data(
-        train=_materialize(train_pool, train_idx, pre, "train"),
-        val=_materialize(val_pool, val_idx, pre, "val"),
-        test=_materialize(test_pool, test_idx, pre, "test"),
+        train=modality.materialize(train_pool, train_idx, "train"),
+        val=modality.materialize(val_pool, val_idx, "val"),
+        test=modality.materialize(test_pool, test_idx, "test"),
         classes=classes,
         spare=spare,
         n_spare=len(spare_pool.labels),
@@ -473,69 +491,3 @@ def concat(a: Split, b: Split) -> Split:
     if a.images is not None:
         return Split(labels=np.concatenate([a.labels, b.labels]), images=np.concatenate([a.images, b.images]))
     return Split(labels=np.concatenate([a.labels, b.labels]), texts=list(a.texts) + list(b.texts))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# torch side
-
-
-def feeds(split: Split, pre: dict, tokenizer=None, batch: int = 64, limit: int | None = None,
-          pad_to: int | None = None) -> list[dict]:
-    """ONNX Runtime input dicts (numpy) for ``split`` in order, ``batch`` examples each."""
-    n = len(split) if limit is None else min(limit, len(split))
-    out = []
-    for i in range(0, n, batch):
-        j = min(i + batch, n)
-        if pre.get("kind") == "text":
-            out.append(encode_texts(tokenizer, split.texts[i:j], pre, pad_to=pad_to))
-        else:
-            out.append({"input": normalize(split.images[i:j], pre)})
-    return out
-
-
-def torch_forward(model, feed: dict):
-    """Run a PyTorch model on an ONNX-style feed (image models take one positional tensor)."""
-    import torch
-
-    tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
-    return model(tensors["input"]) if list(tensors) == ["input"] else model(**tensors)
-
-
-def make_loader(split: Split, pre: dict, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0,
-                tokenizer=None):
-    """A DataLoader of model inputs and labels; ``augment`` (an AugmentCfg) only for training images.
-    Text batches are dicts of token tensors, padded to the longest example in the batch."""
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision.transforms import v2
-
-    g = torch.Generator().manual_seed(seed)
-    if pre.get("kind") == "text":
-        def collate(idx: list[int]):
-            enc = encode_texts(tokenizer, [split.texts[i] for i in idx], pre)
-            return {k: torch.from_numpy(v) for k, v in enc.items()}, torch.as_tensor(split.labels[idx])
-
-        return DataLoader(list(range(len(split))), batch_size=batch_size, shuffle=shuffle, generator=g,
-                          collate_fn=collate)
-
-    mean = torch.tensor(pre["mean"]).view(3, 1, 1)
-    std = torch.tensor(pre["std"]).view(3, 1, 1)
-    ops = []
-    if augment is not None:
-        if augment.random_resized_crop:
-            ops.append(v2.RandomResizedCrop(pre["crop"], scale=(augment.crop_scale_min, 1.0), antialias=True))
-        if augment.hflip:
-            ops.append(v2.RandomHorizontalFlip())
-    aug = v2.Compose(ops) if ops else None
-
-    class _Images(Dataset):
-        def __len__(self):
-            return len(split)
-
-        def __getitem__(self, i):
-            x = torch.from_numpy(split.images[i]).permute(2, 0, 1)
-            if aug is not None:
-                x = aug(x)
-            return (x.float() / 255.0 - mean) / std, int(split.labels[i])
-
-    return DataLoader(_Images(), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)

@@ -1,4 +1,5 @@
-"""The pipeline: an ordered list of stages, each ``run(state, recipe) -> state``.
+"""The pipeline: an ordered list of stages, each ``run(state, recipe) -> state`` (``State`` is in ``edgetl.state``;
+stages import no other stage, only the library modules).
 
 A stage whose recipe section is absent is skipped. ``build`` runs them in a temporary directory next to the
 output and renames it into place only when every stage (gates included) passed, so a failed build never
@@ -7,50 +8,16 @@ leaves a half-written bundle.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from edgetl.config import Recipe
 from edgetl.errors import EdgetlError, GateFailed
-
-
-@dataclass(frozen=True)
-class State:
-    recipe: Recipe
-    workdir: Path  # the bundle being written (a temp dir until the end)
-    data: Any = None  # edgetl.data.Data
-    backbone: Any = None  # edgetl.backbones.Backbone; .model is the current model
-    teacher: Any = None  # the fine-tuned FP32 model, kept for distillation and agreement
-    tokenizer: Any = None  # text backbones: a tokenizers.Tokenizer built from the bundle's tokenizer.json
-    history: dict = field(default_factory=dict)  # stage -> per-epoch rows
-    rows: list = field(default_factory=list)  # report rows, one per measured model
-    onnx: dict = field(default_factory=dict)  # role ("fp32", "int8", ...) -> file name inside workdir
-    models: dict = field(default_factory=dict)  # role -> the PyTorch model that ONNX file was exported from
-    metrics: dict = field(default_factory=dict)  # stage -> whatever it measured
-    timings: dict = field(default_factory=dict)  # stage -> seconds
-
-    def replace(self, **kw) -> State:
-        return dataclasses.replace(self, **kw)
-
-
-FLOAT_ROLES = ("distilled", "pruned", "fp32")  # newest first: the float model each later stage starts from
-
-
-def float_role(state: State) -> str | None:
-    """The newest float model that has an ONNX file."""
-    return next((r for r in FLOAT_ROLES if r in state.onnx), None)
-
-
-def shipped_role(state: State) -> str | None:
-    """What ships as model.onnx: the INT8 model quantize chose, else the newest float model."""
-    return state.metrics.get("quantize", {}).get("chosen") or float_role(state)
+from edgetl.state import State
 
 
 def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Recipe], bool]]]:
@@ -76,7 +43,7 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
 
     import torch
 
-    from edgetl.stages.verify import verify_providers
+    from edgetl.measure import verify_providers
 
     out = check_output(out, recipe.name)  # before the first stage, not after an hour of training
     if recipe.verify is not None:  # a provider this onnxruntime lacks fails now, not after training
@@ -104,8 +71,10 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
         raise
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise EdgetlError(f"no space left on the device holding {out.parent} (nothing was published; the "
-                              "previous bundle, if any, is unchanged)") from None
+            raise EdgetlError(
+                f"no space left on the device holding {out.parent} (nothing was published; the "
+                "previous bundle, if any, is unchanged)"
+            ) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone once published (renamed); removed on any failure
@@ -119,8 +88,11 @@ def check_output(out: str | Path | None, name: str) -> Path:
     elif str(out).strip() == "":
         raise EdgetlError("--out is empty: give a directory (or leave --out out for artifacts/<name>)")
     out = Path(out)
-    if out.name in ("", ".", "..") or out.resolve() == Path.cwd().resolve() or \
-            Path.cwd().resolve().is_relative_to(out.resolve()):
+    if (
+        out.name in ("", ".", "..")
+        or out.resolve() == Path.cwd().resolve()
+        or Path.cwd().resolve().is_relative_to(out.resolve())
+    ):
         raise EdgetlError(f"--out {out}: give a new or bundle directory, not the current directory or its parent")
     if out.is_symlink():
         raise EdgetlError(f"--out {out} is a symbolic link; give the real directory it should be")
@@ -145,8 +117,11 @@ def is_bundle(path: Path) -> str | None:
     if "format" not in manifest:
         return f"{MANIFEST} has no edgetl format marker"
     listed = set(manifest["files"]) | {MANIFEST}
-    extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                   if not p.is_dir() and p.relative_to(path).as_posix() not in listed)
+    extra = sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if not p.is_dir() and p.relative_to(path).as_posix() not in listed
+    )
     return f"it holds {extra[0]}, which edgetl did not write" if extra else None
 
 

@@ -2,7 +2,8 @@
 nothing is fetched, so the file can be mailed or opened offline next to the bundle.
 
 Every key except ``name`` and ``rows`` is optional (a build without finetune has no history, older reports have
-no confusion matrices): sections render what exists and say what is missing.
+no confusion matrices): sections render what exists and say what is missing. The task adds its own sections
+(classification: the confusion matrix and the per-class change), found by the report's ``task``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,81 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-COLUMNS = {"stage": "stage", "file": "file", "acc_torch": "acc PyTorch %", "acc_ort": "acc ORT %",
-           "agreement": "agrees w/ teacher %", "params": "params", "macs": "MACs", "size_mb": "size MB",
-           "p50_ms": "p50 ms", "p90_ms": "p90 ms", "speedup_vs_fp32": "speed-up vs fp32", "shipped": "ships"}
+COLUMNS = {
+    "stage": "stage",
+    "file": "file",
+    "metric_torch": "{metric} PyTorch",
+    "metric_ort": "{metric} ORT",
+    "agreement": "agrees w/ teacher %",
+    "params": "params",
+    "macs": "MACs",
+    "size_mb": "size MB",
+    "p50_ms": "p50 ms",
+    "p90_ms": "p90 ms",
+    "speedup_vs_fp32": "speed-up vs fp32",
+    "shipped": "ships",
+}
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:92%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3;font-size:90%}td:first-child,th:first-child{text-align:left}tr.ship{background:#e8f4ff;font-weight:600}
 .pass{color:#16794a;font-weight:600}.fail{color:#b3261e;font-weight:600}.muted{color:#777}
 img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}"""
+
+
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "onnx",
+    "onnxruntime",
+    "torch-pruning",
+    "numpy",
+    "scikit-learn",
+    "transformers",
+    "optimum",
+    "optimum-onnx",
+    "tokenizers",
+)
+
+
+def versions() -> dict:
+    """edgetl's, Python's and every library's version (each artifact carries them)."""
+    import platform
+    from importlib import metadata
+
+    from edgetl import __version__
+
+    out = {"edgetl": __version__, "python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_report(state) -> Path:
+    """report.json in the state's work dir: every row, history, stage metric, timing, the machine and versions."""
+    from edgetl.runner import device_info
+
+    task = state.task
+    report = {
+        "name": state.recipe.name,
+        "task": task.name if task else None,
+        "metric": {"name": task.metric_name, "higher_is_better": task.higher_is_better} if task else None,
+        "backbone": state.recipe.backbone.name,
+        "classes": state.data.classes if state.data else None,
+        "splits": {s: len(getattr(state.data, s)) for s in ("train", "val", "test")} if state.data else None,
+        "rows": state.rows,
+        "history": state.history,
+        "metrics": state.metrics,
+        "timings_s": state.timings,
+        "device": device_info(),
+        "versions": versions(),
+    }
+    path = state.workdir / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
 
 
 def write_html(bundle_dir: str | Path) -> Path:
@@ -37,9 +105,14 @@ def write_html(bundle_dir: str | Path) -> Path:
 def render(report: dict) -> str:
     """The whole page as a string; a section that cannot be drawn shows a note instead of failing the build."""
     name = escape(str(report.get("name", "edgetl bundle")))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: edgetl report</title>"
-             f"<style>{CSS}</style></head><body>"]
-    for title, section in SECTIONS:
+    from edgetl.tasks import report_sections
+
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: edgetl report</title>"
+        f"<style>{CSS}</style></head><body>"
+    ]
+    sections = SECTIONS[:4] + report_sections(report.get("task")) + SECTIONS[4:]
+    for title, section in sections:
         try:
             body = section(report)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
@@ -68,8 +141,10 @@ def _fmt(v: Any) -> str:
 
 def _table(header: list[str], rows: list[list[Any]], classes: list[str] | None = None) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join(f"<tr class='{(classes or [''] * len(rows))[i]}'>" + "".join(f"<td>{c}</td>" for c in r)
-                   + "</tr>" for i, r in enumerate(rows))
+    body = "".join(
+        f"<tr class='{(classes or [''] * len(rows))[i]}'>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+        for i, r in enumerate(rows)
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -106,6 +181,10 @@ def _rotation(names: list[str]) -> dict:
     return {"rotation": 45, "ha": "right"} if max(map(len, names), default=0) > 3 else {}
 
 
+def _metric_name(report: dict) -> str:
+    return str((report.get("metric") or {}).get("name") or "metric")
+
+
 def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
@@ -117,15 +196,19 @@ def _num(v: Any) -> float:
 def header(report: dict) -> str:
     m = report.get("metrics") or {}
     ship = _shipped(report)
-    shipped = ship["stage"] if ship else ((m.get("bundle") or {}).get("shipped")
-                                          or (m.get("verify") or {}).get("shipped"))
+    shipped = (
+        ship["stage"] if ship else ((m.get("bundle") or {}).get("shipped") or (m.get("verify") or {}).get("shipped"))
+    )
     splits = report.get("splits") or {}
     failed = (m.get("verify") or {}).get("failed")
     classes = [str(c) for c in report.get("classes") or []]
     names = ", ".join(classes[:30]) + (", ..." if len(classes) > 30 else "")
-    items = [("backbone", report.get("backbone")), ("classes", f"{len(classes)} ({names})" if classes else None),
-             ("train / val / test", " / ".join(_fmt(splits.get(s)) for s in ("train", "val", "test")) if splits
-              else None), ("would ship" if failed else "ships", f"{shipped} ({ship.get('file')})" if ship else shipped)]
+    items = [
+        ("backbone", report.get("backbone")),
+        ("classes", f"{len(classes)} ({names})" if classes else None),
+        ("train / val / test", " / ".join(_fmt(splits.get(s)) for s in ("train", "val", "test")) if splits else None),
+        ("would ship" if failed else "ships", f"{shipped} ({ship.get('file')})" if ship else shipped),
+    ]
     lines = "".join(f"<li><b>{escape(k)}</b>: {escape(str(v))}</li>" for k, v in items if v is not None)
     banner = "<p class='fail'>BUILD FAILED: a gate was not met, nothing was shipped</p>" if failed else ""
     return f"<h1>{escape(str(report.get('name', '')))}</h1>{banner}<ul>{lines}</ul>"
@@ -137,25 +220,38 @@ def models_table(report: dict) -> str:
         return "<p class='muted'>no models were measured</p>"
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     cells = [[_fmt(r.get(c)) if c != "file" or r.get("in_bundle", True) else "-" for c in cols] for r in rows]
-    note = ("<p class='muted'>test set; agreement = top-1 agreement with the fine-tuned teacher; latency at batch 1; "
-            "file - = measured during the build, not shipped in the bundle</p>")
-    return _table([COLUMNS[c] for c in cols], cells, ["ship" if r.get("shipped") else "" for r in rows]) + note
+    note = (
+        "<p class='muted'>test set; agreement = predictions equal to the fine-tuned teacher's; latency at batch 1; "
+        "file - = measured during the build, not shipped in the bundle</p>"
+    )
+    header = [COLUMNS[c].format(metric=_metric_name(report)) for c in cols]
+    return _table(header, cells, ["ship" if r.get("shipped") else "" for r in rows]) + note
 
 
 def tradeoff_plot(report: dict) -> str:
-    pts = [r for r in report.get("rows") or [] if r.get("acc_ort") is not None and r.get("p50_ms") is not None]
+    pts = [r for r in report.get("rows") or [] if r.get("metric_ort") is not None and r.get("p50_ms") is not None]
     if not pts:
         return ""
     fig, ax = _figure(7, 4.2)
     biggest = max(r.get("size_mb") or 0 for r in pts) or 1.0
     for i, r in enumerate(pts):
         size = 40 + 600 * (r.get("size_mb") or 0) / biggest
-        ax.scatter(r["p50_ms"], r["acc_ort"], s=size, alpha=0.6, edgecolors="black" if r.get("shipped") else "none",
-                   linewidths=2)
+        ax.scatter(
+            r["p50_ms"],
+            r["metric_ort"],
+            s=size,
+            alpha=0.6,
+            edgecolors="black" if r.get("shipped") else "none",
+            linewidths=2,
+        )
         label = r["stage"] + (" (ships)" if r.get("shipped") else "")
-        ax.annotate(label, (r["p50_ms"], r["acc_ort"]), textcoords="offset points", xytext=(8, 6 if i % 2 else -12))
-    ax.set(xlabel="ORT p50 latency, batch 1 (ms)", ylabel="test accuracy, ORT (%)",
-           title="accuracy vs latency (marker area ~ model size)")
+        ax.annotate(label, (r["p50_ms"], r["metric_ort"]), textcoords="offset points", xytext=(8, 6 if i % 2 else -12))
+    metric = _metric_name(report)
+    ax.set(
+        xlabel="ORT p50 latency, batch 1 (ms)",
+        ylabel=f"test {metric}, ORT",
+        title=f"{metric} vs latency (marker area ~ model size)",
+    )
     ax.margins(0.2)
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -172,58 +268,18 @@ def training_curves(report: dict) -> str:
         color = f"C{i % 10}"
         loss.plot(xs, [_num(e.get("train_loss")) for e in epochs], "o-", color=color, label=f"{stage} train")
         loss.plot(xs, [_num(e.get("val_loss")) for e in epochs], "s--", color=color, label=f"{stage} val")
-        acc.plot(xs, [_num(e.get("val_acc")) for e in epochs], "o-", color=color, label=stage)
+        acc.plot(xs, [_num(e.get("val_metric")) for e in epochs], "o-", color=color, label=stage)
         x0 += len(epochs)
     loss.set(xlabel="epoch (all stages in order)", ylabel="loss", title="loss (solid: train, dashed: val)")
-    acc.set(xlabel="epoch (all stages in order)", ylabel="val accuracy (%)", title="validation accuracy")
+    acc.set(
+        xlabel="epoch (all stages in order)",
+        ylabel=f"val {_metric_name(report)}",
+        title=f"validation {_metric_name(report)}",
+    )
     for ax in (loss, acc):
         ax.grid(alpha=0.3)
     fig.legend(*acc.get_legend_handles_labels(), loc="lower center", ncols=len(history), bbox_to_anchor=(0.5, -0.14))
     return _png(fig)
-
-
-def confusion(report: dict) -> str:
-    ship = _shipped(report)
-    if not ship or not ship.get("confusion"):
-        return "<p class='muted'>no confusion matrix for the shipped model</p>"
-    import numpy as np
-
-    cm = np.asarray(ship["confusion"], dtype=float)
-    names = _classes(report, len(cm))
-    side = min(4 + 0.45 * len(cm), 12)
-    fig, ax = _figure(side, side * 0.85)
-    im = ax.imshow(cm, cmap="Blues")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    if len(cm) <= 20:
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=8,
-                    color="white" if v > cm.max() / 2 else "black")
-    ticks = range(len(cm)) if len(cm) <= 40 else []
-    ax.set_xticks(list(ticks), [names[t] for t in ticks], **_rotation(names))
-    ax.set_yticks(list(ticks), [names[t] for t in ticks])
-    ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix: {ship['stage']} (test set)")
-    return _png(fig)
-
-
-def per_class_change(report: dict) -> str:
-    ship, teacher = _shipped(report), _row(report, "fp32")
-    if not ship or not teacher or ship is teacher or not ship.get("confusion") or not teacher.get("confusion"):
-        return ""
-    import numpy as np
-
-    def recall(cm: list) -> Any:
-        a = np.asarray(cm, dtype=float)
-        return 100 * np.diag(a) / np.maximum(a.sum(axis=1), 1)
-
-    delta = recall(ship["confusion"]) - recall(teacher["confusion"])
-    names = _classes(report, len(delta))
-    fig, ax = _figure(max(6, 0.5 * len(delta)), 3.5)
-    ax.bar(range(len(delta)), delta, color=["#b3261e" if d < 0 else "#16794a" for d in delta])
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(delta)), names, **_rotation(names))
-    ax.set(ylabel="points", title=f"per-class accuracy: {ship['stage']} minus fp32 teacher (test set)")
-    ax.grid(alpha=0.3, axis="y")
-    return f"<h2>Per-class accuracy change</h2>{_png(fig)}"
 
 
 def parity(report: dict) -> str:
@@ -231,18 +287,27 @@ def parity(report: dict) -> str:
     roles = {k: v for k, v in export.items() if isinstance(v, dict)}
     if not roles:
         return ""
-    rows = [[escape(k), _fmt(v.get("max_abs_diff")), _fmt(v.get("atol")), _fmt(v.get("top1_agreement")),
-             _fmt(v.get("n"))] for k, v in roles.items()]
+    rows = [
+        [escape(k), _fmt(v.get("max_abs_diff")), _fmt(v.get("tolerance")), _fmt(v.get("agreement")), _fmt(v.get("n"))]
+        for k, v in roles.items()
+    ]
     opset = f"<p>ONNX opset {_fmt(export.get('opset'))}</p>" if "opset" in export else ""
-    return opset + _table(["model", "max |ORT - PyTorch|", "atol", "top-1 agreement", "images"], rows)
+    return opset + _table(["model", "max |ORT - PyTorch|", "tolerance", "agreement", "inputs"], rows)
 
 
 def gates(report: dict) -> str:
     found = ((report.get("metrics") or {}).get("verify") or {}).get("gates") or []
     if not found:
         return "<p class='muted'>no gates set in the recipe</p>"
-    rows = [[escape(str(g.get("gate"))), _fmt(g.get("value")), _fmt(g.get("limit")),
-             "<span class='pass'>PASS</span>" if g.get("passed") else "<span class='fail'>FAIL</span>"] for g in found]
+    rows = [
+        [
+            escape(str(g.get("gate"))),
+            _fmt(g.get("value")),
+            _fmt(g.get("limit")),
+            "<span class='pass'>PASS</span>" if g.get("passed") else "<span class='fail'>FAIL</span>",
+        ]
+        for g in found
+    ]
     return _table(["gate", "value", "limit", "result"], rows)
 
 
@@ -250,14 +315,19 @@ def quantize_notes(report: dict) -> str:
     q = (report.get("metrics") or {}).get("quantize")
     if not q:
         return ""
-    facts = [("chosen INT8 model", (q.get("chosen") or "none (FP32 ships)") if "chosen" in q else None),
-             (f"INT8 speed-up vs FP32, {q.get('speed_threads', 1)} thread(s)", q.get("speedup_vs_fp32")),
-             ("7-bit weights (reduce_range)", q.get("reduce_range")),
-             ("CPU int8 features", ", ".join(k for k, v in (q.get("cpu_int8") or {}).items() if v) or None),
-             ("leading Convs kept FP32", q.get("float_leading_convs")),
-             ("float compute ops left", q.get("float_compute_ops_left"))]
-    items = "".join(f"<li><b>{escape(k)}</b>: {_fmt(v) if not isinstance(v, bool) else str(v)}</li>"
-                    for k, v in facts if v is not None)
+    facts = [
+        ("chosen INT8 model", (q.get("chosen") or "none (FP32 ships)") if "chosen" in q else None),
+        (f"INT8 speed-up vs FP32, {q.get('speed_threads', 1)} thread(s)", q.get("speedup_vs_fp32")),
+        ("7-bit weights (reduce_range)", q.get("reduce_range")),
+        ("CPU int8 features", ", ".join(k for k, v in (q.get("cpu_int8") or {}).items() if v) or None),
+        ("leading Convs kept FP32", q.get("float_leading_convs")),
+        ("float compute ops left", q.get("float_compute_ops_left")),
+    ]
+    items = "".join(
+        f"<li><b>{escape(k)}</b>: {_fmt(v) if not isinstance(v, bool) else str(v)}</li>"
+        for k, v in facts
+        if v is not None
+    )
     notes = "".join(f"<li>{escape(str(n))}</li>" for n in q.get("notes") or [])
     return f"<h2>Quantization</h2><ul>{items}</ul>" + (f"<p>Notes:</p><ul>{notes}</ul>" if notes else "")
 
@@ -272,9 +342,13 @@ def machine(report: dict) -> str:
     return (f"<ul>{out}</ul>" if out else "") + (vers if versions else "")
 
 
-SECTIONS: list[tuple[str, Callable[[dict], str]]] = [
-    ("", header), ("Models", models_table), ("Accuracy vs latency", tradeoff_plot),
-    ("Training curves", training_curves), ("Confusion matrix (shipped model)", confusion), ("", per_class_change),
-    ("Export parity (ONNX Runtime vs PyTorch)", parity), ("Gates", gates), ("", quantize_notes),
+SECTIONS: list[tuple[str, Callable[[dict], str]]] = [  # the task's sections go after the first four
+    ("", header),
+    ("Models", models_table),
+    ("Metric vs latency", tradeoff_plot),
+    ("Training curves", training_curves),
+    ("Export parity (ONNX Runtime vs PyTorch)", parity),
+    ("Gates", gates),
+    ("", quantize_notes),
     ("Machine", machine),
 ]

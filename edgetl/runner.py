@@ -63,8 +63,7 @@ def safe_name(bundle: Path, name) -> Path:
     """The file ``name`` inside ``bundle``: only plain relative paths below the bundle are valid (no absolute
     paths, no '..', no backslashes, no symlinks out), so a manifest can never point outside its directory."""
     parts = name.split("/") if isinstance(name, str) else []
-    if (not parts or name.startswith("/") or "\\" in name or ":" in name
-            or any(p in ("", ".", "..") for p in parts)):
+    if not parts or name.startswith("/") or "\\" in name or ":" in name or any(p in ("", ".", "..") for p in parts):
         raise BundleError(f"{MANIFEST} lists {str(name)[:80]!r}: only plain file names inside the bundle are valid")
     root = Path(bundle).resolve()
     path = Path(bundle) / name
@@ -173,8 +172,9 @@ def text_inputs(texts: list[str], pre: dict) -> list:
         return list(texts)
     bad = [t for t in texts if t.count("\t") != 1 or not all(half.strip() for half in t.split("\t"))]
     if bad:
-        raise BundleError(f"this bundle classifies sentence pairs: give each input as 'FIRST<TAB>SECOND' "
-                          f"(got {bad[0]!r})")
+        raise BundleError(
+            f"this bundle classifies sentence pairs: give each input as 'FIRST<TAB>SECOND' (got {bad[0]!r})"
+        )
     return [tuple(t.split("\t")) for t in texts]
 
 
@@ -188,9 +188,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # ONNX Runtime
 
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
-             "coreml": "CoreMLExecutionProvider", "nnapi": "NnapiExecutionProvider",
-             "openvino": "OpenVINOExecutionProvider", "dml": "DmlExecutionProvider"}
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
 
 
 def resolve_providers(names: list[str] | tuple[str, ...] | None) -> list[str]:
@@ -237,8 +243,9 @@ def feed_for(sess, batch: int, seq: int = 128, rng: np.random.Generator | None =
         shape = [d if isinstance(d, int) else (batch if i == 0 else seq) for i, d in enumerate(inp.shape)]
         if "int" in inp.type:
             fill = {"attention_mask": 1, "token_type_ids": 0}.get(inp.name)
-            feed[inp.name] = (np.full(shape, fill, np.int64) if fill is not None
-                              else rng.integers(1, 20, size=shape, dtype=np.int64))  # any valid ids: speed is the same
+            feed[inp.name] = (
+                np.full(shape, fill, np.int64) if fill is not None else rng.integers(1, 20, size=shape, dtype=np.int64)
+            )  # any valid ids: speed is the same
         else:
             feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
     return feed
@@ -286,9 +293,15 @@ def interleaved_latency(sessions: dict, feed: dict, runs: int = 100, warmup: int
     out = {}
     for name, t in times.items():
         t = np.asarray(t)
-        out[name] = {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)),
-                     "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()),
-                     "throughput_per_s": float(batch * 1e3 / np.percentile(t, 50)), "runs": len(t), "batch": batch}
+        out[name] = {
+            "p50_ms": float(np.percentile(t, 50)),
+            "p90_ms": float(np.percentile(t, 90)),
+            "p99_ms": float(np.percentile(t, 99)),
+            "mean_ms": float(t.mean()),
+            "throughput_per_s": float(batch * 1e3 / np.percentile(t, 50)),
+            "runs": len(t),
+            "batch": batch,
+        }
     return out
 
 
@@ -331,12 +344,18 @@ def device_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
-            "int8": [f for f, on in cpu_int8_features().items() if on and f != "vnni_or_dot"]}
+    return {
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "int8": [f for f, on in cpu_int8_features().items() if on and f != "vnni_or_dot"],
+    }
 
 
 def check_preprocess(pre) -> dict:
     """preprocess.json with the keys and ranges the runner uses; anything else is one BundleError."""
+
     def bad(what: str):
         raise BundleError(f"preprocess.json: {what}")
 
@@ -365,8 +384,14 @@ def check_preprocess(pre) -> dict:
 class Bundle:
     """A verified bundle, ready to predict."""
 
-    def __init__(self, path: str | Path, threads: int = 1, model: str = "model.onnx", check: bool = True,
-                 providers: list[str] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int = 1,
+        model: str = "model.onnx",
+        check: bool = True,
+        providers: list[str] | None = None,
+    ):
         self.path = Path(path)
         listed = verify_manifest(self.path, tuple(dict.fromkeys(REQUIRED + (model,))))["files"] if check else None
         self.labels = read_json(self.path / "labels.json", "labels")
@@ -426,8 +451,10 @@ class Bundle:
                 with Image.open(f) as im:
                     arrays.append(prepare(im, self.preprocess))
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-                raise BundleError(f"cannot read image {f}: {type(e).__name__} (corrupt, not an image, or over "
-                                  "Pillow's decompression-bomb limit)") from None
+                raise BundleError(
+                    f"cannot read image {f}: {type(e).__name__} (corrupt, not an image, or over "
+                    "Pillow's decompression-bomb limit)"
+                ) from None
         return self._top([str(f) for f in files], self.logits_from_arrays(np.stack(arrays)), top_k, "file")
 
 
@@ -475,13 +502,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bundle = Bundle(args.bundle, threads=args.threads, model=args.model, providers=args.providers.split(","))
             stats = latency(bundle.session, feed_for(bundle.session, args.batch, args.seq), args.runs, args.warmup)
-            stats.update(threads=args.threads, model=args.model, providers=bundle.session.get_providers(),
-                         peak_rss_mb=peak_rss_mb(), device=device_info())
+            stats.update(
+                threads=args.threads,
+                model=args.model,
+                providers=bundle.session.get_providers(),
+                peak_rss_mb=peak_rss_mb(),
+                device=device_info(),
+            )
             if args.json:
                 print(json.dumps(stats, indent=2))
             else:
-                print(f"{args.model}: p50 {stats['p50_ms']:.2f} ms  p90 {stats['p90_ms']:.2f} ms  "
-                      f"p99 {stats['p99_ms']:.2f} ms  ({args.threads} thread(s), batch {args.batch})")
+                print(
+                    f"{args.model}: p50 {stats['p50_ms']:.2f} ms  p90 {stats['p90_ms']:.2f} ms  "
+                    f"p99 {stats['p99_ms']:.2f} ms  ({args.threads} thread(s), batch {args.batch})"
+                )
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

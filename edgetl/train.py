@@ -1,32 +1,45 @@
-"""The one training loop. Fine-tuning, distillation and QAT all call ``fit``; they differ only in arguments.
+"""The one training loop. Fine-tuning, pruning recovery, distillation and QAT all call ``fit`` with an *objective*.
 
-AdamW over the given parameter groups (each with its own peak LR), linear warm-up then cosine decay,
-label smoothing, early stopping on validation accuracy, best weights restored at the end.
+An objective (timm's training-task idea) turns a batch into a loss: ``TaskLoss`` is the task's own loss,
+``Distill`` wraps a teacher and owns its feature projections, so the loop needs no ``distill=`` flag. The loop
+itself: AdamW over the given parameter groups (each with its own peak LR), linear warm-up then cosine decay, early
+stopping on the task's validation metric (in the direction the task says is better), best weights restored at the
+end; a progress bar on a terminal, one line per epoch otherwise (CI logs, ``| tee``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgetl.errors import EdgetlError
 
 
-@dataclass(frozen=True)
-class Distill:
-    """Knowledge distillation from ``teacher``: loss = alpha * T^2 * KL(student/T || teacher/T) + (1-alpha) * CE,
-    plus ``feature_weight`` * mean MSE between the outputs of ``feature_layers`` in student and teacher ("" names
-    the classifier's input)."""
+def call(model, x):
+    """Run ``model`` on a batch: a tensor (images) or a dict of named tensors (tokens)."""
+    return model(**x) if isinstance(x, dict) else model(x)
 
-    teacher: Any  # torch.nn.Module, kept in eval mode and never updated
-    alpha: float = 0.7
-    temperature: float = 4.0
-    feature_weight: float = 0.0
-    feature_layers: tuple = ()
-    head: str = ""  # module name of the classifier (for the "" layer)
+
+@dataclass
+class TaskLoss:
+    """The task's own loss on the labels."""
+
+    task: Any
+    label_smoothing: float = 0.0
+
+    def setup(self, model, loader) -> list:
+        """Called once before training; returns extra parameters to train (none)."""
+        return []
+
+    def __call__(self, model, x, y):
+        return self.task.loss(call(model, x), y, self.label_smoothing)
+
+    def close(self) -> None:
+        pass
 
 
 def _rows(x):
@@ -36,27 +49,32 @@ def _rows(x):
 
 class FeatureKD:
     """Forward hooks that capture the same layers in student and teacher, and the MSE between them. Where the
-    student's features are narrower (channels pruned), a learned Linear (a 1x1 conv for feature maps) projects
-    them to the teacher's width; those projections train with the student and are dropped afterwards."""
+    student's features are narrower (channels pruned), a learned Linear projects them to the teacher's width; those
+    projections train with the student and are dropped afterwards."""
 
-    def __init__(self, student, teacher, distill: Distill):
+    def __init__(self, student, teacher, layers: tuple, head: str):
         self.feats: dict = {"s": {}, "t": {}}
         self.handles = []
         self.projections: dict = {}
         for side, model in (("s", student), ("t", teacher)):
-            for name in distill.feature_layers:
+            for name in layers:
                 try:
-                    module = model.get_submodule(name or distill.head)
+                    module = model.get_submodule(name or head)
                 except AttributeError:
                     raise EdgetlError(f"distill.feature_layers: no module '{name}' in the model") from None
                 store = self.feats[side]
-                if name == "":  # the classifier's input
-                    self.handles.append(module.register_forward_pre_hook(
-                        lambda m, args, n=name, d=store: d.__setitem__(n, args[0])))
+                if name == "":  # the head's input
+                    self.handles.append(
+                        module.register_forward_pre_hook(lambda m, args, n=name, d=store: d.__setitem__(n, args[0]))
+                    )
                 else:
-                    self.handles.append(module.register_forward_hook(
-                        lambda m, args, out, n=name, d=store: d.__setitem__(n, out[0] if isinstance(out, tuple)
-                                                                                   else out)))
+                    self.handles.append(
+                        module.register_forward_hook(
+                            lambda m, args, out, n=name, d=store: d.__setitem__(
+                                n, out[0] if isinstance(out, tuple) else out
+                            )
+                        )
+                    )
 
     def make_projections(self) -> list:
         """After one forward of both models: Linear projections where widths differ; returns their parameters."""
@@ -69,8 +87,10 @@ class FeatureKD:
                 self.projections[name] = torch.nn.Linear(s.shape[-1], t.shape[-1], bias=False)
                 params += list(self.projections[name].parameters())
             elif s.shape != t.shape:
-                raise EdgetlError(f"distill.feature_layers: '{name}' has shape {tuple(s.shape)} in the student and "
-                                  f"{tuple(t.shape)} in the teacher")
+                raise EdgetlError(
+                    f"distill.feature_layers: '{name}' has shape {tuple(s.shape)} in the student and "
+                    f"{tuple(t.shape)} in the teacher"
+                )
         return params
 
     def loss(self):
@@ -89,22 +109,49 @@ class FeatureKD:
             h.remove()
 
 
-def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float, label_smoothing: float = 0.0):
-    """Hinton-style distillation loss; with alpha=0 it is exactly the (label-smoothed) cross-entropy."""
-    import torch.nn.functional as F
+@dataclass
+class Distill:
+    """Knowledge distillation from ``teacher``: the task's distillation loss (for classification alpha * T^2 *
+    KL(student/T || teacher/T) + (1-alpha) * CE), plus ``feature_weight`` * mean MSE between the outputs of
+    ``feature_layers`` in student and teacher ("" names the head's input). Owns the feature projections."""
 
-    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
-    if alpha == 0.0:
-        return ce
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
-                  reduction="batchmean", log_target=True)
-    return alpha * t * t * kl + (1.0 - alpha) * ce
+    task: Any
+    teacher: Any  # torch.nn.Module, kept in eval mode and never updated
+    alpha: float = 0.7
+    temperature: float = 4.0
+    feature_weight: float = 0.0
+    feature_layers: tuple = ()
+    head: str = ""  # module name of the head (for the "" layer)
+    label_smoothing: float = 0.0
+    features: Any = field(default=None, init=False)
 
+    def setup(self, model, loader) -> list:
+        import torch
 
-def call(model, x):
-    """Run ``model`` on a batch: a tensor (images) or a dict of named tensors (tokens)."""
-    return model(**x) if isinstance(x, dict) else model(x)
+        self.teacher.eval()
+        if not (self.feature_weight > 0 and self.feature_layers):
+            return []
+        self.features = FeatureKD(model, self.teacher, self.feature_layers, self.head)
+        with torch.no_grad():  # one forward of each model fixes the feature widths (and any projections)
+            x0, _ = next(iter(loader))
+            model.eval(), self.teacher.eval()
+            call(model, x0), call(self.teacher, x0)
+        return self.features.make_projections()
+
+    def __call__(self, model, x, y):
+        import torch
+
+        out = call(model, x)
+        with torch.no_grad():
+            t_out = call(self.teacher, x)
+        loss = self.task.distill_loss(out, t_out, y, self.alpha, self.temperature, self.label_smoothing)
+        if self.features is not None:
+            loss = loss + self.feature_weight * self.features.loss()
+        return loss
+
+    def close(self) -> None:
+        if self.features is not None:
+            self.features.remove()
 
 
 def freeze_frozen_batchnorm(model) -> None:
@@ -116,21 +163,30 @@ def freeze_frozen_batchnorm(model) -> None:
             m.eval()
 
 
-def evaluate(model, loader) -> dict:
-    """Top-1 accuracy (percent), mean loss and the logits, in loader order."""
+def evaluate(model, loader, task) -> dict:
+    """The task's metric (a ``Metric``) and mean task loss over ``loader``."""
+    import numpy as np
     import torch
-    import torch.nn.functional as F
 
     model.eval()
-    correct, total, loss, outs = 0, 0, 0.0, []
+    loss, total, preds, targets = 0.0, 0, [], []
     with torch.inference_mode():
         for x, y in loader:
-            logits = call(model, x)
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
+            out = call(model, x)
+            loss += float(task.loss(out, y)) * len(y)
             total += len(y)
-            outs.append(logits)
-    return {"acc": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1), "logits": torch.cat(outs)}
+            preds.append(task.decode(out.numpy()))
+            targets.append(y.numpy())
+    metric = (
+        task.score(np.concatenate(preds), np.concatenate(targets)) if preds else task.score(np.zeros(0), np.zeros(0))
+    )
+    return {"metric": metric, "loss": loss / max(total, 1)}
+
+
+def best(history: list[dict], task) -> float:
+    """The best validation metric in a history, in the task's direction."""
+    values = [h["val_metric"] for h in history]
+    return max(values) if task.higher_is_better else min(values)
 
 
 def fit(
@@ -138,18 +194,18 @@ def fit(
     train_loader,
     val_loader,
     *,
+    task,
+    objective: Any = None,
     param_groups: list[dict] | None = None,
     epochs: int,
     lr: float,
     weight_decay: float = 0.01,
     warmup_epochs: float = 0.5,
-    label_smoothing: float = 0.0,
     patience: int | None = None,
-    distill: Distill | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
     desc: str = "train",
 ) -> list[dict]:
-    """Train ``model`` in place and return one history row per epoch.
+    """Train ``model`` in place on ``objective`` (default: the task's loss) and return one history row per epoch.
 
     ``param_groups`` are AdamW groups, each with its own ``lr`` (default: every trainable parameter at ``lr``).
     Parameters with ``requires_grad=False`` simply receive no update, so ``on_epoch_start`` may unfreeze
@@ -160,18 +216,12 @@ def fit(
 
     if epochs < 1:
         raise EdgetlError(f"{desc}: epochs must be at least 1")
+    objective = objective or TaskLoss(task)
     if param_groups is None:
         param_groups = [{"params": [p for p in model.parameters()], "lr": lr}]
-    features = None
-    if distill is not None and distill.feature_weight > 0 and distill.feature_layers:
-        features = FeatureKD(model, distill.teacher, distill)
-        with torch.no_grad():  # one forward of each model fixes the feature widths (and any projections)
-            x0, _ = next(iter(train_loader))
-            model.eval(), distill.teacher.eval()
-            call(model, x0), call(distill.teacher, x0)
-        projection = features.make_projections()
-        if projection:
-            param_groups = [*param_groups, {"params": projection, "lr": lr}]
+    extra = objective.setup(model, train_loader)
+    if extra:
+        param_groups = [*param_groups, {"params": extra, "lr": lr}]
     for g in param_groups:
         g["initial_lr"] = g.get("lr", lr)
     opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
@@ -189,10 +239,10 @@ def fit(
     channels_last = any(p.dim() == 4 for p in model.parameters())
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    teacher = distill.teacher.eval() if distill else None
     history: list[dict] = []
-    best_acc, best_state, stale = -1.0, None, 0
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+    best_metric, best_state, stale = None, None, 0
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True, disable=not interactive)
     try:
         for epoch in range(epochs):
             if on_epoch_start:
@@ -203,18 +253,11 @@ def fit(
             for x, y in train_loader:
                 if channels_last and not isinstance(x, dict) and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                logits = call(model, x)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = call(teacher, x)
-                    loss = kd_loss(logits, t_logits, y, distill.alpha, distill.temperature, label_smoothing)
-                    if features is not None:
-                        loss = loss + distill.feature_weight * features.loss()
-                else:
-                    loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                loss = objective(model, x, y)
                 if not torch.isfinite(loss):
-                    raise EdgetlError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; "
-                                      "lower the learning rate")
+                    raise EdgetlError(
+                        f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -222,23 +265,37 @@ def fit(
                 run_loss += loss.item() * len(y)
                 seen += len(y)
                 bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{run_loss / seen:.3f}",
-                                val_acc=f"{history[-1]['val_acc']:.1f}" if history else "-")
-            val = evaluate(model, val_loader)
-            row = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1), "val_loss": val["loss"],
-                   "val_acc": val["acc"]}
+                bar.set_postfix(
+                    epoch=f"{epoch + 1}/{epochs}",
+                    loss=f"{run_loss / seen:.3f}",
+                    val=f"{history[-1]['val_metric']:.1f}" if history else "-",
+                )
+            val = evaluate(model, val_loader, task)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": run_loss / max(seen, 1),
+                "val_loss": val["loss"],
+                "val_metric": val["metric"].value,
+            }
             history.append(row)
-            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.1f}")
-            if val["acc"] > best_acc:
-                best_acc, best_state, stale = val["acc"], copy.deepcopy(model.state_dict()), 0
+            bar.set_postfix(
+                epoch=f"{epoch + 1}/{epochs}", loss=f"{row['train_loss']:.3f}", val=f"{row['val_metric']:.1f}"
+            )
+            if not interactive:  # one line per epoch in logs instead of a bar redrawn per step
+                print(
+                    f"  {desc} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, val loss "
+                    f"{row['val_loss']:.4f}, val {val['metric']}",
+                    flush=True,
+                )
+            if val["metric"].better_than(best_metric):
+                best_metric, best_state, stale = val["metric"], copy.deepcopy(model.state_dict()), 0
             else:
                 stale += 1
                 if patience is not None and stale >= patience:
                     break
     finally:
         bar.close()
-        if features is not None:  # hooks off even when training fails
-            features.remove()
+        objective.close()  # hooks off even when training fails
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     if best_state is not None:

@@ -1,6 +1,7 @@
 """End to end through the CLI: the bundle, its manifest, atomic writes and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,16 @@ from edgetl.cli import main
 from edgetl.runner import Bundle, sha256, verify_manifest
 from tests.conftest import write_recipe
 
-BUNDLE_FILES = {"model.onnx", "labels.json", "preprocess.json", "recipe.lock.yaml", "report.json", "report.html",
-                "runner.py", "manifest.json"}
+BUNDLE_FILES = {
+    "model.onnx",
+    "labels.json",
+    "preprocess.json",
+    "recipe.lock.yaml",
+    "report.json",
+    "report.html",
+    "runner.py",
+    "manifest.json",
+}
 
 
 def test_build_writes_a_complete_verified_bundle(bundle):
@@ -25,8 +34,8 @@ def test_build_writes_a_complete_verified_bundle(bundle):
     assert manifest["files"]["model.onnx"] == sha256(out / "model.onnx")
     report = json.loads((out / "report.json").read_text())
     row = report["rows"][0]
-    assert row["file"] == "model.onnx" and row["acc_ort"] > 30  # digits: chance is 10%
-    assert abs(row["acc_ort"] - row["acc_torch"]) < 1.0
+    assert row["file"] == "model.onnx" and row["metric_ort"] > 30  # digits: chance is 10%
+    assert abs(row["metric_ort"] - row["metric_torch"]) < 1.0
     assert row["p50_ms"] > 0 and row["params"] > 0 and row["macs"] > 0
     assert report["history"]["finetune"][0]["epoch"] == 1
     lock = (out / "recipe.lock.yaml").read_text()
@@ -62,10 +71,12 @@ def test_tampered_bundle_is_refused(bundle, tmp_path):
     (copy / "manifest.json").write_text("{not json")
     result = CliRunner().invoke(main, ["predict", str(copy), "x.png"])
     assert result.exit_code == 2 and "is not a valid edgetl manifest" in result.output
-    proc = subprocess.run([sys.executable, str(copy / "runner.py"), str(copy), "bench", "--runs", "1"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(copy / "runner.py"), str(copy), "bench", "--runs", "1"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {copy / 'manifest.json'} is not a valid edgetl manifest (corrupt JSON or no 'files' map)"]
+        f"error: {copy / 'manifest.json'} is not a valid edgetl manifest (corrupt JSON or no 'files' map)"
+    ]
 
 
 def _png(tmp_path, digit=3):
@@ -86,9 +97,11 @@ def test_predict_cli_and_standalone_runner_agree_without_torch(bundle, tmp_path)
     cli_top = json.loads(result.output)[0]["top"]
     assert len(cli_top) == 2 and cli_top[0]["prob"] >= cli_top[1]["prob"]
     # the bundle's runner.py with torch and edgetl made unimportable
-    code = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['edgetl'] = None; "
-            f"sys.argv = ['runner.py', {str(out)!r}, 'predict', {str(img)!r}, '--top-k', '2']; "
-            f"runpy.run_path({str(out / 'runner.py')!r}, run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.modules['edgetl'] = None; "
+        f"sys.argv = ['runner.py', {str(out)!r}, 'predict', {str(img)!r}, '--top-k', '2']; "
+        f"runpy.run_path({str(out / 'runner.py')!r}, run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\t")[1].split()[0] == cli_top[0]["label"]
@@ -96,11 +109,15 @@ def test_predict_cli_and_standalone_runner_agree_without_torch(bundle, tmp_path)
 
 def test_runner_bench_json(bundle):
     out, _ = bundle
-    proc = subprocess.run([sys.executable, str(out / "runner.py"), str(out), "bench", "--runs", "5", "--json"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "bench", "--runs", "5", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
-    assert stats["p50_ms"] > 0 and stats["p50_ms"] <= stats["p99_ms"] and "cpu" in stats["device"]
+    assert stats["p50_ms"] > 0 and stats["p50_ms"] <= stats["p99_ms"] and stats["runs"] == 5 and stats["batch"] == 1
+    assert stats["providers"] == ["CPUExecutionProvider"] and stats["model"] == "model.onnx"
 
 
 def test_bench_command(bundle):
@@ -123,19 +140,22 @@ def test_bundle_runner_matches_edgetl_accuracy(bundle):
     d = load_data(DataCfg(kind="digits"), b.preprocess, seed=0)
     acc = 100 * float((b.logits_from_arrays(d.test.images).argmax(-1) == d.test.labels).mean())
     report = json.loads((out / "report.json").read_text())
-    assert acc == pytest.approx(report["rows"][0]["acc_ort"], abs=1e-6)
+    assert acc == pytest.approx(report["rows"][0]["metric_ort"], abs=1e-6)
 
 
 def _invoke(*args):
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r["finetune"].update(epochz=1), "unknown recipe key 'finetune.epochz'"),
-    (lambda r: r["backbone"].update(name="timm:nonexistent_net"), "unknown timm model"),
-    (lambda r: r.update(data={"kind": "folder", "path": "/definitely/missing"}), "data folder not found"),
-    (lambda r: r["finetune"].update(lr="fast"), "'finetune.lr'"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["finetune"].update(epochz=1), "unknown recipe key 'finetune.epochz'"),
+        (lambda r: r["backbone"].update(name="timm:nonexistent_net"), "unknown timm model"),
+        (lambda r: r.update(data={"kind": "folder", "path": "/definitely/missing"}), "data folder not found"),
+        (lambda r: r["finetune"].update(lr="fast"), "'finetune.lr'"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_raw, mutate, message):
     mutate(tiny_raw)
     out = tmp_path / "out"
@@ -149,8 +169,19 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_raw, mutate, message):
 
 def test_bad_input_as_a_real_process_prints_one_line(tmp_path, tiny_raw):
     tiny_raw["data"] = {"kind": "folder", "path": str(tmp_path / "nope")}
-    proc = subprocess.run([sys.executable, "-m", "edgetl.cli", "build", write_recipe(tmp_path / "r.yaml", tiny_raw),
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgetl.cli",
+            "build",
+            write_recipe(tmp_path / "r.yaml", tiny_raw),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: data folder not found: {tmp_path / 'nope'}"]
 
@@ -178,16 +209,25 @@ def test_failed_build_keeps_the_old_bundle_and_leaves_no_partial(tmp_path, tiny_
 def test_failed_gate_fails_the_build_but_keeps_the_measurements(tmp_path, tiny_raw):
     tiny_raw["verify"]["min_accuracy"] = 100.0  # not reached by a tiny net after one epoch
     out = tmp_path / "out"
-    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out),
-                     "--set", "finetune.epochs=1")
+    result = _invoke(
+        "build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out), "--set", "finetune.epochs=1"
+    )
     assert result.exit_code == 2
     assert "gate min_accuracy failed" in result.output
     assert not out.exists()
     assert (tmp_path / "out.failed-report.html").is_file()
     report = json.loads((tmp_path / "out.failed-report.json").read_text())
     assert report["metrics"]["verify"]["gates"][0]["passed"] is False and report["rows"]
-    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out),
-                     "--set", "finetune.epochs=1", "--set", "verify.min_accuracy=")
+    result = _invoke(
+        "build",
+        write_recipe(tmp_path / "r.yaml", tiny_raw),
+        "--out",
+        str(out),
+        "--set",
+        "finetune.epochs=1",
+        "--set",
+        "verify.min_accuracy=",
+    )
     assert result.exit_code == 0, result.output  # a later good build removes the stale failed report
     assert not list(tmp_path.glob("out.failed-report.*")) and (out / "manifest.json").is_file()
 
@@ -206,8 +246,18 @@ def test_summary_prints_na_where_macs_could_not_be_counted():
 
     from edgetl.cli import summary
 
-    row = {"stage": "fp32", "file": "model.onnx", "acc_torch": 90.0, "acc_ort": 90.0, "agreement": 100.0,
-           "p50_ms": 1.0, "p90_ms": 1.2, "size_mb": 2.0, "params": 2_000_000, "macs": None}
+    row = {
+        "stage": "fp32",
+        "file": "model.onnx",
+        "metric_torch": 90.0,
+        "metric_ort": 90.0,
+        "agreement": 100.0,
+        "p50_ms": 1.0,
+        "p90_ms": 1.2,
+        "size_mb": 2.0,
+        "params": 2_000_000,
+        "macs": None,
+    }
     text = summary(SimpleNamespace(workdir="out", rows=[row], metrics={}))
     assert text.splitlines()[-1].split()[-2:] == ["2.00M", "n/a"]
 
@@ -223,9 +273,34 @@ def test_help_teaches():
 
 
 def test_export_parity_gate_fails_the_build(tmp_path, tiny_raw):
-    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(tmp_path / "o"),
-                     "--set", "finetune.epochs=1", "--set", "export.atol=1e-12")
+    result = _invoke(
+        "build",
+        write_recipe(tmp_path / "r.yaml", tiny_raw),
+        "--out",
+        str(tmp_path / "o"),
+        "--set",
+        "finetune.epochs=1",
+        "--set",
+        "export.atol=1e-12",
+        "--set",
+        "export.rtol=0",
+    )
     assert result.exit_code == 2 and "does not match PyTorch" in result.output
+    assert "raise export.rtol if predictions agree" in result.output  # the error says what to change
+
+
+def test_parity_tolerance_scales_with_the_outputs():
+    """A 0.00114 difference on logits of magnitude 20 with every top-1 equal is float noise, not a broken export (a
+    build failed on that with an absolute tolerance); the same difference on logits of magnitude 0.01 is not."""
+    from edgetl.tasks import create_task
+
+    task = create_task("classification", ["a", "b"])
+    ref = np.array([[20.0, -3.0], [-5.0, 18.0]], np.float32)
+    got = ref + np.float32(0.00114)
+    big = task.parity([ref], [got], atol=1e-3, rtol=1e-4)
+    assert big.ok and big.agreement == 1.0 and big.tolerance == pytest.approx(1e-3 + 1e-4 * 20.0)
+    small = task.parity([ref / 2000], [ref / 2000 + np.float32(0.00114)], atol=1e-3, rtol=1e-4)
+    assert not small.ok
 
 
 def test_ort_mobile_format_is_written_and_loads(tmp_path, tiny_raw):
@@ -254,8 +329,9 @@ def test_missing_execution_provider_is_one_line_listing_available(bundle, tmp_pa
     assert result.exit_code == 2
     assert result.output.strip() == "error: execution provider 'cuda' is not available here; available: cpu"
     tiny_raw["verify"]["providers"] = ["cpu", "tensorrt"]
-    result = _invoke("build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(tmp_path / "o"),
-                     "--set", "finetune.epochs=1")
+    result = _invoke(
+        "build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(tmp_path / "o"), "--set", "finetune.epochs=1"
+    )
     assert result.exit_code == 2 and "verify.providers: execution provider 'tensorrt' is not available" in result.output
     assert "[load]" not in result.output  # checked before the first stage, not after training
 
@@ -272,7 +348,31 @@ def test_gpu_providers_measure_latency_and_parity(bundle):
 
 
 def test_runner_bench_reports_memory_and_device(bundle):
-    proc = subprocess.run([sys.executable, str(bundle[0] / "runner.py"), str(bundle[0]), "bench", "--runs", "5",
-                           "--json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(bundle[0] / "runner.py"), str(bundle[0]), "bench", "--runs", "5", "--json"],
+        capture_output=True,
+        text=True,
+    )
     stats = json.loads(proc.stdout)
-    assert stats["peak_rss_mb"] > 10 and stats["throughput_per_s"] > 0 and "int8" in stats["device"]
+    assert stats["peak_rss_mb"] > 10 and stats["throughput_per_s"] > 0
+    from edgetl.runner import cpu_int8_features
+
+    flags = {f for f, on in cpu_int8_features().items() if on and f != "vnni_or_dot"}
+    device = stats["device"]
+    assert set(device["int8"]) == flags and device["cores"] == os.cpu_count() and device["cpu"]  # this machine's
+
+
+def test_provider_rows_measure_latency_and_parity_on_the_cpu_provider(bundle):
+    """verify.providers' rows (latency + parity against the CPU EP) run here on the CPU EP itself: the same model
+    on the same provider agrees exactly, so a broken comparison shows."""
+    from types import SimpleNamespace
+
+    from edgetl.measure import provider_rows
+    from edgetl.tasks import create_task
+
+    task = create_task("classification", [str(i) for i in range(10)])
+    feed = {"input": np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)}
+    cfg = SimpleNamespace(providers=("cpu",), threads=1, runs=5, warmup=1)
+    rows = provider_rows(task, bundle[0] / "model.onnx", cfg, feed, {"input": feed["input"][:1]})
+    assert [r["provider"] for r in rows] == ["CPUExecutionProvider"]
+    assert rows[0]["max_abs_diff_vs_cpu"] == 0.0 and rows[0]["agreement_vs_cpu"] == 100.0 and rows[0]["p50_ms"] > 0

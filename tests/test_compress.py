@@ -12,13 +12,15 @@ from click.testing import CliRunner
 
 from edgetl.backbones import build_backbone
 from edgetl.cli import main
+from edgetl.compress.ort_quant import float_compute_ops, optimized_ops, quantize_onnx
+from edgetl.compress.prune import make_pruner, protected_layers, prune_step, ratio_for_macs
+from edgetl.compress.qat import attach_fake_quant, detach_fake_quant
 from edgetl.config import BackboneCfg, PruneCfg, QuantizeCfg
 from edgetl.errors import EdgetlError
-from edgetl.stages.export import export_onnx, parity
-from edgetl.stages.prune import make_pruner, protected_layers, prune_step, ratio_for_macs
-from edgetl.stages.quantize import attach_fake_quant, detach_fake_quant, float_compute_ops, optimized_ops, quantize_onnx
-from edgetl.stages.verify import count_params_macs
-from edgetl.train import kd_loss
+from edgetl.measure import count_params_macs
+from edgetl.onnx_export import export_onnx, parity
+from edgetl.tasks import create_task
+from edgetl.tasks.classification import kd_loss
 from tests.conftest import write_recipe
 
 
@@ -40,8 +42,8 @@ def test_pruning_removes_channels_and_still_exports(tmp_path):
     assert model.get_submodule(b.head).out_features == 5  # classifier output protected
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     path = export_onnx(model, b.contract, tmp_path / "p.onnx", {"input": x[:1]}, 17)
-    check = parity(model, path, [{"input": x}])
-    assert check["max_abs_diff"] < b.contract.atol and check["top1_agreement"] == 1.0
+    check = parity(create_task("classification", list("abcde")), model, path, [{"input": x}], b.contract.atol, 0.0)
+    assert check.ok and check.max_abs_diff < b.contract.atol and check.agreement == 1.0
 
 
 def test_target_macs_searches_the_ratio_that_lands_on_it():
@@ -69,12 +71,14 @@ def test_target_macs_reaches_deep_targets_where_95_percent_pruning_does_not():
     (MobileNetV2: 90% -> 12% of the MACs, 95% -> 34%); the search's bound walks up instead of starting at 95%."""
     b = _mnv2()
     example = torch.randn(1, 3, 32, 32)
-    ratio, reached = ratio_for_macs(b.model.eval(), lambda m, r: make_pruner(m, example, PruneCfg(ratio=r, steps=1),
-                                                                              b.head), 32, 0.22)
+    ratio, reached = ratio_for_macs(
+        b.model.eval(), lambda m, r: make_pruner(m, example, PruneCfg(ratio=r, steps=1), b.head), 32, 0.22
+    )
     assert 0.5 < ratio < 0.9 and 0.15 < reached <= 0.22
     with pytest.raises(EdgetlError, match="out of reach"):
-        ratio_for_macs(b.model.eval(), lambda m, r: make_pruner(m, example, PruneCfg(ratio=r, steps=1), b.head),
-                       32, 0.01)
+        ratio_for_macs(
+            b.model.eval(), lambda m, r: make_pruner(m, example, PruneCfg(ratio=r, steps=1), b.head), 32, 0.01
+        )
 
 
 def test_protected_layers_come_from_the_model_being_pruned():
@@ -110,8 +114,13 @@ def _qat_onnx(tmp_path, reduce_range=False):
     model.eval()
     calib = np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32)
     fp32 = export_onnx(model, b.contract, tmp_path / "qat.fp32.onnx", {"input": calib[:1]}, 17)
-    int8 = quantize_onnx(fp32, tmp_path / "qat.int8.onnx", [{"input": calib[i : i + 8]} for i in range(0, 32, 8)],
-                         QuantizeCfg(), reduce_range)
+    int8 = quantize_onnx(
+        fp32,
+        tmp_path / "qat.int8.onnx",
+        [{"input": calib[i : i + 8]} for i in range(0, 32, 8)],
+        QuantizeCfg(),
+        reduce_range,
+    )
     return model, fp32, int8, calib
 
 
@@ -120,26 +129,27 @@ def test_feature_distillation_matches_pruned_features_through_a_projection():
 
     from torch.utils.data import DataLoader, TensorDataset
 
+    from edgetl.tasks import create_task
     from edgetl.train import Distill, FeatureKD, fit
 
     b = _mnv2()
     teacher = copy.deepcopy(b.model).eval()
     student = b.model.eval()
     example = torch.randn(1, 3, 32, 32)
-    prune_step(make_pruner(student, example, PruneCfg(ratio=0.5, steps=1, protect=("stem",)), b.head), student,
-               example)
+    prune_step(make_pruner(student, example, PruneCfg(ratio=0.5, steps=1, protect=("stem",)), b.head), student, example)
     assert student.get_submodule(b.head).in_features < teacher.get_submodule(b.head).in_features  # narrowed
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 5, (32,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    kd = Distill(teacher, alpha=0.5, feature_weight=1.0, feature_layers=("", "features.4"), head=b.head)
-    probe = FeatureKD(student, teacher, kd)
+    task = create_task("classification", list("abcde"))
+    kd = Distill(task, teacher, alpha=0.5, feature_weight=1.0, feature_layers=("", "features.4"), head=b.head)
+    probe = FeatureKD(student, teacher, kd.feature_layers, kd.head)
     with torch.no_grad():
         student(x[:4]), teacher(x[:4])
     assert len(probe.make_projections()) == 2  # both layers were narrowed by pruning: two projections
     assert probe.loss() > 0
     probe.remove()
-    history = fit(student, loader, loader, epochs=1, lr=1e-3, warmup_epochs=0.0, distill=kd, desc="kd")
+    history = fit(student, loader, loader, task=task, objective=kd, epochs=1, lr=1e-3, warmup_epochs=0.0, desc="kd")
     assert np.isfinite(history[0]["train_loss"])
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in student.modules())  # hooks removed
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
@@ -192,7 +202,7 @@ def test_report_has_one_row_per_stage_and_ships_int8(compressed):
     rows = {r["stage"]: r for r in report["rows"]}
     assert {"fp32", "pruned", "distilled", "ptq", "qat"} <= set(rows)  # + the shipped placement variant, if any
     for r in rows.values():
-        assert {"acc_torch", "acc_ort", "agreement", "params", "macs", "size_mb", "p50_ms", "p90_ms"} <= set(r)
+        assert {"metric_torch", "metric_ort", "agreement", "params", "macs", "size_mb", "p50_ms", "p90_ms"} <= set(r)
     assert rows["pruned"]["params"] < rows["fp32"]["params"] and rows["pruned"]["macs"] < rows["fp32"]["macs"]
     chosen = report["metrics"]["quantize"]["chosen"]
     assert chosen.split("_")[0] in ("qat", "ptq") and rows[chosen]["shipped"] and rows[chosen]["file"] == "model.onnx"
@@ -213,10 +223,17 @@ def _build_ptq(tmp_path, tiny_raw):
     return result, out
 
 
+def val_metric(accuracy_of_file):
+    """A stand-in for measure.ort_metric: the validation accuracy a test assigns to each quantized file."""
+    from edgetl.tasks.base import Metric
+
+    return lambda task, path, batches, targets: Metric("accuracy", accuracy_of_file(path))
+
+
 def test_slower_int8_is_not_shipped_silently(tmp_path, tiny_raw, monkeypatch):
     import edgetl.stages.quantize as q
 
-    monkeypatch.setattr(q, "_speedup", lambda fp32, int8, feed, runs=60, threads=1: 0.8)
+    monkeypatch.setattr(q, "speedup", lambda fp32, int8, feed, runs=60, threads=1: 0.8)
     result, out = _build_ptq(tmp_path, tiny_raw)
     report = json.loads((out / "report.json").read_text())
     assert report["metrics"]["quantize"]["chosen"] is None
@@ -230,12 +247,12 @@ def test_auto_float_stem_is_kept_when_as_accurate_and_faster(tmp_path, tiny_raw,
     accurate on validation and measurably faster than the all-INT8 one (a 3-channel stem is a poor int8 GEMM)."""
     import edgetl.stages.quantize as q
 
-    monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: 80.0)  # a tie on validation
+    monkeypatch.setattr(q, "ort_metric", val_metric(lambda path: 80.0))  # a tie on validation
 
     def speedup(a, b, feed, runs=60, threads=1):  # fl2 as measured; six FP32 Convs no faster than two
         return speed if "fl2" in Path(b).name else 1.0 if "fl6" in Path(b).name else 1.5
 
-    monkeypatch.setattr(q, "_speedup", speedup)
+    monkeypatch.setattr(q, "speedup", speedup)
     result, out = _build_ptq(tmp_path, tiny_raw)
     chosen = json.loads((out / "report.json").read_text())["metrics"]["quantize"]["chosen"]
     assert chosen == ("ptq_fl2" if kept else "ptq")
@@ -249,19 +266,22 @@ def test_8bit_weights_ship_without_vnni_only_when_more_accurate(tmp_path, tiny_r
 
     features = {**edgetl.runner.cpu_int8_features(), "vnni_or_dot": False}
     monkeypatch.setattr(edgetl.runner, "cpu_int8_features", lambda: features)
-    monkeypatch.setattr(q, "ort_accuracy", lambda path, batches, labels: w8_acc if "w8" in Path(path).name else 80.0)
-    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fl" not in Path(b).name else 1.0)
+    monkeypatch.setattr(q, "ort_metric", val_metric(lambda path: w8_acc if "w8" in Path(path).name else 80.0))
+    monkeypatch.setattr(q, "speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fl" not in Path(b).name else 1.0)
     result, out = _build_ptq(tmp_path, tiny_raw)
     metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
     assert metrics["chosen"] == ("ptq_w8" if kept else "ptq") and metrics["reduce_range"] is not kept
     assert ("8-bit weights" in result.output) == kept
 
 
-@pytest.mark.parametrize("gate, value, message", [
-    ("min_speedup", 1000.0, "gate min_speedup failed"),
-    ("max_size_mb", 0.001, "gate max_size_mb failed"),
-    ("max_accuracy_drop", 0.0, "gate max_accuracy_drop failed"),
-])
+@pytest.mark.parametrize(
+    "gate, value, message",
+    [
+        ("min_speedup", 1000.0, "gate min_speedup failed"),
+        ("max_size_mb", 0.001, "gate max_size_mb failed"),
+        ("max_accuracy_drop", 0.0, "gate max_accuracy_drop failed"),
+    ],
+)
 def test_each_gate_fails_the_build(tmp_path, tiny_raw, gate, value, message):
     tiny_raw["finetune"]["epochs"] = 1
     if gate == "max_accuracy_drop":  # 90% of the channels gone and no recovery: accuracy falls
@@ -283,37 +303,38 @@ def test_fp32_stem_with_8bit_weights_ships_when_only_the_pair_wins(tmp_path, tin
     features = {**edgetl.runner.cpu_int8_features(), "vnni_or_dot": False}
     monkeypatch.setattr(edgetl.runner, "cpu_int8_features", lambda: features)
 
-    def acc(path, batches, labels):
+    def acc(path):
         name = Path(path).name
         return {(True, True): 81.0, (True, False): 80.2, (False, True): 79.5}.get(("fl2" in name, "w8" in name), 80.0)
 
-    monkeypatch.setattr(q, "ort_accuracy", acc)
-    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.0 if "ptq" in Path(a).name else 1.5)
+    monkeypatch.setattr(q, "ort_metric", val_metric(acc))
+    monkeypatch.setattr(q, "speedup", lambda a, b, feed, runs=60, threads=1: 1.0 if "ptq" in Path(a).name else 1.5)
     result, out = _build_ptq(tmp_path, tiny_raw)
     metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
     assert metrics["chosen"] == "ptq_fl2_w8" and metrics["reduce_range"] is False
-    assert metrics["val_acc_ort"]["ptq_fl2_w8"] == 81.0
+    assert metrics["val_metric_ort"]["ptq_fl2_w8"] == 81.0
     assert "Convs kept FP32" in result.output and "8-bit weights" in result.output
     assert sorted(p.name for p in out.glob("*.onnx")) == ["model.fp32.onnx", "model.onnx"]
 
 
 @pytest.mark.parametrize("fl6_acc, chosen", [(80.7, "ptq_fl6"), (80.4, "ptq_fl2")])
-def test_six_fp32_leading_convs_ship_only_when_clearly_more_accurate_than_two(tmp_path, tiny_raw, monkeypatch,
-                                                                               fl6_acc, chosen):
+def test_six_fp32_leading_convs_ship_only_when_clearly_more_accurate_than_two(
+    tmp_path, tiny_raw, monkeypatch, fl6_acc, chosen
+):
     """The float_leading_convs "auto" ladder: the first two blocks in FP32 (six Convs; where EfficientNet-Lite0's
     INT8 lost 1-2 pt) are slower than the FP32 stem alone, so they ship only when at least 0.5 pt more accurate on
     validation than the placement already kept; the bundle holds only the shipped INT8 graph and the FP32 one."""
     import edgetl.stages.quantize as q
 
-    def acc(path, batches, labels):
+    def acc(path):
         name = Path(path).name
         return fl6_acc if "fl6" in name else 80.1 if "fl2" in name else 80.0
 
     def speedup(a, b, feed, runs=60, threads=1):  # fl2 1.1x the all-INT8 graph, fl6 0.9x fl2; all beat FP32
         return 0.9 if "fl2" in Path(a).name else 1.1 if "ptq" in Path(a).name else 1.5
 
-    monkeypatch.setattr(q, "ort_accuracy", acc)
-    monkeypatch.setattr(q, "_speedup", speedup)
+    monkeypatch.setattr(q, "ort_metric", val_metric(acc))
+    monkeypatch.setattr(q, "speedup", speedup)
     result, out = _build_ptq(tmp_path, tiny_raw)
     metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
     assert metrics["chosen"] == chosen
@@ -328,12 +349,12 @@ def test_placements_of_ptq_and_qat_are_judged_before_choosing_between_them(tmp_p
     are built and the better final graph ships; the bundle holds only it and the FP32 graph."""
     import edgetl.stages.quantize as q
 
-    def acc(path, batches, labels):
+    def acc(path):
         name = Path(path).name
         return 80.5 if "qat" in name else 81.5 if "ptq-fl6" in name else 80.0
 
-    monkeypatch.setattr(q, "ort_accuracy", acc)
-    monkeypatch.setattr(q, "_speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fp32" in Path(a).name else 1.0)
+    monkeypatch.setattr(q, "ort_metric", val_metric(acc))
+    monkeypatch.setattr(q, "speedup", lambda a, b, feed, runs=60, threads=1: 1.5 if "fp32" in Path(a).name else 1.0)
     tiny_raw["finetune"]["epochs"] = 1
     tiny_raw["quantize"] = {"method": "qat", "epochs": 1, "calibration_size": 64}
     out = tmp_path / "o"
@@ -341,15 +362,18 @@ def test_placements_of_ptq_and_qat_are_judged_before_choosing_between_them(tmp_p
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
     assert metrics["chosen"] == "ptq_fl6"
-    assert metrics["placements"] == {"ptq": {"kept": "fl6", "val_acc": 81.5}, "qat": {"kept": None, "val_acc": 80.5}}
-    assert "QAT val accuracy 80.50% (qat) < PTQ 81.50% (ptq_fl6): shipped PTQ" in result.output
+    assert metrics["placements"] == {
+        "ptq": {"kept": "fl6", "val_metric": 81.5},
+        "qat": {"kept": None, "val_metric": 80.5},
+    }
+    assert "QAT val accuracy 80.50 (qat) < PTQ 81.50 (ptq_fl6): shipped PTQ" in result.output
     assert sorted(p.name for p in out.glob("*.onnx")) == ["model.fp32.onnx", "model.onnx"]
 
 
 def test_same_padding_shape_arithmetic_stays_float(tmp_path):
     """timm's dynamic "same" padding computes pads from tensor shapes; quantizing that arithmetic shrank feature
     maps (EfficientNet-Lite0 87% -> 50%). Those nodes are excluded and the INT8 graph keeps FP32's shapes."""
-    from edgetl.stages.quantize import _float_nodes
+    from edgetl.compress.ort_quant import _float_nodes
 
     torch.manual_seed(0)
     b = build_backbone(BackboneCfg(name="timm:tf_efficientnet_lite0", pretrained=False, input_size=64), 3)
@@ -368,10 +392,10 @@ def test_same_padding_shape_arithmetic_stays_float(tmp_path):
 
 def test_distillation_transfer_set_adds_spare_examples_labelled_by_the_teacher(tiny_raw, tmp_path):
     from edgetl.config import recipe_from_dict
-    from edgetl.data import Split, feeds
-    from edgetl.pipeline import State
+    from edgetl.data import Split
+    from edgetl.measure import torch_predictions
     from edgetl.stages import distill, load
-    from edgetl.stages.verify import torch_predictions
+    from edgetl.state import State
 
     tiny_raw["data"]["max_train"] = 300
     recipe = recipe_from_dict(tiny_raw)
@@ -381,9 +405,9 @@ def test_distillation_transfer_set_adds_spare_examples_labelled_by_the_teacher(t
     assert len(train) == 500 and info["transfer_extra"] == 200
     assert np.array_equal(train.images[:300], state.data.train.images)
     extra = Split(labels=train.labels[300:], images=train.images[300:])
-    teacher = torch_predictions(state.teacher, feeds(extra, state.backbone.contract.preprocess))
+    teacher = torch_predictions(state.task, state.teacher, state.modality.feeds(extra))
     assert np.array_equal(extra.labels, teacher)
-    assert info["transfer_teacher_acc"] < 50  # the hidden labels were not used
+    assert info["transfer_teacher_metric"] < 50  # the hidden labels were not used
     state.data.n_spare = 0
     with pytest.raises(EdgetlError, match="no examples beyond data.max_train"):
         distill.transfer_set(state, 200, seed=1)
@@ -394,8 +418,8 @@ def test_transfer_set_draws_on_unlabelled_images(tiny_raw, tmp_path):
     from sklearn.datasets import load_digits
 
     from edgetl.config import recipe_from_dict
-    from edgetl.pipeline import State
     from edgetl.stages import distill, load
+    from edgetl.state import State
 
     unl = tmp_path / "unlabelled"
     unl.mkdir()
@@ -409,7 +433,7 @@ def test_transfer_set_draws_on_unlabelled_images(tiny_raw, tmp_path):
     state = load.run(State(recipe=recipe, workdir=tmp_path), recipe)
     state = state.replace(teacher=state.backbone.model.eval())
     train, info = distill.transfer_set(state, 5000, seed=1)
-    assert info == {"transfer_extra": 40, "transfer_unlabelled": 40, "transfer_teacher_acc": None}
+    assert info == {"transfer_extra": 40, "transfer_unlabelled": 40, "transfer_teacher_metric": None}
     assert len(train) == len(state.data.train) + 40 and (train.labels >= 0).all()  # the teacher labelled them
     tiny_raw["data"]["max_train"] = 300  # leftovers and unlabelled images together: agreement only on the former
     recipe = recipe_from_dict(tiny_raw)
@@ -417,7 +441,7 @@ def test_transfer_set_draws_on_unlabelled_images(tiny_raw, tmp_path):
     state = state.replace(teacher=state.backbone.model.eval())
     _, info = distill.transfer_set(state, 5000, seed=1)
     assert info["transfer_extra"] == state.data.n_spare and info["transfer_unlabelled"] == 40
-    assert 0 <= info["transfer_teacher_acc"] < 50  # the untrained teacher, on the leftovers' hidden labels
+    assert 0 <= info["transfer_teacher_metric"] < 50  # the untrained teacher, on the leftovers' hidden labels
     tiny_raw["data"].pop("unlabelled_path")
     tiny_raw["data"]["max_train"] = None
     recipe = recipe_from_dict(tiny_raw)
@@ -428,10 +452,10 @@ def test_transfer_set_draws_on_unlabelled_images(tiny_raw, tmp_path):
 def test_failed_qat_falls_back_to_ptq_and_leaves_no_qat_files(tmp_path, tiny_raw, monkeypatch):
     """QAT that fails after writing its ONNX (here: the exporter raises once the file is written) falls back to
     ORT PTQ, says so, and its half-made files stay out of the bundle and its manifest."""
-    import edgetl.stages.export as export_stage
+    import edgetl.stages.quantize as quantize_stage
     from edgetl.runner import verify_manifest
 
-    real = export_stage.export_onnx
+    real = quantize_stage.export_onnx
 
     def export_then_fail(model, contract, path, *args, **kwargs):
         real(model, contract, path, *args, **kwargs)
@@ -439,14 +463,19 @@ def test_failed_qat_falls_back_to_ptq_and_leaves_no_qat_files(tmp_path, tiny_raw
             raise RuntimeError("exporter bug")
         return path
 
-    monkeypatch.setattr(export_stage, "export_onnx", export_then_fail)
+    monkeypatch.setattr(quantize_stage, "export_onnx", export_then_fail)
     tiny_raw["finetune"]["epochs"] = 1
-    tiny_raw["quantize"] = {"method": "qat", "epochs": 1, "calibration_size": 64, "float_leading_convs": 0,
-                            "require_speedup": False}
+    tiny_raw["quantize"] = {
+        "method": "qat",
+        "epochs": 1,
+        "calibration_size": 64,
+        "float_leading_convs": 0,
+        "require_speedup": False,
+    }
     out = tmp_path / "o"
     result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "QAT failed (RuntimeError: exporter bug); shipped ORT PTQ instead" in result.output
     q = json.loads((out / "report.json").read_text())["metrics"]["quantize"]
-    assert q["chosen"].startswith("ptq") and "qat" not in q["val_acc_ort"]
+    assert q["chosen"].startswith("ptq") and "qat" not in q["val_metric_ort"]
     assert not list(out.glob("*qat*")) and not [f for f in verify_manifest(out)["files"] if "qat" in f]

@@ -95,8 +95,11 @@ def test_readme_recipe_reference_lists_every_key_with_its_default(tmp_path):
             if dataclasses.is_dataclass(value):
                 check(value, type(value), raw_section[f.name], key + ".")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            )
             if key not in examples and f.name not in ("backbone", "data"):
                 assert value == default, f"README shows {key}: {value!r}, the default is {default!r}"
 
@@ -118,15 +121,18 @@ def test_bench_settings_are_valid_overrides_of_the_demo_recipe():
         assert recipe.prune.target_macs == {"mobilenet_v2": 0.28, "lite0": 0.18}[key]  # the backbone's own wins
 
 
-@pytest.mark.parametrize("override,message", [
-    ("verify.runs=0", "recipe key 'verify.runs': 0 must be >= 1"),
-    ("quantize.float_leading_convs=-1", "recipe key 'quantize.float_leading_convs': -1 must be auto or >= 0"),
-    ("prune.ratio=1.0", "recipe key 'prune.ratio': 1.0 must be between 0 and 1"),
-    ("data.val_fraction=0", "recipe key 'data.val_fraction': 0.0 must be between 0 and 1"),
-    ("name=../elsewhere", "recipe key 'name': '../elsewhere' must be a plain file name"),
-    ("name=", "recipe key 'name'"),
-    ("export=", "recipe key 'export': a bundle ships an ONNX model"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("verify.runs=0", "recipe key 'verify.runs': 0 must be >= 1"),
+        ("quantize.float_leading_convs=-1", "recipe key 'quantize.float_leading_convs': -1 must be auto or >= 0"),
+        ("prune.ratio=1.0", "recipe key 'prune.ratio': 1.0 must be between 0 and 1"),
+        ("data.val_fraction=0", "recipe key 'data.val_fraction': 0.0 must be between 0 and 1"),
+        ("name=../elsewhere", "recipe key 'name': '../elsewhere' must be a plain file name"),
+        ("name=", "recipe key 'name'"),
+        ("export=", "recipe key 'export': a bundle ships an ONNX model"),
+    ],
+)
 def test_out_of_range_values_fail_with_the_key(tiny_raw, override, message):
     """Values the stages cannot use (0 timed runs, a negative count, a ratio of 1, a bundle name that is a path)
     fail when the recipe loads, naming the key, not at the end of a long build."""

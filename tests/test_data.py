@@ -147,8 +147,10 @@ def test_unlabelled_texts_from_txt_csv_and_jsonl(tmp_path):
     (tmp_path / "u.txt").write_text("first review\n\n  second review  \n")
     (tmp_path / "u.csv").write_text("review,other\ngreat film,x\nawful film,y\n")
     (tmp_path / "u.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
-    assert unlabelled_pool(DataCfg(kind="csv", unlabelled_path=str(tmp_path / "u.txt"))).items == \
-        ["first review", "second review"]
+    assert unlabelled_pool(DataCfg(kind="csv", unlabelled_path=str(tmp_path / "u.txt"))).items == [
+        "first review",
+        "second review",
+    ]
     pool = unlabelled_pool(DataCfg(kind="csv", text_column="review", unlabelled_path=str(tmp_path / "u.csv")))
     assert pool.items == ["great film", "awful film"] and (pool.labels == -1).all()
     assert len(unlabelled_pool(DataCfg(kind="jsonl", unlabelled_path=str(tmp_path / "u.jsonl"))).items) == 3

@@ -9,6 +9,7 @@ from edgetl.backbones import build_backbone
 from edgetl.config import BackboneCfg, FinetuneCfg
 from edgetl.errors import EdgetlError
 from edgetl.stages.finetune import param_groups
+from edgetl.tasks import create_task
 from edgetl.train import fit
 
 
@@ -28,8 +29,18 @@ def _changed(backbone, cfg: FinetuneCfg) -> tuple[set, set]:
     before = copy.deepcopy(model.state_dict())
     groups, hook = param_groups(backbone, cfg)
     train, val = _loaders()
-    fit(model, train, val, param_groups=groups, epochs=cfg.epochs, lr=cfg.lr, warmup_epochs=0,
-        on_epoch_start=hook, weight_decay=0.0)
+    fit(
+        model,
+        train,
+        val,
+        task=create_task("classification", ["a", "b", "c"]),
+        param_groups=groups,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        warmup_epochs=0,
+        on_epoch_start=hook,
+        weight_decay=0.0,
+    )
     after = model.state_dict()
     params = {n for n, _ in model.named_parameters() if not torch.equal(before[n], after[n])}
     stats = {n for n in before if n.endswith("running_mean") and not torch.equal(before[n], after[n])}
@@ -69,7 +80,7 @@ def test_full_trains_everything_with_layerwise_lr():
     cfg = FinetuneCfg(strategy="full", epochs=1, lr=1e-2, lr_decay=0.9)
     groups, _ = param_groups(b, cfg)
     lrs = [g["lr"] for g in groups]
-    assert lrs[0] == 1e-2 and lrs[-1] == pytest.approx(1e-2 * 0.9) and lrs[1] == pytest.approx(1e-2 * 0.9 ** 19)
+    assert lrs[0] == 1e-2 and lrs[-1] == pytest.approx(1e-2 * 0.9) and lrs[1] == pytest.approx(1e-2 * 0.9**19)
     changed, _ = _changed(b, cfg)
     assert changed == {n for n, _ in b.model.named_parameters()}
 
@@ -78,8 +89,10 @@ def test_gradual_unfreeze_adds_groups_from_the_top():
     b = _backbone()
     cfg = FinetuneCfg(strategy="gradual_unfreeze", epochs=2, unfreeze_every=1, unfreeze_group=3, lr=1e-2)
     _, hook = param_groups(b, cfg)
+
     def trainable():
         return {n for n, p in b.model.named_parameters() if p.requires_grad}
+
     hook(0)
     assert trainable() == {f"{b.head}.weight", f"{b.head}.bias"}
     hook(1)
@@ -96,8 +109,8 @@ def test_freeze_blocks_out_of_range_is_a_clear_error():
 
 def test_linear_probe_trains_only_the_head(tiny_raw, tmp_path):
     from edgetl.config import recipe_from_dict
-    from edgetl.pipeline import State
     from edgetl.stages import finetune, load
+    from edgetl.state import State
 
     tiny_raw["finetune"] = {"strategy": "linear_probe", "epochs": 2, "lr": 0.01}
     recipe = recipe_from_dict(tiny_raw)
@@ -108,12 +121,15 @@ def test_linear_probe_trains_only_the_head(tiny_raw, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     head = state.backbone.head
     assert changed == {f"{head}.weight", f"{head}.bias"}  # not even BN statistics moved
-    assert state.history["finetune"] and state.metrics["finetune"]["test_acc"] > 20  # well above 10% chance
+    assert state.history["finetune"] and state.metrics["finetune"]["test_metric"] > 20  # well above 10% chance
 
 
 def test_unknown_backbone_names_point_to_the_list():
-    for name, hint in (("timm:not_a_model", "timm.list_models"), ("torchvision:nope", "list_models"),
-                       ("keras:resnet", "torchvision:mobilenet_v2")):
+    for name, hint in (
+        ("timm:not_a_model", "timm.list_models"),
+        ("torchvision:nope", "list_models"),
+        ("keras:resnet", "torchvision:mobilenet_v2"),
+    ):
         with pytest.raises(EdgetlError, match=hint):
             build_backbone(BackboneCfg(name=name, pretrained=False), 3)
 

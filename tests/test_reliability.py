@@ -25,8 +25,11 @@ from tests.conftest import write_recipe
 
 
 def snapshot(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def refused(result, message: str) -> None:
@@ -84,18 +87,21 @@ def test_manifest_carries_the_format_marker(bundle):
 # 2 + 5. checked when the recipe loads, before the first stage
 
 
-@pytest.mark.parametrize("override, message", [
-    ("finetune=", "'verify.max_accuracy_drop': the drop is measured from the fine-tuned model"),
-    ("export.opset=15", "'export.opset': 15 must be >= 17"),
-    ("finetune.lr=.inf", "'finetune.lr': expected a finite number"),
-    ("finetune.lr=.nan", "'finetune.lr': expected a finite number"),
-    ("seed=4294967296", "'seed': 4294967296 must be in [0, 2**32 - 1]"),
-    ("verify.min_accuracy=150", "'verify.min_accuracy': 150.0 must be in [0, 100] percent"),
-    ("verify.max_accuracy_drop=-1", "'verify.max_accuracy_drop': -1.0 must be in [0, 100] points"),
-    ("backbone.input_size=4000", "'backbone.input_size': 4000 must be between 8 and 2048"),
-    ("data.kind=csv", "csv is text data but timm:mobilenetv3_small_050 is an image backbone"),
-    ("finetune.epochs=[1,", "--set finetune.epochs is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune=", "'verify.max_accuracy_drop': the drop is measured from the fine-tuned model"),
+        ("export.opset=15", "'export.opset': 15 must be >= 17"),
+        ("finetune.lr=.inf", "'finetune.lr': expected a finite number"),
+        ("finetune.lr=.nan", "'finetune.lr': expected a finite number"),
+        ("seed=4294967296", "'seed': 4294967296 must be in [0, 2**32 - 1]"),
+        ("verify.min_accuracy=150", "'verify.min_accuracy': 150.0 must be in [0, 100] percent"),
+        ("verify.max_accuracy_drop=-1", "'verify.max_accuracy_drop': -1.0 must be in [0, 100] points"),
+        ("backbone.input_size=4000", "'backbone.input_size': 4000 must be between 8 and 2048"),
+        ("data.kind=csv", "csv is text data but timm:mobilenetv3_small_050 is an image backbone"),
+        ("finetune.epochs=[1,", "--set finetune.epochs is not valid YAML"),
+    ],
+)
 def test_bad_values_fail_before_the_first_stage(old_bundle, tiny_raw, tmp_path, override, message):
     out, before = old_bundle
     tiny_raw["verify"]["max_accuracy_drop"] = 2.0
@@ -108,8 +114,10 @@ def test_yaml_alias_bomb_is_refused_quickly_with_a_short_line(tmp_path):
     bomb = ["name: &a [x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 10):
         prev = chr(ord("a") + i - 1)
-        bomb.append(f"k{i}: &{chr(ord('a') + i)} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, "
-                    f"*{prev}, *{prev}]")
+        bomb.append(
+            f"k{i}: &{chr(ord('a') + i)} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, "
+            f"*{prev}, *{prev}]"
+        )
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(bomb) + "\nbackbone: {name: *j}\n")
     t0 = time.perf_counter()
@@ -145,8 +153,9 @@ def test_manifest_entries_outside_the_bundle_are_refused(old_bundle, name):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="only plain file names inside the bundle are valid"):
         Bundle(out)
-    proc = subprocess.run([sys.executable, str(out / "runner.py"), str(out), "bench", "--runs", "1"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "bench", "--runs", "1"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "only plain file names" in proc.stderr
 
@@ -167,19 +176,31 @@ def _rewrite(out: Path, name: str, content: str) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("preprocess.json", json.dumps({"kind": "text", "tokenizer": "../../etc/passwd", "max_length": 8,
-                                    "inputs": ["input_ids"]}), "only plain file names"),
-    ("preprocess.json", json.dumps({"kind": "image", "crop": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}),
-     "resize must be an integer"),
-    ("preprocess.json", json.dumps({"kind": "image", "resize": 0, "crop": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}),
-     "resize must be an integer"),
-    ("labels.json", json.dumps(["a", "b"]), "labels.json names 2 classes but the model outputs 10"),
-    ("labels.json", json.dumps([str(i) for i in range(11)]), "names 11 classes but the model outputs 10"),
-    ("labels.json", json.dumps({"0": "a"}), "labels.json must be a non-empty list"),
-    ("labels.json", "[" * 100_000 + "]" * 100_000, "cannot read the bundle's labels"),
-    ("manifest.json", "[" * 100_000 + "]" * 100_000, "is not a valid edgetl manifest"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "preprocess.json",
+            json.dumps({"kind": "text", "tokenizer": "../../etc/passwd", "max_length": 8, "inputs": ["input_ids"]}),
+            "only plain file names",
+        ),
+        (
+            "preprocess.json",
+            json.dumps({"kind": "image", "crop": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}),
+            "resize must be an integer",
+        ),
+        (
+            "preprocess.json",
+            json.dumps({"kind": "image", "resize": 0, "crop": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}),
+            "resize must be an integer",
+        ),
+        ("labels.json", json.dumps(["a", "b"]), "labels.json names 2 classes but the model outputs 10"),
+        ("labels.json", json.dumps([str(i) for i in range(11)]), "names 11 classes but the model outputs 10"),
+        ("labels.json", json.dumps({"0": "a"}), "labels.json must be a non-empty list"),
+        ("labels.json", "[" * 100_000 + "]" * 100_000, "cannot read the bundle's labels"),
+        ("manifest.json", "[" * 100_000 + "]" * 100_000, "is not a valid edgetl manifest"),
+    ],
+)
 def test_bad_bundle_files_are_one_error(old_bundle, name, content, message, tmp_path):
     out, _ = old_bundle
     if name == "manifest.json":
@@ -211,7 +232,7 @@ def test_csv_fields_with_line_breaks_and_unicode_line_ends_are_read_whole(tmp_pa
     from edgetl.config import DataCfg
     from edgetl.data import open_sources
 
-    rows = ['text,label', '"first line\nsecond line",a', '"a\u2028b\u0085c\x0cd",b', '"plain",a', '"x" ,b']
+    rows = ["text,label", '"first line\nsecond line",a', '"a\u2028b\u0085c\x0cd",b', '"plain",a', '"x" ,b']
     path = tmp_path / "t.csv"
     path.write_text("\r\n".join(rows) + "\r\n", newline="")
     pools, classes = open_sources(DataCfg(kind="csv", path=str(path)))
@@ -257,11 +278,15 @@ def test_bad_output_directories_are_refused_before_the_first_stage(old_bundle, t
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "link").symlink_to(out)
     monkeypatch.chdir(tmp_path)
-    for target, message in [("", "--out is empty"), (".", "not the current directory"),
-                            (tmp_path / "afile" / "o", "is a file, not a directory"),
-                            (tmp_path / "afile", "is a file"),
-                            (tmp_path / "dangling", "is a symbolic link"), (tmp_path / "link", "is a symbolic link"),
-                            (out / "inner", "is inside the edgetl bundle")]:
+    for target, message in [
+        ("", "--out is empty"),
+        (".", "not the current directory"),
+        (tmp_path / "afile" / "o", "is a file, not a directory"),
+        (tmp_path / "afile", "is a file"),
+        (tmp_path / "dangling", "is a symbolic link"),
+        (tmp_path / "link", "is a symbolic link"),
+        (out / "inner", "is inside the edgetl bundle"),
+    ]:
         result = build(recipe, "--out", target)
         refused(result, message)
         assert "[load]" not in result.output
@@ -302,8 +327,12 @@ def test_a_killed_builds_leftovers_are_cleaned_and_an_interrupted_publish_restor
 def test_sigterm_says_what_happened_and_leaves_nothing(tmp_path, tiny_raw):
     tiny_raw["finetune"]["epochs"] = 50
     recipe = write_recipe(tmp_path / "r.yaml", tiny_raw)
-    proc = subprocess.Popen([sys.executable, "-m", "edgetl.cli", "build", recipe, "--out", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgetl.cli", "build", recipe, "--out", str(tmp_path / "o")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = ""
     while "[finetune]" not in line:
         line = proc.stdout.readline()
@@ -319,19 +348,26 @@ def test_sigterm_says_what_happened_and_leaves_nothing(tmp_path, tiny_raw):
 # 9. usage errors
 
 
-@pytest.mark.parametrize("args, message", [
-    (["build", "--bogus"], "No such option '--bogus'"),
-    (["build"], "Missing argument 'RECIPE'"),
-    (["bench", "x.onnx", "--runs", "0"], "--runs"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "--bogus"], "No such option '--bogus'"),
+        (["build"], "Missing argument 'RECIPE'"),
+        (["bench", "x.onnx", "--runs", "0"], "--runs"),
+    ],
+)
 def test_usage_errors_are_one_line(args, message):
     refused(CliRunner().invoke(main, args), message)
 
 
 def test_runner_usage_errors_are_one_line(bundle):
-    proc = subprocess.run([sys.executable, str(bundle[0] / "runner.py"), str(bundle[0]), "bench", "--runs", "0"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(bundle[0] / "runner.py"), str(bundle[0]), "bench", "--runs", "0"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: --runs must be >= 1 (see: runner.py --help)"]
+        "error: --runs must be >= 1 (see: runner.py --help)"
+    ]
     proc = subprocess.run([sys.executable, str(bundle[0] / "runner.py")], capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

@@ -20,9 +20,22 @@ CLASSES = ["cat", "dog", "<bird>"]  # the angle brackets check escaping
 
 
 def _row(stage: str, shipped: bool, confusion: list, **kw) -> dict:
-    row = {"stage": stage, "file": "model.onnx" if shipped else f"{stage}.onnx", "acc_torch": 80.0, "acc_ort": 79.5,
-           "agreement": 98.0, "params": 123456, "macs": 7890123, "size_mb": 1.5, "p50_ms": 1.2, "p90_ms": 1.4,
-           "threads": 1, "speedup_vs_fp32": 1.0, "shipped": shipped, "confusion": confusion}
+    row = {
+        "stage": stage,
+        "file": "model.onnx" if shipped else f"{stage}.onnx",
+        "metric_torch": 80.0,
+        "metric_ort": 79.5,
+        "agreement": 98.0,
+        "params": 123456,
+        "macs": 7890123,
+        "size_mb": 1.5,
+        "p50_ms": 1.2,
+        "p90_ms": 1.4,
+        "threads": 1,
+        "speedup_vs_fp32": 1.0,
+        "shipped": shipped,
+        "confusion": confusion,
+    }
     return {**row, **kw}
 
 
@@ -37,24 +50,36 @@ FULL = {
         _row("qat", True, [[10, 0, 0], [2, 7, 1], [0, 1, 9]], size_mb=0.9, p50_ms=0.5, speedup_vs_fp32=2.4),
     ],
     "history": {
-        "finetune": [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_acc": 60.0},
-                     {"epoch": 2, "train_loss": 0.7, "val_loss": None, "val_acc": 75.0}],
+        "finetune": [
+            {"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_metric": 60.0},
+            {"epoch": 2, "train_loss": 0.7, "val_loss": None, "val_metric": 75.0},
+        ],
         "prune": [],
-        "qat": [{"epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "val_acc": 78.0}],
+        "qat": [{"epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "val_metric": 78.0}],
     },
     "metrics": {
-        "export": {"opset": 17, "fp32": {"max_abs_diff": 4e-7, "top1_agreement": 1.0, "n": 20, "atol": 1e-3}},
-        "quantize": {"chosen": "qat", "speedup_vs_fp32": 2.4, "speed_threads": 1, "reduce_range": True,
-                     "float_compute_ops_left": 0,
-                     "cpu_int8": {"avx2": True, "avx512_vnni": False}, "notes": ["QAT beat PTQ on validation"]},
-        "verify": {"shipped": "qat", "gates": [
-            {"gate": "min_accuracy", "value": 79.5, "limit": 70.0, "passed": True},
-            {"gate": "max_size_mb", "value": 0.9, "limit": 0.5, "passed": False}]},
+        "export": {"opset": 17, "fp32": {"max_abs_diff": 4e-7, "agreement": 1.0, "n": 20, "atol": 1e-3}},
+        "quantize": {
+            "chosen": "qat",
+            "speedup_vs_fp32": 2.4,
+            "speed_threads": 1,
+            "reduce_range": True,
+            "float_compute_ops_left": 0,
+            "cpu_int8": {"avx2": True, "avx512_vnni": False},
+            "notes": ["QAT beat PTQ on validation"],
+        },
+        "verify": {
+            "shipped": "qat",
+            "gates": [
+                {"gate": "min_accuracy", "value": 79.5, "limit": 70.0, "passed": True},
+                {"gate": "max_size_mb", "value": 0.9, "limit": 0.5, "passed": False},
+            ],
+        },
     },
     "device": {"cpu": "Test CPU", "machine": "x86_64", "cores": 2, "onnxruntime": "1.0", "int8": ["avx2"]},
     "versions": {"edgetl": "0.1.0", "onnxruntime": "1.0"},
 }
-MINIMAL = {"name": "bare", "rows": [{"stage": "fp32", "file": "model.onnx", "acc_ort": None, "shipped": True}]}
+MINIMAL = {"name": "bare", "rows": [{"stage": "fp32", "file": "model.onnx", "metric_ort": None, "shipped": True}]}
 
 
 class _Collect(HTMLParser):
@@ -111,7 +136,7 @@ def test_missing_keys_still_render(tmp_path):
     partial = copy.deepcopy(FULL)
     partial["rows"][0]["shipped"], partial["rows"][2]["shipped"] = True, False
     del partial["rows"][1]["confusion"]
-    partial["history"] = {"finetune": [{"epoch": 1, "train_loss": None, "val_loss": None, "val_acc": None}]}
+    partial["history"] = {"finetune": [{"epoch": 1, "train_loss": None, "val_loss": None, "val_metric": None}]}
     del partial["metrics"]["quantize"], partial["device"], partial["classes"]
     _, page = _build(tmp_path / "partial", partial)
     assert len(page.imgs) == 3  # no per-class change: the shipped model is the teacher
@@ -121,8 +146,24 @@ def test_missing_keys_still_render(tmp_path):
 def test_renders_in_a_browser(tmp_path):
     path, _ = _build(tmp_path, FULL)
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
-                    path.as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,2000",
+            path.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000

@@ -44,8 +44,10 @@ def test_csv_and_jsonl_split_stratified(reviews_csv, tmp_path):
     u = load_data(_cfg(reviews_csv, max_train=100, unlabelled_path=str(unl)), PRE, seed=0)
     every = u.spare(10_000, 0)
     assert u.n_spare == len(d.train) - 100 + 2 == len(every)
-    assert sorted(t for t, y in zip(every.texts, every.labels, strict=True) if y == -1) == \
-        ["a warm and lovely film", "the movie was dull"]
+    assert sorted(t for t, y in zip(every.texts, every.labels, strict=True) if y == -1) == [
+        "a warm and lovely film",
+        "the movie was dull",
+    ]
     unl.write_text(f"a warm and lovely film\n{d.test.texts[3]}\n")  # a test example: would leak
     with pytest.raises(EdgetlError, match="1 of its examples are validation or test examples"):
         load_data(_cfg(reviews_csv, max_train=100, unlabelled_path=str(unl)), PRE, seed=0)
@@ -90,8 +92,11 @@ def test_strategies_map_onto_transformer_blocks(tiny_bert):
     hook(0)
     assert {n for n, p in b.model.named_parameters() if p.requires_grad} == {f"{b.head}.weight", f"{b.head}.bias"}
     before = copy.deepcopy(b.model.state_dict())
-    x = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
-         "token_type_ids": torch.zeros(1, 4, dtype=torch.long)}
+    x = {
+        "input_ids": torch.tensor([[2, 5, 6, 3]]),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+        "token_type_ids": torch.zeros(1, 4, dtype=torch.long),
+    }
     assert b.model(**x).shape == (1, 2)
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in before.items())
 
@@ -110,15 +115,17 @@ def test_text_bundle_is_verified_and_int8(text_bundle):
     out, report = text_bundle
     assert {"model.onnx", "model.fp32.onnx", "tokenizer.json", "manifest.json"} <= {p.name for p in out.iterdir()}
     rows = {r["stage"]: r for r in report["rows"]}
-    assert rows["fp32"]["acc_ort"] > 80  # the label words are easy: well above 50% chance
-    assert rows["ptq"]["shipped"] and rows["ptq"]["size_mb"] < rows["distilled"]["size_mb"]
+    assert rows["fp32"]["metric_ort"] > 80  # the label words are easy: well above 50% chance
     static = report["metrics"]["quantize"]["text_static_vs_dynamic"]  # static QDQ was measured against dynamic
-    assert static["speedup_static"] > 0 and static["speedup_dynamic"] > 0 and 0 <= static["val_acc"] <= 100
-    assert static["ships"] == (report["metrics"]["quantize"]["chosen"] == "static")
-    assert rows["ptq"]["agreement"] > 90
+    assert static["speedup_static"] > 0 and static["speedup_dynamic"] > 0 and static["val_metric"] > 50
+    int8 = "static" if static["ships"] else "ptq"  # static ships only where it measured >= 5% faster here
+    assert report["metrics"]["quantize"]["chosen"] == int8 and [r["stage"] for r in rows.values() if r["shipped"]] == [
+        int8
+    ]
+    assert rows[int8]["size_mb"] < rows["distilled"]["size_mb"] and rows[int8]["agreement"] > 90
     for role in ("fp32", "pruned"):  # the pruned encoder exports and matches PyTorch too
         parity = report["metrics"]["export"][role]
-        assert parity["max_abs_diff"] < 1e-3 and parity["top1_agreement"] == 1.0
+        assert parity["max_abs_diff"] < 1e-3 and parity["agreement"] == 1.0
     step = report["metrics"]["prune"]["steps"][-1]
     assert step["heads"] == [1, 1] and step["ffn"] == [32, 32]  # 2 -> 1 heads, 64 -> 32 FFN neurons per layer
     assert rows["pruned"]["params"] < rows["fp32"]["params"] and rows["pruned"]["macs"] < rows["fp32"]["macs"]
@@ -134,10 +141,10 @@ def test_onnx_matches_pytorch_across_batch_and_sequence_shapes(tiny_bert, tmp_pa
 
     from edgetl.backbones import build_backbone
     from edgetl.config import BackboneCfg
-    from edgetl.data import torch_forward
-    from edgetl.stages.export import export_onnx
+    from edgetl.measure import torch_forward
+    from edgetl.onnx_export import export_onnx
 
-    b = build_backbone(BackboneCfg(name=f"hf:{tiny_bert}"), num_classes=2)
+    b = build_backbone(BackboneCfg(name=f"hf:{tiny_bert}"), 2)
     model = b.model.eval()
     sample = {n: np.ones((2, 8), np.int64) for n in ("input_ids", "attention_mask", "token_type_ids")}
     path = export_onnx(model, b.contract, tmp_path / "m.onnx", sample, opset=17)
@@ -160,8 +167,7 @@ def test_sentence_pair_inputs_are_split_on_a_tab_and_encoded_as_pairs(tiny_bert)
     them as pairs (second segment typed 1), and refuses an input that is not a pair with one clear error."""
     from edgetl.runner import BundleError, encode_texts, load_tokenizer, text_inputs
 
-    pre = {"kind": "text", "max_length": 16, "inputs": ["input_ids", "attention_mask", "token_type_ids"],
-           "pair": True}
+    pre = {"kind": "text", "max_length": 16, "inputs": ["input_ids", "attention_mask", "token_type_ids"], "pair": True}
     tok = load_tokenizer(tiny_bert / "tokenizer.json", 16)
     feed = encode_texts(tok, text_inputs(["good movie\tbad movie"], pre), pre)
     types = feed["token_type_ids"][0][feed["attention_mask"][0] == 1]
@@ -178,9 +184,11 @@ def test_text_predict_without_torch_or_transformers(text_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     top = [r["top"][0]["label"] for r in json.loads(result.output)]
     assert top == ["pos", "neg"]
-    code = ("import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('torch', 'transformers', 'edgetl')]; "
-            f"sys.argv = ['runner.py', {str(out)!r}, 'predict', 'a great lovely film']; "
-            f"runpy.run_path({str(out / 'runner.py')!r}, run_name='__main__')")
+    code = (
+        "import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('torch', 'transformers', 'edgetl')]; "
+        f"sys.argv = ['runner.py', {str(out)!r}, 'predict', 'a great lovely film']; "
+        f"runpy.run_path({str(out / 'runner.py')!r}, run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\t")[1].split()[0] == "pos"
@@ -198,18 +206,29 @@ def test_head_and_ffn_pruning_keeps_outputs_and_exports(arch, tmp_path):
     )
 
     from edgetl.backbones import _hf_wrapper
+    from edgetl.compress.prune import EncoderPruner, encoder_layers, prune_step
     from edgetl.config import PruneCfg
-    from edgetl.stages.export import export_onnx
-    from edgetl.stages.prune import EncoderPruner, encoder_layers, prune_step
+    from edgetl.onnx_export import export_onnx
+    from edgetl.tasks import create_task
+    from edgetl.train import TaskLoss
 
     torch.manual_seed(0)
     if arch == "bert":
-        hf = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                                                      num_attention_heads=4, intermediate_size=64, num_labels=3))
+        hf = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=40,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                num_labels=3,
+            )
+        )
         names = ("input_ids", "attention_mask", "token_type_ids")
     else:
-        hf = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4,
-                                                                  hidden_dim=64, num_labels=3))
+        hf = DistilBertForSequenceClassification(
+            DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=3)
+        )
         names = ("input_ids", "attention_mask")
     model = _hf_wrapper()(hf, names).eval()
     ids = torch.randint(5, 40, (2, 9))
@@ -218,7 +237,7 @@ def test_head_and_ffn_pruning_keeps_outputs_and_exports(arch, tmp_path):
     params0 = sum(p.numel() for p in model.parameters())
     pruner = EncoderPruner(model, x, PruneCfg(ratio=0.5, head_ratio=0.5, steps=2, importance="taylor"))
     for _ in range(2):
-        prune_step(pruner, model, x, [(x, torch.tensor([0, 2]))])
+        prune_step(pruner, model, x, [(x, torch.tensor([0, 2]))], TaskLoss(create_task("classification", list("abc"))))
     assert pruner.heads_left == [2, 2] and [lin[4].out_features for lin in encoder_layers(hf)] == [32, 32]
     q, o = encoder_layers(hf)[0][0], encoder_layers(hf)[0][3]
     assert q.out_features == 16 and o.in_features == 16  # physically smaller matrices, head size kept at 8
@@ -226,18 +245,31 @@ def test_head_and_ffn_pruning_keeps_outputs_and_exports(arch, tmp_path):
     with torch.no_grad():
         ref = model(**x).numpy()
     assert ref.shape == (2, 3)
-    contract = type("C", (), {"exporter": "optimum", "input_names": names, "output_names": ("logits",),
-                              "dynamic_axes": {n: {0: "batch", 1: "sequence"} for n in names}})()
+    contract = type(
+        "C",
+        (),
+        {
+            "exporter": "optimum",
+            "input_names": names,
+            "output_names": ("logits",),
+            "dynamic_axes": {n: {0: "batch", 1: "sequence"} for n in names},
+        },
+    )()
     path = export_onnx(model, contract, tmp_path / "pruned.onnx", {k: v.numpy() for k, v in x.items()}, 17)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, {k: v.numpy() for k, v in x.items()})[0]
+        None, {k: v.numpy() for k, v in x.items()}
+    )[0]
     assert np.abs(got - ref).max() < 1e-4
 
 
 def test_image_only_importance_is_a_clear_error_for_text(tiny_bert, reviews_csv, tmp_path):
-    recipe = {"name": "t", "backbone": {"name": f"hf:{tiny_bert}"},
-              "data": {"kind": "csv", "path": str(reviews_csv), "text_column": "review", "label_column": "sentiment"},
-              "finetune": {"epochs": 1}, "prune": {"ratio": 0.3, "importance": "bn_scale"}}
+    recipe = {
+        "name": "t",
+        "backbone": {"name": f"hf:{tiny_bert}"},
+        "data": {"kind": "csv", "path": str(reviews_csv), "text_column": "review", "label_column": "sentiment"},
+        "finetune": {"epochs": 1},
+        "prune": {"ratio": 0.3, "importance": "bn_scale"},
+    }
     args = ["build", write_recipe(tmp_path / "t.yaml", recipe), "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "text encoders take magnitude or taylor" in result.output
@@ -279,11 +311,21 @@ def test_sentence_pair_bundle_predicts_tab_separated_pairs(tiny_bert, tmp_path):
         w = csv.DictWriter(f, fieldnames=["premise", "review", "sentiment"])
         w.writeheader()
         w.writerows({"premise": "the movie was", **row} for row in sentences(160))
-    recipe = {"name": "pairs", "backbone": {"name": f"hf:{tiny_bert}"},
-              "data": {"kind": "csv", "path": str(tmp_path / "pairs.csv"), "text_column": "premise",
-                       "text_pair_column": "review", "label_column": "sentiment", "max_length": 16, "batch_size": 32},
-              "finetune": {"strategy": "full", "epochs": 1, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
-              "verify": {"runs": 5, "warmup": 2}}
+    recipe = {
+        "name": "pairs",
+        "backbone": {"name": f"hf:{tiny_bert}"},
+        "data": {
+            "kind": "csv",
+            "path": str(tmp_path / "pairs.csv"),
+            "text_column": "premise",
+            "text_pair_column": "review",
+            "label_column": "sentiment",
+            "max_length": 16,
+            "batch_size": 32,
+        },
+        "finetune": {"strategy": "full", "epochs": 1, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
+        "verify": {"runs": 5, "warmup": 2},
+    }
     out = tmp_path / "bundle"
     result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "p.yaml", recipe), "--out", str(out)])
     assert result.exit_code == 0, result.output

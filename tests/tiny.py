@@ -32,8 +32,14 @@ def make_tiny_bert(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILLER]))
     BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    config = BertConfig(vocab_size=5 + len(POS + NEG + FILLER), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=5 + len(POS + NEG + FILLER),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertForSequenceClassification(config).save_pretrained(d)
     return d
 
@@ -63,8 +69,14 @@ def text_recipe(bert: Path, data: Path) -> dict:
     return {
         "name": "tiny_text",
         "backbone": {"name": f"hf:{bert}"},
-        "data": {"kind": "csv", "path": str(data), "text_column": "review", "label_column": "sentiment",
-                 "max_length": 16, "batch_size": 32},
+        "data": {
+            "kind": "csv",
+            "path": str(data),
+            "text_column": "review",
+            "label_column": "sentiment",
+            "max_length": 16,
+            "batch_size": 32,
+        },
         "finetune": {"strategy": "full", "epochs": 4, "lr": 0.003, "lr_decay": 1.0, "label_smoothing": 0.0},
         "prune": {"ratio": 0.5, "steps": 1, "recovery_epochs": 1, "lr": 0.001},
         "distill": {"epochs": 1, "lr": 0.001, "feature_weight": 1.0},  # + every layer's hidden states

@@ -30,16 +30,31 @@ from tests.tiny import TINY, make_tiny_bert, text_recipe, write_reviews  # noqa:
 # the tests' tiny recipe with 3 epochs, so predictions are not near-ties
 RECIPE = {**TINY, "name": "tiny_node", "finetune": {**TINY["finetune"], "epochs": 3}}
 # texts for the text bundle: mixed case, punctuation, accents, an unknown word, one longer than max_length (16)
-TEXTS = ["a great lovely film", "Awful, BORING movie!", "the film was quite dull and poor", "très bon: excellent",
-         "zebra", " ".join(["the movie was very good and fun"] * 4)]
+TEXTS = [
+    "a great lovely film",
+    "Awful, BORING movie!",
+    "the film was quite dull and poor",
+    "très bon: excellent",
+    "zebra",
+    " ".join(["the movie was very good and fun"] * 4),
+]
 # (width, height, PIL mode): smaller, equal to and larger than the crop, both orientations, grey / RGB / RGBA
-SHAPES = [(8, 8, "L"), (32, 32, "RGB"), (45, 30, "RGB"), (30, 61, "RGBA"), (37, 37, "RGB"), (100, 64, "L"),
-          (33, 35, "P")]
+SHAPES = [
+    (8, 8, "L"),
+    (32, 32, "RGB"),
+    (45, 30, "RGB"),
+    (30, 61, "RGBA"),
+    (37, 37, "RGB"),
+    (100, 64, "L"),
+    (33, 35, "P"),
+]
 TOP_K = 3
 # more preprocessing settings, checked for byte parity of the prepared arrays only (crop > resize pads with 0)
-VARIANTS = [{"resize": 32, "crop": 32, "interpolation": "bilinear"},
-            {"resize": 50, "crop": 40, "interpolation": "bicubic"},
-            {"resize": 20, "crop": 24, "interpolation": "bilinear"}]
+VARIANTS = [
+    {"resize": 32, "crop": 32, "interpolation": "bilinear"},
+    {"resize": 50, "crop": 40, "interpolation": "bicubic"},
+    {"resize": 20, "crop": 24, "interpolation": "bilinear"},
+]
 
 
 def build_bundle(out: Path, recipe: dict, name: str) -> Path:
@@ -56,8 +71,13 @@ def text_cases(bundle: Path) -> dict:
     feed = runner.encode_texts(model.tokenizer, TEXTS, model.preprocess)
     probs = runner.softmax(model.session.run(None, feed)[0])
     tops = model.predict_texts(TEXTS, TOP_K)
-    return {"bundle": str(bundle), "texts": TEXTS, "feed": {k: v.tolist() for k, v in feed.items()},
-            "probs": probs.tolist(), "top": [[t["label"] for t in r["top"]] for r in tops]}
+    return {
+        "bundle": str(bundle),
+        "texts": TEXTS,
+        "feed": {k: v.tolist() for k, v in feed.items()},
+        "probs": probs.tolist(),
+        "top": [[t["label"] for t in r["top"]] for r in tops],
+    }
 
 
 def load_runner(bundle: Path):
@@ -98,8 +118,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = (args.bundle or build_bundle(args.out, RECIPE, "bundle")).resolve()
     text_bundle = args.text_bundle or build_bundle(
-        args.out, text_recipe(make_tiny_bert(args.out / "tiny_bert"), write_reviews(args.out / "reviews.csv", 400)),
-        "text_bundle")
+        args.out,
+        text_recipe(make_tiny_bert(args.out / "tiny_bert"), write_reviews(args.out / "reviews.csv", 400)),
+        "text_bundle",
+    )
     runner = load_runner(bundle)
     model = runner.Bundle(bundle)
 
@@ -114,16 +136,33 @@ def main() -> None:
         probs = runner.softmax(model.logits_from_arrays(arr[None]))[0]
         top = model.predict_files([str(png)], TOP_K)[0]["top"]
         with Image.open(png) as im:
-            variants = [base64.b64encode(runner.prepare(im, {**model.preprocess, **v}).tobytes()).decode()
-                        for v in VARIANTS]
+            variants = [
+                base64.b64encode(runner.prepare(im, {**model.preprocess, **v}).tobytes()).decode() for v in VARIANTS
+            ]
         normalized = base64.b64encode(runner.normalize(arr[None], model.preprocess).tobytes()).decode()
-        cases.append({"png": str(png.resolve()), "prepared": str(prepared.resolve()), "probs": probs.tolist(),
-                      "top": [t["label"] for t in top], "variants": variants, "normalized": normalized})
-    fixture = {"bundle": str(bundle), "top_k": TOP_K, "preprocess": model.preprocess, "variants": VARIANTS,
-               "cases": cases, "text": text_cases(text_bundle.resolve())}
+        cases.append(
+            {
+                "png": str(png.resolve()),
+                "prepared": str(prepared.resolve()),
+                "probs": probs.tolist(),
+                "top": [t["label"] for t in top],
+                "variants": variants,
+                "normalized": normalized,
+            }
+        )
+    fixture = {
+        "bundle": str(bundle),
+        "top_k": TOP_K,
+        "preprocess": model.preprocess,
+        "variants": VARIANTS,
+        "cases": cases,
+        "text": text_cases(text_bundle.resolve()),
+    }
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=2))
-    print(f"fixture: {args.out / 'fixture.json'} ({len(cases)} images, bundle {bundle}; {len(TEXTS)} texts, "
-          f"bundle {text_bundle})")
+    print(
+        f"fixture: {args.out / 'fixture.json'} ({len(cases)} images, bundle {bundle}; {len(TEXTS)} texts, "
+        f"bundle {text_bundle})"
+    )
 
 
 if __name__ == "__main__":

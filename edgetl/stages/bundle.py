@@ -1,70 +1,38 @@
 """Write the bundle: the shipped ONNX model and everything a device or app needs beside it.
 
-    model.onnx          the model to ship (INT8 when a compression stage produced one, else FP32)
-    model.fp32.onnx     the fine-tuned FP32 reference, when model.onnx is another model (INT8, pruned, distilled)
-    labels.json         class names in output order
-    preprocess.json     resize / crop / mean / std the runner applies
-    recipe.lock.yaml    the resolved recipe and library versions
-    report.json         per-model measurements, training history, gates, machine
-    report.html         the same as one self-contained page with plots (no network needed to view it)
-    model.ort           ONNX Runtime Mobile format of model.onnx, when export.ort_format is true
-    tokenizer.json      text bundles: the backbone's tokenizer (the runner uses it with `tokenizers`)
-    runner.py           the device-side runner (onnxruntime + numpy + Pillow or tokenizers only)
-    manifest.json       sha256 of every file above
+model.onnx          the model to ship (INT8 when a compression stage produced one, else FP32)
+model.fp32.onnx     the fine-tuned FP32 reference, when model.onnx is another model (INT8, pruned, distilled)
+labels.json         class names in output order
+preprocess.json     resize / crop / mean / std the runner applies
+recipe.lock.yaml    the resolved recipe and library versions
+report.json         per-model measurements, training history, gates, machine
+report.html         the same as one self-contained page with plots (no network needed to view it)
+model.ort           ONNX Runtime Mobile format of model.onnx, when export.ort_format is true
+tokenizer.json      text bundles: the backbone's tokenizer (the runner uses it with `tokenizers`)
+runner.py           the device-side runner (onnxruntime + numpy + Pillow or tokenizers only)
+manifest.json       sha256 of every file above
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-from importlib import metadata
 from pathlib import Path
 
 import yaml
 
 from edgetl import __version__
 from edgetl.config import Recipe, recipe_to_dict
-from edgetl.pipeline import State
-from edgetl.report import write_html
-from edgetl.runner import FORMAT, FORMAT_VERSION, MANIFEST, device_info, sha256
-
-LIBRARIES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "torch-pruning", "numpy", "scikit-learn",
-             "transformers", "optimum", "optimum-onnx", "tokenizers")
-
-
-def versions() -> dict:
-    out = {"edgetl": __version__, "python": platform.python_version()}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def write_report(state: State) -> Path:
-    report = {
-        "name": state.recipe.name,
-        "backbone": state.recipe.backbone.name,
-        "classes": state.data.classes if state.data else None,
-        "splits": {s: len(getattr(state.data, s)) for s in ("train", "val", "test")} if state.data else None,
-        "rows": state.rows,
-        "history": state.history,
-        "metrics": state.metrics,
-        "timings_s": state.timings,
-        "device": device_info(),
-        "versions": versions(),
-    }
-    path = state.workdir / "report.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    return path
+from edgetl.report import versions, write_html, write_report
+from edgetl.runner import FORMAT, FORMAT_VERSION, MANIFEST, sha256
+from edgetl.state import State, shipped_role
 
 
 def write_manifest(root: Path) -> dict:
-    files = {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgetl": __version__, "files": files}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -72,8 +40,6 @@ def write_manifest(root: Path) -> dict:
 
 def run(state: State, recipe: Recipe) -> State:
     """Rename the shipped model to model.onnx, keep model.fp32.onnx beside it, drop intermediate files."""
-    from edgetl.pipeline import shipped_role
-
     out = state.workdir
     onnx = dict(state.onnx)
     shipped = shipped_role(state)
@@ -89,10 +55,7 @@ def run(state: State, recipe: Recipe) -> State:
         onnx = {shipped: "model.onnx", **({"fp32": onnx["fp32"]} if "fp32" in onnx and shipped != "fp32" else {})}
     state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": {"shipped": shipped, "files": onnx}})
     (out / "labels.json").write_text(json.dumps(state.data.classes, indent=2))
-    pre = dict(state.backbone.contract.preprocess)
-    if pre.get("kind") == "text" and recipe.data.text_pair_column:
-        pre["pair"] = True  # the runners take 'FIRST<TAB>SECOND' inputs
-    (out / "preprocess.json").write_text(json.dumps(pre, indent=2))
+    (out / "preprocess.json").write_text(json.dumps(state.modality.bundle_preprocess(recipe.data), indent=2))
     lock = {"recipe": recipe_to_dict(recipe), "versions": versions()}
     (out / "recipe.lock.yaml").write_text(yaml.safe_dump(lock, sort_keys=False))
     shutil.copyfile(Path(__file__).resolve().parent.parent / "runner.py", out / "runner.py")

@@ -15,10 +15,9 @@ import copy
 
 from edgetl.backbones import replace_module
 from edgetl.config import FinetuneCfg, Recipe
-from edgetl.data import make_loader
 from edgetl.errors import EdgetlError
-from edgetl.pipeline import State
-from edgetl.train import call, evaluate, fit
+from edgetl.state import State
+from edgetl.train import TaskLoss, best, call, evaluate, fit
 
 
 def param_groups(backbone, cfg: FinetuneCfg) -> tuple[list[dict], callable]:
@@ -57,7 +56,7 @@ def param_groups(backbone, cfg: FinetuneCfg) -> tuple[list[dict], callable]:
     return groups, on_epoch_start
 
 
-def _linear_probe(state: State, cfg: FinetuneCfg, pre: dict, bs: int) -> list[dict]:
+def _linear_probe(state: State, cfg: FinetuneCfg, bs: int) -> list[dict]:
     """Cache backbone features once (no augmentation), then train only the head on them."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -73,7 +72,7 @@ def _linear_probe(state: State, cfg: FinetuneCfg, pre: dict, bs: int) -> list[di
         feats = {}
         with torch.inference_mode():
             for split in ("train", "val"):
-                loader = make_loader(getattr(state.data, split), pre, bs, tokenizer=state.tokenizer)
+                loader = state.modality.loader(getattr(state.data, split), bs)
                 labels = torch.as_tensor(getattr(state.data, split).labels)
                 feats[split] = torch.cat([call(model, x) for x, _ in loader]), labels
     finally:
@@ -83,36 +82,59 @@ def _linear_probe(state: State, cfg: FinetuneCfg, pre: dict, bs: int) -> list[di
     g = torch.Generator().manual_seed(state.recipe.seed)
     train = DataLoader(TensorDataset(*feats["train"]), batch_size=bs, shuffle=True, generator=g)
     val = DataLoader(TensorDataset(*feats["val"]), batch_size=bs)
-    return fit(head, train, val, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-               warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, patience=cfg.patience,
-               desc="finetune (linear probe)")
+    return fit(
+        head,
+        train,
+        val,
+        task=state.task,
+        objective=TaskLoss(state.task, cfg.label_smoothing),
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_epochs=cfg.warmup_epochs,
+        patience=cfg.patience,
+        desc="finetune (linear probe)",
+    )
 
 
 def run(state: State, recipe: Recipe) -> State:
     cfg = recipe.finetune
-    pre = state.backbone.contract.preprocess
     bs = recipe.data.batch_size
-    model = state.backbone.model
+    model, mod, task = state.backbone.model, state.modality, state.task
     if cfg.strategy == "linear_probe":
-        history = _linear_probe(state, cfg, pre, bs)
+        history = _linear_probe(state, cfg, bs)
     else:
         groups, hook = param_groups(state.backbone, cfg)
-        train = make_loader(state.data.train, pre, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed,
-                            tokenizer=state.tokenizer)
-        val = make_loader(state.data.val, pre, bs, tokenizer=state.tokenizer)
-        history = fit(model, train, val, param_groups=groups, epochs=cfg.epochs, lr=cfg.lr,
-                      weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
-                      label_smoothing=cfg.label_smoothing, patience=cfg.patience, on_epoch_start=hook,
-                      desc=f"finetune ({cfg.strategy})")
+        train = mod.loader(state.data.train, bs, augment=recipe.data.augment, shuffle=True, seed=recipe.seed)
+        val = mod.loader(state.data.val, bs)
+        history = fit(
+            model,
+            train,
+            val,
+            task=task,
+            objective=TaskLoss(task, cfg.label_smoothing),
+            param_groups=groups,
+            epochs=cfg.epochs,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_epochs=cfg.warmup_epochs,
+            patience=cfg.patience,
+            on_epoch_start=hook,
+            desc=f"finetune ({cfg.strategy})",
+        )
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    test = evaluate(model, make_loader(state.data.test, pre, bs, tokenizer=state.tokenizer))
-    print(f"  fine-tuned: val {max(h['val_acc'] for h in history):.2f}%  test {test['acc']:.2f}%")
+    test = evaluate(model, mod.loader(state.data.test, bs), task)["metric"]
+    print(f"  fine-tuned: val {best(history, task):.2f}  test {test}")
     teacher = copy.deepcopy(model).eval()
     return state.replace(
         teacher=teacher,
+        reference=test,
         models={**state.models, "fp32": teacher},
         history={**state.history, "finetune": history},
-        metrics={**state.metrics, "finetune": {"test_acc": test["acc"], "strategy": cfg.strategy}},
+        metrics={
+            **state.metrics,
+            "finetune": {"metric": test.name, "test_metric": test.value, "strategy": cfg.strategy},
+        },
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgetl.config import Recipe
 from edgetl.errors import EdgetlError
-from edgetl.pipeline import State, shipped_role
+from edgetl.state import State, shipped_role
 
 
 def convert(onnx_path: Path, dst: Path) -> Path:
@@ -58,7 +58,9 @@ def run(state: State, recipe: Recipe) -> State:
     src = state.workdir / state.onnx[role]
     dst = convert(src, state.workdir / "model.ort")
     check = usability(src)
-    print(f"  model.ort {dst.stat().st_size / 1e6:.2f} MB; NNAPI/CoreML worth trying: "
-          f"{'yes' if check['nnapi_or_coreml_worth_trying'] else 'no (use the CPU EP)'}")
+    print(
+        f"  model.ort {dst.stat().st_size / 1e6:.2f} MB; NNAPI/CoreML worth trying: "
+        f"{'yes' if check['nnapi_or_coreml_worth_trying'] else 'no (use the CPU EP)'}"
+    )
     info = {"file": dst.name, "size_mb": dst.stat().st_size / 1e6, "source": role, **check}
     return state.replace(metrics={**state.metrics, "ort_format": info})

@@ -1,0 +1,1 @@
+"""Compression libraries used by the stages: structured pruning, ORT quantization, QAT and the INT8 choice."""

@@ -1,0 +1,221 @@
+"""Structured pruning (the library side of the prune stage): channels, FFN neurons and attention heads are
+physically removed, not masked.
+
+Images: Torch-Pruning (DepGraph) shrinks every coupled layer together (a conv, its BatchNorm, the depthwise
+conv and the next conv's inputs, residual partners), so the exported ONNX graph has smaller tensors and ONNX
+Runtime does less work. The stem's input and the classifier's output are protected; they are looked up on the
+model being pruned (a copy made earlier would leave the real classifier unprotected).
+
+Text (BERT-class encoders): in every layer the FFN's hidden neurons go through Torch-Pruning's DepGraph groups
+(first Linear's outputs with the second Linear's inputs) and whole attention heads through transformers'
+``prune_heads`` (query/key/value rows and the output projection's columns), so the hidden size, the classifier
+and the exported model's inputs stay as they are.
+
+The stage runs them in ``steps`` increments with a short recovery fine-tune after each.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from edgetl.backbones import encoder_layer_names
+from edgetl.config import PruneCfg
+from edgetl.errors import EdgetlError
+
+UPPER_BOUND_RATIOS = (0.3, 0.5, 0.7, 0.8, 0.9)  # prune.target_macs: ratios tried, in order, for the search's bound
+TAYLOR_BATCHES = 8  # batches whose gradients rank channels / heads for importance "taylor"
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+
+    return {
+        "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "taylor": lambda: tp.importance.GroupTaylorImportance(),
+        "bn_scale": lambda: tp.importance.BNScaleImportance(),
+        "lamp": lambda: tp.importance.LAMPImportance(p=2),
+    }[name]()
+
+
+def protected_layers(model, head: str, protect: tuple) -> list:
+    """The modules of ``model`` itself that must keep their channels."""
+    from torch import nn
+
+    unknown = set(protect) - {"stem", "head"}
+    if unknown:
+        raise EdgetlError(f"prune.protect: unknown entry '{sorted(unknown)[0]}' (use stem, head)")
+    layers = []
+    if "head" in protect:
+        layers.append(model.get_submodule(head))
+    if "stem" in protect:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None:
+            layers.append(first)
+    return layers
+
+
+def encoder_layers(hf_model) -> list[list]:
+    """Per transformer layer its six Linears in order: query, key, value, attention output, FFN in, FFN out."""
+    from torch import nn
+
+    names = encoder_layer_names(hf_model)
+    if not names:
+        raise EdgetlError(
+            f"prune: cannot find the attention/FFN layers of {type(hf_model).__name__}; "
+            "remove the prune section for this backbone"
+        )
+    return [[m for m in hf_model.get_submodule(n).modules() if isinstance(m, nn.Linear)] for n in names]
+
+
+class EncoderPruner:
+    """FFN neurons (Torch-Pruning DepGraph) and attention heads (transformers' prune_heads), evenly per layer,
+    ``ratio`` / ``head_ratio`` reached after ``steps`` calls of ``step``."""
+
+    def __init__(self, wrapper, example: dict, cfg: PruneCfg):
+        import torch_pruning as tp
+
+        if cfg.importance not in ("magnitude", "taylor"):
+            raise EdgetlError(
+                f"prune.importance '{cfg.importance}' is for images; text encoders take magnitude or taylor"
+            )
+        head_ratio = cfg.ratio if cfg.head_ratio is None else cfg.head_ratio
+        if not 0.0 <= head_ratio < 1.0:
+            raise EdgetlError("prune.head_ratio must be between 0 and 1")
+        self.wrapper, self.hf, self.example, self.cfg = wrapper, wrapper.model, example, cfg
+        self.head_ratio = head_ratio
+        self.importance = (
+            tp.importance.GroupTaylorImportance()
+            if cfg.importance == "taylor"
+            else tp.importance.GroupMagnitudeImportance(p=2)
+        )
+        layers = encoder_layers(self.hf)
+        config = self.hf.config
+        n_heads = getattr(config, "num_attention_heads", None) or config.n_heads
+        self.heads = [list(range(n_heads)) for _ in layers]  # original ids of the heads still there
+        self.ffn0 = [lin[4].out_features for lin in layers]
+        self.n_heads0 = n_heads
+        self.done = 0
+
+    def _keep(self, n0: int, ratio: float, frac: float, multiple: int) -> int:
+        keep = n0 * (1.0 - ratio * frac)
+        return max(multiple, int(round(keep / multiple)) * multiple)
+
+    def step(self) -> None:
+        import torch_pruning as tp
+
+        self.done += 1
+        frac = min(self.done / max(self.cfg.steps, 1), 1.0)
+        graph = tp.DependencyGraph().build_dependency(self.wrapper, example_inputs=self.example)
+        for lin, n0 in zip(encoder_layers(self.hf), self.ffn0, strict=True):
+            ffn_in = lin[4]
+            drop = ffn_in.out_features - self._keep(n0, self.cfg.ratio, frac, self.cfg.round_to or 1)
+            if drop > 0:
+                group = graph.get_pruning_group(
+                    ffn_in, tp.prune_linear_out_channels, idxs=list(range(ffn_in.out_features))
+                )
+                order = self.importance(group).argsort()[:drop].tolist()
+                graph.get_pruning_group(ffn_in, tp.prune_linear_out_channels, idxs=order).prune()
+        to_prune = {}
+        for i, lin in enumerate(encoder_layers(self.hf)):
+            current = self.heads[i]
+            drop = len(current) - self._keep(self.n_heads0, self.head_ratio, frac, 1)
+            if drop > 0:
+                order = self._head_scores(lin, len(current)).argsort()[:drop].tolist()
+                to_prune[i] = [current[j] for j in order]
+                self.heads[i] = [h for j, h in enumerate(current) if j not in order]
+        if to_prune:
+            self.hf.prune_heads(to_prune)
+
+    def _head_scores(self, lin: list, n_heads: int):
+        """Per head: the L2 mass (magnitude) or |weight x gradient| (taylor) of its query/key/value rows and
+        attention-output columns."""
+
+        def score(w, dim):
+            if self.cfg.importance == "taylor" and w.grad is not None:
+                v = (w * w.grad).abs()
+            else:
+                v = w.pow(2)
+            return v.detach().reshape(n_heads, -1).sum(1) if dim == 0 else v.detach().t().reshape(n_heads, -1).sum(1)
+
+        q, k, v, o = lin[:4]
+        return score(q.weight, 0) + score(k.weight, 0) + score(v.weight, 0) + score(o.weight, 1)
+
+    @property
+    def heads_left(self) -> list[int]:
+        return [len(h) for h in self.heads]
+
+
+def make_pruner(model, example, cfg: PruneCfg, head: str):
+    import torch_pruning as tp
+
+    return tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=_importance(cfg.importance),
+        pruning_ratio=cfg.ratio,
+        iterative_steps=max(cfg.steps, 1),
+        ignored_layers=protected_layers(model, head, cfg.protect),
+        round_to=cfg.round_to,
+    )
+
+
+def ratio_for_macs(
+    model, make_pruner_fn, measure, target: float, iters: int = 7, steps: int = 1
+) -> tuple[float, float]:
+    """The smallest pruning ratio whose pruning of a copy of ``model`` in ``steps`` steps (each step's channel counts
+    are rounded, so 3 steps can land below one step at the same ratio) brings MACs to ``target`` (a fraction of the
+    current MACs) or below: bisection over the ratio; channel counts decide MACs, not weights, so the copies skip
+    the recovery training. Returns (ratio, MACs fraction reached)."""
+    from edgetl.measure import count_params_macs
+
+    if not 0.0 < target < 1.0:
+        raise EdgetlError("prune.target_macs must be between 0 and 1 (a fraction of the starting MACs)")
+    macs0 = count_params_macs(model, measure)[1]
+    if not macs0:
+        raise EdgetlError("prune.target_macs: MACs cannot be counted for this model; set prune.ratio instead")
+
+    def fraction(ratio: float) -> float:
+        trial = copy.deepcopy(model).eval()
+        pruner = make_pruner_fn(trial, ratio)
+        for _ in range(steps):
+            pruner.step()
+        return count_params_macs(trial, measure)[1] / macs0
+
+    # an upper bound first, walking up: near 100% Torch-Pruning skips groups that would lose every channel (after
+    # round_to), so MACs are not monotonic there and a bound at 95% can leave more MACs than 50% does
+    lo, hi, reached, best = 0.0, None, 1.0, (1.0, 0.0)
+    for ratio in UPPER_BOUND_RATIOS:
+        f = fraction(ratio)
+        best = min(best, (f, ratio))
+        if f <= target:
+            hi, reached = ratio, f
+            break
+        lo = ratio
+    if hi is None:
+        raise EdgetlError(
+            f"prune.target_macs {target:g} is out of reach: the fewest MACs any ratio left was "
+            f"{best[0]:.2f} of them (ratio {best[1]:g})"
+        )
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        f = fraction(mid)
+        if f <= target:
+            hi, reached = mid, f
+        else:
+            lo = mid
+    return hi, reached
+
+
+def prune_step(pruner, model, example, loader=None, loss=None) -> None:
+    """One pruning step; Taylor importance needs gradients of ``loss(model, x, y)`` (the task's, through a
+    ``train.TaskLoss``) from a few batches of ``loader`` first."""
+    if "Taylor" in type(pruner.importance).__name__ and loader is not None:
+        if loss is None:
+            raise TypeError("prune_step: Taylor importance needs the loss whose gradients rank the channels")
+        model.zero_grad()
+        for i, (x, y) in enumerate(loader):  # gradients summed over a few batches: less noisy importance
+            loss(model, x, y).backward()
+            if i + 1 == TAYLOR_BATCHES:
+                break
+    pruner.step()
+    model.zero_grad(set_to_none=True)

@@ -1,0 +1,156 @@
+"""Measurements the stages share: parameters and MACs, a task's metric and agreement under PyTorch and ONNX Runtime,
+batch-1 latency (interleaved, so noise hits every model alike) and execution-provider rows.
+
+Everything task-specific goes through the task object (``decode``, ``score``, ``agreement``, ``details``) and
+everything input-specific through the modality, so this module knows neither classes nor images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+
+import numpy as np
+
+from edgetl.errors import EdgetlError
+
+
+def count_params_macs(model, example: dict | int) -> tuple[int, int | None]:
+    """Parameters and multiply-accumulates for one example: an ONNX-style feed (only its first row is used), or an
+    image side length (benchmarks) for a zero NCHW image."""
+    import torch
+    import torch_pruning as tp
+
+    if isinstance(example, int):
+        example = {"input": np.zeros((1, 3, example, example), np.float32)}
+    inputs = {k: torch.from_numpy(v[:1]) for k, v in example.items()}
+    args = inputs["input"] if list(inputs) == ["input"] else inputs
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its "no positional inputs" notice for keyword inputs
+            macs, params = tp.utils.count_ops_and_params(model.eval(), args)
+    except Exception:  # noqa: BLE001 - the op counter cannot trace every model; the parameter count still holds
+        return sum(p.numel() for p in model.parameters()), None
+    return int(params), int(macs)
+
+
+def torch_forward(model, feed: dict):
+    """Run a PyTorch model on an ONNX-style feed (image models take one positional tensor)."""
+    import torch
+
+    tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
+    return model(tensors["input"]) if list(tensors) == ["input"] else model(**tensors)
+
+
+def torch_outputs(model, batches: list[dict]) -> list[np.ndarray]:
+    """The model's (first) output per batch, as numpy."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        return [torch_forward(model, feed).numpy() for feed in batches]
+
+
+def ort_outputs(onnx_path, batches: list[dict], threads: int = 2) -> list[np.ndarray]:
+    """The ONNX model's first output per batch (CPU, full graph optimisation, at least 2 threads: outputs do not
+    depend on the thread count, wall time does)."""
+    from edgetl.runner import session
+
+    sess = session(onnx_path, threads=max(threads, 2))
+    return [sess.run(None, feed)[0] for feed in batches]
+
+
+def predictions(task, outputs: list[np.ndarray]):
+    """Per-example predictions over all batches (batches may differ in shape: each is decoded on its own)."""
+    decoded = [task.decode(o) for o in outputs]
+    if all(isinstance(d, np.ndarray) and d.ndim == 1 for d in decoded):
+        return np.concatenate(decoded)
+    return list(itertools.chain.from_iterable(decoded))
+
+
+def torch_predictions(task, model, batches: list[dict]):
+    return predictions(task, torch_outputs(model, batches))
+
+
+def ort_predictions(task, onnx_path, batches: list[dict], threads: int = 2):
+    return predictions(task, ort_outputs(onnx_path, batches, threads))
+
+
+def ort_metric(task, onnx_path, batches: list[dict], targets):
+    """The task's metric of an ONNX model on ``batches``."""
+    return task.score(ort_predictions(task, onnx_path, batches), targets)
+
+
+def measure_row(task, path, model, batches: list[dict], targets, teacher_pred, threads: int) -> dict:
+    """One report row for an ONNX file: the metric under PyTorch and ORT, agreement with the teacher, the task's
+    extras (a confusion matrix ...), parameters, MACs, size."""
+    torch_metric = task.score(torch_predictions(task, model, batches), targets)
+    preds = ort_predictions(task, path, batches, threads)
+    ort = task.score(preds, targets)
+    row = {
+        "file": path.name,
+        "metric": ort.name,
+        "higher_is_better": ort.higher_is_better,
+        "metric_torch": torch_metric.value,
+        "metric_ort": ort.value,
+        "agreement": task.agreement(preds, teacher_pred),
+        **task.details(preds, targets),
+    }
+    row["params"], row["macs"] = count_params_macs(model, batches[0])
+    row["size_mb"] = path.stat().st_size / 1e6
+    return row
+
+
+def add_latency(rows: list[dict], workdir, feed: dict, threads: int, runs: int, warmup: int) -> None:
+    """Batch-1 ORT latency of every row, all models measured interleaved so noise hits them alike."""
+    from edgetl.runner import interleaved_latency, session
+
+    sessions = {r["stage"]: session(workdir / r["file"], threads=threads) for r in rows}
+    lat = interleaved_latency(sessions, feed, runs=runs, warmup=warmup)
+    fp32 = lat.get("fp32")
+    for r in rows:
+        r.update(p50_ms=lat[r["stage"]]["p50_ms"], p90_ms=lat[r["stage"]]["p90_ms"], threads=threads)
+        if fp32:
+            r["speedup_vs_fp32"] = fp32["p50_ms"] / r["p50_ms"]
+
+
+def speedup(fp32, int8, feed: dict, runs: int = 60, threads: int = 1) -> float:
+    """p50(FP32) / p50(INT8) at batch 1, measured interleaved."""
+    from edgetl.runner import interleaved_latency, session
+
+    lat = interleaved_latency(
+        {"fp32": session(fp32, threads), "int8": session(int8, threads)}, feed, runs=runs, warmup=5
+    )
+    return lat["fp32"]["p50_ms"] / lat["int8"]["p50_ms"]
+
+
+def verify_providers(cfg) -> list[str]:
+    """verify.providers as ORT names; one this onnxruntime lacks is a one-line error naming the key."""
+    from edgetl.runner import BundleError, resolve_providers
+
+    try:
+        return resolve_providers(cfg.providers)
+    except BundleError as e:
+        raise EdgetlError(f"verify.providers: {e}") from None
+
+
+def provider_rows(task, path, cfg, feed: dict, latency_feed: dict) -> list[dict]:
+    """Latency and parity (against the CPU EP) of ``path`` on every provider in ``cfg.providers``."""
+    from edgetl.runner import latency, session
+
+    ref = session(path, cfg.threads, ["cpu"]).run(None, feed)[0]
+    rows = []
+    for provider in verify_providers(cfg):
+        sess = session(path, cfg.threads, [provider])
+        got = sess.run(None, feed)[0]
+        lat = latency(sess, latency_feed, runs=cfg.runs, warmup=cfg.warmup)
+        rows.append(
+            {
+                "provider": provider,
+                "p50_ms": lat["p50_ms"],
+                "p90_ms": lat["p90_ms"],
+                "max_abs_diff_vs_cpu": float(np.abs(got - ref).max()),
+                "agreement_vs_cpu": task.agreement(task.decode(got), task.decode(ref)),
+            }
+        )
+    return rows

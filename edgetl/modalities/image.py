@@ -1,0 +1,96 @@
+"""Images: decoded once with the device runner's own ``prepare`` (resize shorter side, center crop) into uint8
+arrays, normalised by ``normalize`` for ONNX feeds, augmented with torchvision v2 for training."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgetl.runner import normalize, prepare
+
+
+class Image:
+    name = "image"
+    static_int8 = True  # INT8 = ORT static QDQ calibrated on training images
+    supports_qat = True
+    conv_placements = True  # leading Convs may stay FP32 (quantize.float_leading_convs)
+
+    def __init__(self, pre: dict):
+        self.pre = pre
+
+    def describe(self) -> str:
+        return f"input {self.pre['crop']}px"
+
+    def materialize(self, pool, idx: np.ndarray, desc: str):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        from edgetl.data import Split
+
+        quiet = len(idx) < 2000 or not sys.stderr.isatty()
+        arrays = [
+            prepare(pool.load(pool.items[i]), self.pre)
+            for i in tqdm(idx, desc=f"decode {desc}", leave=False, disable=quiet)
+        ]
+        return Split(labels=pool.labels[idx], images=np.stack(arrays))
+
+    def spare_items(self, train, idx, unlabelled) -> tuple[list, object]:
+        """Training-pool examples ``idx`` and unlabelled ones as (items, loader) of one pool."""
+        extra = unlabelled.items if unlabelled else []
+        items = [(train.load, train.items[i]) for i in idx] + [(unlabelled.load, it) for it in extra]
+        return items, lambda item: item[0](item[1])
+
+    def decoded_bytes(self, n: int) -> int:
+        return n * self.pre["crop"] * self.pre["crop"] * 3
+
+    def feeds(self, split, batch: int = 64, limit: int | None = None, pad_to: int | None = None) -> list[dict]:
+        n = len(split) if limit is None else min(limit, len(split))
+        return [{"input": normalize(split.images[i : min(i + batch, n)], self.pre)} for i in range(0, n, batch)]
+
+    def parity_feeds(self, split) -> list[dict]:
+        return self.feeds(split, limit=256, batch=32)
+
+    def latency_feed(self, split) -> dict:
+        return self.feeds(split, batch=1, limit=1)[0]
+
+    def calibration(self, split, size: int) -> list[dict]:
+        return self.feeds(split, batch=16, limit=size)
+
+    def trace_example(self, split):
+        """(torch input for DepGraph tracing, the feed MACs are counted on)."""
+        import torch
+
+        c = self.pre["crop"]
+        return torch.randn(1, 3, c, c), {"input": np.zeros((1, 3, c, c), np.float32)}
+
+    def loader(self, split, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+        from torchvision.transforms import v2
+
+        pre = self.pre
+        g = torch.Generator().manual_seed(seed)
+        mean = torch.tensor(pre["mean"]).view(3, 1, 1)
+        std = torch.tensor(pre["std"]).view(3, 1, 1)
+        ops = []
+        if augment is not None:
+            if augment.random_resized_crop:
+                ops.append(v2.RandomResizedCrop(pre["crop"], scale=(augment.crop_scale_min, 1.0), antialias=True))
+            if augment.hflip:
+                ops.append(v2.RandomHorizontalFlip())
+        aug = v2.Compose(ops) if ops else None
+
+        class _Images(Dataset):
+            def __len__(self):
+                return len(split)
+
+            def __getitem__(self, i):
+                x = torch.from_numpy(split.images[i]).permute(2, 0, 1)
+                if aug is not None:
+                    x = aug(x)
+                return (x.float() / 255.0 - mean) / std, int(split.labels[i])
+
+        return DataLoader(_Images(), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
+
+    def bundle_preprocess(self, data_cfg) -> dict:
+        return dict(self.pre)

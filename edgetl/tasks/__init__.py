@@ -1,0 +1,24 @@
+"""Task registry: ``task.kind`` in the recipe -> the module that implements the protocol in ``tasks/base.py``."""
+
+from __future__ import annotations
+
+from edgetl.errors import EdgetlError
+
+KINDS = ("classification",)  # detection, token_classification and seq2seq follow the same protocol
+
+
+def create_task(kind: str, classes: list[str]):
+    """The task object for a recipe's ``task.kind`` and the data's class names."""
+    if kind == "classification":
+        from edgetl.tasks.classification import Classification
+
+        return Classification(classes)
+    raise EdgetlError(f"task.kind '{kind}' is not implemented (known: {', '.join(KINDS)})")
+
+
+def report_sections(kind: str | None) -> list:
+    """The report sections of a task by name (report.json records it; older reports are classification)."""
+    try:
+        return create_task(kind or "classification", []).report_sections()
+    except EdgetlError:
+        return []
