@@ -62,6 +62,7 @@ def main() -> None:
       edgetl build RECIPE.yaml --set finetune.epochs=1      # override any recipe key
       edgetl predict artifacts/NAME image.png               # top-k labels from a bundle
       edgetl bench artifacts/NAME/model.onnx --threads 1    # ORT latency p50/p90/p99
+      edgetl verify artifacts/NAME                          # golden-set parity on this machine
     """
 
 
@@ -220,6 +221,23 @@ def predict(bundle: str, images: tuple[str, ...], top_k: int, as_json: bool) -> 
         return
     for r in results:
         click.echo(format_top(r))
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", default="model.onnx", show_default=True, help="Which of the bundle's models to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def verify_cmd(bundle: str, model: str, as_json: bool) -> None:
+    """Check this machine computes what the build computed: the BUNDLE's golden set (validation inputs as the device
+    prepares them, with the shipped model's outputs at build time) through ONNX Runtime here. Exit 0 on PASS, 1 on
+    FAIL. The bundle's runner.py does the same on a device: python runner.py BUNDLE verify
+    """
+    from edgetl.runner import Bundle, format_verify
+
+    result = Bundle(bundle, model=model).verify_golden()
+    click.echo(json.dumps(result, indent=2) if as_json else format_verify(result))
+    sys.exit(0 if result["passed"] else 1)
 
 
 if __name__ == "__main__":

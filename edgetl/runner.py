@@ -5,12 +5,14 @@ tokenizers for text bundles (no torch, no transformers, no edgetl).
 Every bundle ships a copy of this file as ``runner.py``; edgetl itself uses the same functions, so the
 preprocessing a device applies is byte-for-byte the one edgetl verified accuracy with.
 
-    python runner.py BUNDLE_DIR predict IMAGE [IMAGE ...] [--top-k 3]     (text bundles: TEXT [TEXT ...];
+    python runner.py BUNDLE_DIR predict IMAGE [IMAGE ...] [--top-k 3] [--json]  (text bundles: TEXT [TEXT ...];
                                                                           sentence pairs: 'FIRST<TAB>SECOND')
+    python runner.py BUNDLE_DIR verify [--json]     the golden set's outputs on this machine: PASS (exit 0) / FAIL (1)
     python runner.py BUNDLE_DIR bench [--batch 1] [--threads 1] [--seq 128] [--runs 200] [--warmup 20]
                                       [--model model.onnx] [--providers cpu] [--json]
 
-The manifest (sha256 of every file) is checked before the model is loaded.
+The manifest (sha256 of every file) is checked before the model is loaded; files it marks as reference material
+(the FP32 model, the report, the golden set) may be left out of a slim device copy.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def sha256(path: Path) -> str:
 REQUIRED = ("model.onnx", "labels.json", "preprocess.json")  # every bundle's manifest lists these
 FORMAT = "edgetl-bundle"  # manifest.json's "format": how edgetl knows a directory is a bundle it wrote
 FORMAT_VERSION = 1
+GOLDEN = "golden.json"  # the golden set's description; its arrays are in golden.bin
 MAX_JSON_BYTES = 16 << 20  # manifest / labels / preprocess files are small; refuse to parse anything huge
 
 
@@ -92,15 +95,20 @@ def read_manifest(bundle: Path) -> dict:
 
 
 def verify_manifest(bundle: Path, required: tuple[str, ...] = REQUIRED) -> dict:
-    """Check every file listed in manifest.json against its sha256 (and that ``required`` are listed); return it."""
+    """Check every file listed in manifest.json against its sha256 (and that ``required`` are listed); return it.
+    Files the manifest marks as reference material (``reference``: the FP32 model, the report, the golden set ...)
+    may be left out of a slim device copy; every file that is there must be unchanged."""
     manifest = read_manifest(bundle)
     files = manifest["files"]
     unlisted = [name for name in required if name not in files]
     if unlisted:
         raise BundleError(f"{MANIFEST} does not list {', '.join(unlisted)}: incomplete or tampered bundle")
+    optional = set(manifest.get("reference") or []) - set(required)
     for name, digest in files.items():
         f = safe_name(bundle, name)
         if not f.is_file():
+            if name in optional:
+                continue  # a slim copy: reference material left behind
             raise BundleError(f"bundle file missing: {name}")
         if sha256(f) != digest:
             raise BundleError(f"bundle file changed since build (sha256 mismatch): {name}")
@@ -393,7 +401,9 @@ class Bundle:
         providers: list[str] | None = None,
     ):
         self.path = Path(path)
-        listed = verify_manifest(self.path, tuple(dict.fromkeys(REQUIRED + (model,))))["files"] if check else None
+        listed = verify_manifest(self.path)["files"] if check else None
+        # a model file the user made from the bundle's (model.ort, a fixed-shape copy) runs, marked unverified
+        self.model_verified = listed is not None and model in listed
         self.labels = read_json(self.path / "labels.json", "labels")
         self.preprocess = check_preprocess(read_json(self.path / "preprocess.json", "preprocessing"))
         if not isinstance(self.labels, list) or not self.labels or not all(isinstance(x, str) for x in self.labels):
@@ -405,7 +415,9 @@ class Bundle:
                 raise BundleError(f"{MANIFEST} does not list {tokenizer}: incomplete or tampered bundle")
         model_path = safe_name(self.path, model)
         if not model_path.is_file():
-            raise BundleError(f"{self.path} has no {model}")
+            raise BundleError(
+                f"{self.path} has no {model}" + (" (left out of this copy)" if self.model_verified else "")
+            )
         self.session = open_session(model_path, threads, providers)
         width = self.session.get_outputs()[0].shape[-1]
         if isinstance(width, int) and width != len(self.labels):
@@ -457,6 +469,52 @@ class Bundle:
                 ) from None
         return self._top([str(f) for f in files], self.logits_from_arrays(np.stack(arrays)), top_k, "file")
 
+    def verify_golden(self) -> dict:
+        """Run the bundle's golden set (validation inputs with the shipped model's outputs at build time) through
+        this machine's ONNX Runtime: max |difference|, top-1 agreement and whether both are within the bundle's
+        limits. The check a device runs on itself."""
+        spec_path = self.path / GOLDEN
+        if not spec_path.is_file():
+            raise BundleError(f"this copy of the bundle has no {GOLDEN} (it was left out): copy it to verify")
+        spec = read_json(spec_path, "golden set")
+        try:
+            raw = safe_name(self.path, spec["data"]).read_bytes()
+            arrays = {
+                name: np.frombuffer(raw, np.dtype(a["dtype"]), int(np.prod(a["shape"])), a["offset"]).reshape(
+                    a["shape"]
+                )
+                for name, a in spec["inputs"].items()
+            }
+            ref = np.asarray(spec["outputs"], np.float32)
+            tolerance, need = float(spec["tolerance"]), float(spec["min_agreement"])
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise BundleError(f"{GOLDEN} is not a valid golden set: {type(e).__name__}") from None
+        feed = {"input": normalize(arrays["images"], self.preprocess)} if "images" in arrays else arrays
+        got = self.session.run(None, feed)[0]
+        if got.shape != ref.shape:
+            raise BundleError(f"the model gives outputs of shape {got.shape} on the golden set, expected {ref.shape}")
+        diff = float(np.abs(got - ref).max())
+        agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        return {
+            "n": int(len(ref)),
+            "max_abs_diff": diff,
+            "tolerance": tolerance,
+            "top1_agreement": agree,
+            "min_agreement": need,
+            "passed": diff <= tolerance and agree >= need,
+            "model": spec.get("model"),
+            "device": device_info(),
+        }
+
+
+def format_verify(r: dict) -> str:
+    verdict = "PASS" if r["passed"] else "FAIL"
+    return (
+        f"verify {verdict}: {r['n']} golden inputs, max|diff| {r['max_abs_diff']:.3g} (tolerance "
+        f"{r['tolerance']:.3g}), top-1 agreement {100 * r['top1_agreement']:.1f}% (need "
+        f"{100 * r['min_agreement']:.1f}%) on {r['device']['cpu']}"
+    )
+
 
 def format_top(result: dict) -> str:
     """One tab-separated line: the input, then label and probability of each of the top-k."""
@@ -480,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("predict", help="top-k labels for images (or texts, for a text bundle)")
     p.add_argument("images", nargs="+", metavar="INPUT")
     p.add_argument("--top-k", type=int, default=3, help="labels per input, best first (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON: [{file | text, top: [{label, prob}]}]")
+    v = sub.add_parser("verify", help="check this machine's outputs against the golden set built into the bundle")
+    v.add_argument("--model", default="model.onnx", help="which model to check (default model.onnx)")
+    v.add_argument("--json", action="store_true", help="print JSON instead of a line")
     b = sub.add_parser("bench", help="latency p50/p90/p99 of the bundle's model")
     b.add_argument("--batch", type=int, default=1, help="batch size of the random input (default 1)")
     b.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (default 1)")
@@ -497,14 +559,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--warmup must be >= 0")
     try:
         if args.cmd == "predict":
-            for r in Bundle(args.bundle).predict(args.images, args.top_k):
-                print(format_top(r))
+            results = Bundle(args.bundle).predict(args.images, args.top_k)
+            print(json.dumps(results, indent=2) if args.json else "\n".join(format_top(r) for r in results))
+        elif args.cmd == "verify":
+            result = Bundle(args.bundle, model=args.model).verify_golden()
+            print(json.dumps(result, indent=2) if args.json else format_verify(result))
+            return 0 if result["passed"] else 1
         else:
             bundle = Bundle(args.bundle, threads=args.threads, model=args.model, providers=args.providers.split(","))
             stats = latency(bundle.session, feed_for(bundle.session, args.batch, args.seq), args.runs, args.warmup)
             stats.update(
                 threads=args.threads,
                 model=args.model,
+                model_verified=bundle.model_verified,
                 providers=bundle.session.get_providers(),
                 peak_rss_mb=peak_rss_mb(),
                 device=device_info(),

@@ -22,6 +22,8 @@ BUNDLE_FILES = {
     "report.json",
     "report.html",
     "runner.py",
+    "golden.json",
+    "golden.bin",
     "manifest.json",
 }
 

@@ -371,3 +371,67 @@ def test_runner_usage_errors_are_one_line(bundle):
     ]
     proc = subprocess.run([sys.executable, str(bundle[0] / "runner.py")], capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the device side: slim copies, a user's own model file, predict --json, golden-set verification
+
+
+def _runner(out: Path, *args):
+    return subprocess.run([sys.executable, str(out / "runner.py"), str(out), *args], capture_output=True, text=True)
+
+
+def test_golden_set_passes_on_this_machine_and_is_small(bundle):
+    out = bundle[0]
+    proc = _runner(out, "verify")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("verify PASS: ") and "golden inputs" in proc.stdout
+    result = json.loads(_runner(out, "verify", "--json").stdout)
+    assert result["passed"] and result["n"] >= 4 and result["top1_agreement"] == 1.0
+    assert result["max_abs_diff"] <= result["tolerance"]
+    assert (out / "golden.bin").stat().st_size <= 512 * 1024
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def test_golden_set_fails_when_the_device_computes_something_else(old_bundle):
+    out, _ = old_bundle
+    spec = json.loads((out / "golden.json").read_text())
+    spec["outputs"][0] = [-v for v in spec["outputs"][0]]  # what a broken kernel or preprocessing would give
+    _rewrite(out, "golden.json", json.dumps(spec))
+    proc = _runner(out, "verify")
+    assert proc.returncode == 1 and proc.stdout.startswith("verify FAIL: ")
+    result = json.loads(_runner(out, "verify", "--json").stdout)
+    assert result["passed"] is False and result["max_abs_diff"] > result["tolerance"]
+
+
+def test_a_slim_device_copy_runs_without_reference_files(old_bundle, tmp_path):
+    out, _ = old_bundle
+    for name in ("model.fp32.onnx", "report.html", "report.json", "recipe.lock.yaml", "golden.json", "golden.bin"):
+        (out / name).unlink(missing_ok=True)
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (8, 8), 128).save(png)
+    proc = _runner(out, "predict", str(png), "--json")
+    assert proc.returncode == 0, proc.stderr
+    top = json.loads(proc.stdout)[0]["top"]
+    assert len(top) == 3 and abs(sum(t["prob"] for t in top)) <= 1.0 + 1e-6
+    proc = _runner(out, "verify")
+    assert proc.returncode == 2 and "has no golden.json (it was left out)" in proc.stderr
+    (out / "labels.json").unlink()  # needed to run: its absence is an error
+    proc = _runner(out, "predict", str(png))
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: bundle file missing: labels.json"
+
+
+def test_a_model_file_the_user_made_runs_marked_unverified(old_bundle):
+    out, _ = old_bundle
+    from edgetl.stages.ort_format import convert
+
+    convert(out / "model.onnx", out / "model.user.ort")
+    proc = _runner(out, "bench", "--model", "model.user.ort", "--runs", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["model"] == "model.user.ort" and stats["model_verified"] is False
+    assert json.loads(_runner(out, "bench", "--runs", "3", "--json").stdout)["model_verified"] is True
+    proc = _runner(out, "bench", "--model", "../model.onnx")
+    assert proc.returncode == 2 and "only plain file names" in proc.stderr

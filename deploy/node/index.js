@@ -83,9 +83,14 @@ function verifyManifest(dir) {
     throw new BundleError(`manifest.json does not list ${unlisted.join(', ')}: incomplete or tampered bundle`);
   }
   for (const name of Object.keys(manifest.files)) safeName(dir, name);
+  // reference material (FP32 model, report, golden set) may be left out of a slim device copy (runner.py too)
+  const optional = new Set((manifest.reference || []).filter((name) => !REQUIRED.includes(name)));
   for (const [name, digest] of Object.entries(manifest.files)) {
     const f = safeName(dir, name);
-    if (!fs.existsSync(f)) throw new BundleError(`bundle file missing: ${name}`);
+    if (!fs.existsSync(f)) {
+      if (optional.has(name)) continue;
+      throw new BundleError(`bundle file missing: ${name}`);
+    }
     if (sha256(f) !== digest) throw new BundleError(`bundle file changed since build (sha256 mismatch): ${name}`);
   }
   return manifest;
@@ -374,23 +379,71 @@ async function predict(bundle, inputs, topK = 3) {
   return bundle.tokenizer ? predictTexts(bundle, inputs, topK) : predictFiles(bundle, inputs, topK);
 }
 
-const USAGE = 'usage: node index.js BUNDLE_DIR [--top-k 3] [--threads 1] INPUT... (PNG/JSON files, or texts)';
+const USAGE = 'usage: node index.js BUNDLE_DIR [--top-k 3] [--threads 1] INPUT... (PNG/JSON files, or texts)\n'
+  + '       node index.js BUNDLE_DIR --verify   (the golden set on this machine: PASS exit 0, FAIL exit 1)';
+
+/** The bundle's golden set (golden.json + golden.bin) through this machine's ONNX Runtime, as runner.py verify. */
+async function verifyGolden(bundle) {
+  const specFile = path.join(bundle.dir, 'golden.json');
+  if (!fs.existsSync(specFile)) {
+    throw new BundleError('this copy of the bundle has no golden.json (it was left out): copy it to verify');
+  }
+  const spec = readJson(specFile, 'golden set');
+  const raw = fs.readFileSync(safeName(bundle.dir, spec.data));
+  const arrays = {};
+  for (const [name, a] of Object.entries(spec.inputs)) {
+    const count = a.shape.reduce((x, y) => x * y, 1);
+    const bytes = raw.subarray(a.offset, a.offset + count * (a.dtype === '|u1' ? 1 : 8));
+    const copy = new Uint8Array(bytes); // aligned copy
+    arrays[name] = { data: a.dtype === '|u1' ? copy : new BigInt64Array(copy.buffer), shape: a.shape };
+  }
+  let got;
+  if (arrays.images) {
+    const [n, c] = arrays.images.shape;
+    const size = c * c * 3;
+    const imgs = Array.from({ length: n }, (_, i) => arrays.images.data.subarray(i * size, (i + 1) * size));
+    got = await logits(bundle, imgs);
+  } else {
+    const feeds = Object.fromEntries(Object.entries(arrays).map(([k, v]) => [k, new bundle.ort.Tensor('int64', v.data, v.shape)]));
+    const out = (await bundle.session.run(feeds))[bundle.session.outputNames[0]];
+    const w = out.dims[out.dims.length - 1];
+    got = spec.outputs.map((_, i) => out.data.slice(i * w, (i + 1) * w));
+  }
+  let diff = 0;
+  let agree = 0;
+  const argmax = (v) => v.reduce((best, x, j) => (x > v[best] ? j : best), 0);
+  spec.outputs.forEach((ref, i) => {
+    ref.forEach((v, j) => { diff = Math.max(diff, Math.abs(got[i][j] - v)); });
+    if (argmax(Array.from(got[i])) === argmax(ref)) agree += 1;
+  });
+  const n = spec.outputs.length;
+  return {
+    n, max_abs_diff: diff, tolerance: spec.tolerance, top1_agreement: agree / n, min_agreement: spec.min_agreement,
+    passed: diff <= spec.tolerance && agree / n >= spec.min_agreement, model: spec.model,
+  };
+}
 
 async function main(argv) {
-  const args = { topK: 3, threads: 1, files: [] };
+  const args = { topK: 3, threads: 1, files: [], verify: false };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === '--top-k') args.topK = Number(argv[++i]);
+    else if (argv[i] === '--verify') args.verify = true;
     else if (argv[i] === '--threads') args.threads = Number(argv[++i]);
     else if (argv[i] === '-h' || argv[i] === '--help') return console.log(USAGE), 0;
     else if (!args.bundle) args.bundle = argv[i];
     else args.files.push(argv[i]);
   }
-  if (!args.bundle || args.files.length === 0) {
-    console.error(USAGE);
+  if (!args.bundle || (args.files.length === 0 && !args.verify)) {
+    console.error(`error: ${USAGE.replace('usage: ', 'usage is ').split('\n')[0]}`);
     return 2;
   }
   try {
     const bundle = await loadBundle(args.bundle, { threads: args.threads });
+    if (args.verify) {
+      const r = await verifyGolden(bundle);
+      console.log(JSON.stringify(r, null, 2));
+      return r.passed ? 0 : 1;
+    }
     console.log(JSON.stringify(await predict(bundle, args.files, args.topK), null, 2));
   } catch (e) {
     if (!(e instanceof BundleError)) throw e;
@@ -402,7 +455,7 @@ async function main(argv) {
 
 module.exports = {
   BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
-  loadTokenizer, encodeTexts, textLogits, predictTexts, predict,
+  loadTokenizer, encodeTexts, textLogits, predictTexts, predict, verifyGolden,
 };
 
 if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

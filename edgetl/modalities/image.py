@@ -43,6 +43,14 @@ class Image:
     def decoded_bytes(self, n: int) -> int:
         return n * self.pre["crop"] * self.pre["crop"] * 3
 
+    def golden(self, split, n: int, max_bytes: int) -> tuple[dict, dict]:
+        """Up to ``n`` examples as the device holds them before the model (prepared uint8 images), under
+        ``max_bytes``, and the feed they make."""
+        each = self.decoded_bytes(1)
+        k = max(1, min(n, len(split), max_bytes // each))
+        images = split.images[:k]
+        return {"images": images}, {"input": normalize(images, self.pre)}
+
     def feeds(self, split, batch: int = 64, limit: int | None = None, pad_to: int | None = None) -> list[dict]:
         n = len(split) if limit is None else min(limit, len(split))
         return [{"input": normalize(split.images[i : min(i + batch, n)], self.pre)} for i in range(0, n, batch)]

@@ -32,6 +32,11 @@ class Text:
     def decoded_bytes(self, n: int) -> int:
         return 0  # texts are tokenized per batch
 
+    def golden(self, split, n: int, max_bytes: int) -> tuple[dict, dict]:
+        """Up to ``n`` tokenized examples (the token ids are what the device feeds) and the same feed."""
+        feed = self.feeds(split, batch=min(n, len(split)), limit=n)[0]
+        return dict(feed), feed
+
     def feeds(self, split, batch: int = 64, limit: int | None = None, pad_to: int | None = None) -> list[dict]:
         n = len(split) if limit is None else min(limit, len(split))
         return [

@@ -25,15 +25,64 @@ import yaml
 from edgetl import __version__
 from edgetl.config import Recipe, recipe_to_dict
 from edgetl.report import versions, write_html, write_report
-from edgetl.runner import FORMAT, FORMAT_VERSION, MANIFEST, sha256
-from edgetl.state import State, shipped_role
+from edgetl.runner import FORMAT, FORMAT_VERSION, GOLDEN, MANIFEST, sha256
+from edgetl.state import FLOAT_ROLES, State, shipped_role
+
+GOLDEN_BYTES = 512 * 1024  # the golden set's inputs stay under this (4 to 32 examples)
+INT8_DEVICE_SLACK = 0.05  # INT8 outputs may differ by this fraction of their range on other CPUs' int8 kernels
+REFERENCE = (
+    "model.fp32.onnx",
+    "report.json",
+    "report.html",
+    "recipe.lock.yaml",
+    "runner.py",
+    GOLDEN,
+    "golden.bin",
+    "model.ort",
+)  # listed and checked when present, not needed to run: a device copy may leave them out
+
+
+def write_golden(state: State, recipe: Recipe, model: Path, int8: bool) -> dict:
+    """golden.json + golden.bin: up to 32 validation inputs as the device prepares them (images: uint8 after resize
+    and crop; texts: token ids) and the shipped model's outputs on them, for ``runner.py verify`` on the device."""
+    import numpy as np
+
+    from edgetl.measure import ort_outputs
+
+    arrays, feed = state.modality.golden(state.data.val, 32, GOLDEN_BYTES)
+    outputs = ort_outputs(model, [feed])[0]
+    scale = float(np.abs(outputs).max())
+    atol = recipe.export.atol if recipe.export.atol is not None else state.backbone.contract.atol
+    tolerance = atol + recipe.export.rtol * scale + (INT8_DEVICE_SLACK * scale if int8 else 0.0)
+    inputs, blob = {}, b""
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        inputs[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": len(blob)}
+        blob += a.tobytes()
+    (state.workdir / "golden.bin").write_bytes(blob)
+    spec = {
+        "model": model.name,
+        "data": "golden.bin",
+        "inputs": inputs,
+        "outputs": outputs.tolist(),
+        "tolerance": tolerance,
+        "min_agreement": recipe.export.min_agreement,
+    }
+    (state.workdir / GOLDEN).write_text(json.dumps(spec))
+    return {"n": len(outputs), "tolerance": tolerance, "bytes": len(blob)}
 
 
 def write_manifest(root: Path) -> dict:
     files = {
         p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgetl": __version__, "files": files}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "edgetl": __version__,
+        "files": files,
+        "reference": [name for name in REFERENCE if name in files],
+    }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -53,7 +102,9 @@ def run(state: State, recipe: Recipe) -> State:
             if row["stage"] == shipped:
                 row["file"] = "model.onnx"
         onnx = {shipped: "model.onnx", **({"fp32": onnx["fp32"]} if "fp32" in onnx and shipped != "fp32" else {})}
-    state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": {"shipped": shipped, "files": onnx}})
+    golden = write_golden(state, recipe, out / "model.onnx", int8=shipped not in FLOAT_ROLES)
+    bundle = {"shipped": shipped, "files": onnx, "golden": golden}
+    state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": bundle})
     (out / "labels.json").write_text(json.dumps(state.data.classes, indent=2))
     (out / "preprocess.json").write_text(json.dumps(state.modality.bundle_preprocess(recipe.data), indent=2))
     lock = {"recipe": recipe_to_dict(recipe), "versions": versions()}

@@ -180,3 +180,33 @@ test('a manifest naming files outside the bundle is refused before anything is r
     fs.rmSync(copy, { recursive: true, force: true });
   }
 });
+
+test('verify: the golden set passes here, and a changed golden output fails (image and text bundles)', { skip }, () => {
+  for (const dir of [fx.bundle, fx.text.bundle]) {
+    const r = cli([dir, '--verify']);
+    assert.equal(r.status, 0, r.stderr);
+    const out = JSON.parse(r.stdout);
+    assert.ok(out.passed && out.n >= 4 && out.max_abs_diff <= out.tolerance && out.top1_agreement === 1, dir);
+  }
+  const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'edgetl-node-'));
+  try {
+    fs.cpSync(fx.bundle, copy, { recursive: true });
+    for (const name of ['model.fp32.onnx', 'report.html', 'report.json', 'recipe.lock.yaml', 'runner.py']) {
+      fs.rmSync(path.join(copy, name), { force: true }); // a slim device copy: reference material left behind
+    }
+    assert.equal(cli([copy, '--verify']).status, 0);
+    const spec = path.join(copy, 'golden.json');
+    const golden = JSON.parse(fs.readFileSync(spec, 'utf8'));
+    golden.outputs[0] = golden.outputs[0].map((v) => -v); // what a broken device kernel would give
+    fs.writeFileSync(spec, JSON.stringify(golden));
+    const manifestFile = path.join(copy, 'manifest.json');
+    const manifest = JSON.parse(fs.readFileSync(manifestFile, 'utf8'));
+    manifest.files['golden.json'] = require('node:crypto').createHash('sha256').update(fs.readFileSync(spec)).digest('hex');
+    fs.writeFileSync(manifestFile, JSON.stringify(manifest));
+    const r = cli([copy, '--verify']);
+    assert.equal(r.status, 1);
+    assert.equal(JSON.parse(r.stdout).passed, false);
+  } finally {
+    fs.rmSync(copy, { recursive: true, force: true });
+  }
+});
