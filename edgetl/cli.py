@@ -185,10 +185,10 @@ def bench(
     model: str, batch: int, threads: int, seq: int, runs: int, warmup: int, providers: str, as_json: bool
 ) -> None:
     """ORT latency of an ONNX MODEL: p50/p90/p99 over RUNS runs on random input of the model's shape."""
-    from edgetl.runner import device_info, feed_for, latency, open_session, peak_rss_mb
+    from edgetl.runner import checked_feed, device_info, feed_for, latency, open_session, peak_rss_mb
 
     sess = open_session(model, threads, providers.split(","))
-    stats = latency(sess, feed_for(sess, batch, seq), runs, warmup)
+    stats = latency(sess, checked_feed(sess, feed_for(sess, batch, seq)), runs, warmup)
     stats.update(
         model=model, threads=threads, providers=sess.get_providers(), peak_rss_mb=peak_rss_mb(), device=device_info()
     )
@@ -213,14 +213,14 @@ def predict(bundle: str, images: tuple[str, ...], top_k: int, as_json: bool) -> 
 
     The manifest is checked first. Example: edgetl predict artifacts/minilm_rotten_tomatoes "a warm, funny film"
     """
-    from edgetl.runner import Bundle, format_top
+    from edgetl.runner import Bundle, format_result
 
     results = Bundle(bundle).predict(list(images), top_k)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for r in results:
-        click.echo(format_top(r))
+        click.echo(format_result(r))
 
 
 @main.command("verify")

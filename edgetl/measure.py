@@ -60,20 +60,25 @@ def ort_outputs(onnx_path, batches: list[dict], threads: int = 2) -> list[np.nda
     return [sess.run(None, feed)[0] for feed in batches]
 
 
-def predictions(task, outputs: list[np.ndarray]):
-    """Per-example predictions over all batches (batches may differ in shape: each is decoded on its own)."""
-    decoded = [task.decode(o) for o in outputs]
-    if all(isinstance(d, np.ndarray) and d.ndim == 1 for d in decoded):
-        return np.concatenate(decoded)
-    return list(itertools.chain.from_iterable(decoded))
+def flatten(per_batch: list):
+    """Per-batch results as one per-example sequence: an array when every batch gives a 1-D array (class ids),
+    else a list (per-example arrays of different lengths: batches padded to different lengths)."""
+    if all(isinstance(d, np.ndarray) and d.ndim == 1 for d in per_batch):
+        return np.concatenate(per_batch)
+    return list(itertools.chain.from_iterable(per_batch))
+
+
+def predictions(task, outputs: list[np.ndarray], batches: list[dict]):
+    """Per-example predictions over all batches (each batch is decoded on its own, with its feed)."""
+    return flatten([task.decode(o, feed) for o, feed in zip(outputs, batches, strict=True)])
 
 
 def torch_predictions(task, model, batches: list[dict]):
-    return predictions(task, torch_outputs(model, batches))
+    return predictions(task, torch_outputs(model, batches), batches)
 
 
 def ort_predictions(task, onnx_path, batches: list[dict], threads: int = 2):
-    return predictions(task, ort_outputs(onnx_path, batches, threads))
+    return predictions(task, ort_outputs(onnx_path, batches, threads), batches)
 
 
 def ort_metric(task, onnx_path, batches: list[dict], targets):
@@ -93,7 +98,7 @@ def measure_row(task, path, model, batches: list[dict], targets, teacher_pred, t
         "higher_is_better": ort.higher_is_better,
         "metric_torch": torch_metric.value,
         "metric_ort": ort.value,
-        "agreement": task.agreement(preds, teacher_pred),
+        "agreement": task.agreement(preds, teacher_pred, targets),
         **task.details(preds, targets),
     }
     row["params"], row["macs"] = count_params_macs(model, batches[0])
@@ -150,7 +155,7 @@ def provider_rows(task, path, cfg, feed: dict, latency_feed: dict) -> list[dict]
                 "p50_ms": lat["p50_ms"],
                 "p90_ms": lat["p90_ms"],
                 "max_abs_diff_vs_cpu": float(np.abs(got - ref).max()),
-                "agreement_vs_cpu": task.agreement(task.decode(got), task.decode(ref)),
+                "agreement_vs_cpu": task.agreement(task.decode(got, feed), task.decode(ref, feed)),
             }
         )
     return rows

@@ -10,6 +10,7 @@ result, labels and preprocessing in the ONNX metadata so the file alone is enoug
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -80,13 +81,19 @@ def _optimum_export(wrapper, path: Path, opset: int, task: str) -> bool:
         from optimum.exporters.onnx import onnx_export_from_model
     except ImportError:
         return False
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            onnx_export_from_model(wrapper.model, tmp, opset=opset, task=task, do_validation=False)
-        except (ValueError, KeyError, NotImplementedError):
-            return False
-        shutil.move(str(Path(tmp) / "model.onnx"), str(path))
+    log = logging.getLogger("optimum")  # its opset-18 advice and "dedup needs accelerate" notice are harmless here
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                onnx_export_from_model(wrapper.model, tmp, opset=opset, task=task, do_validation=False)
+            except (ValueError, KeyError, NotImplementedError):
+                return False
+            shutil.move(str(Path(tmp) / "model.onnx"), str(path))
+    finally:
+        log.setLevel(level)
     return True
 
 

@@ -160,8 +160,17 @@ def load_tokenizer(path: str | Path, max_length: int):
 
 def encode_texts(tokenizer, texts: list, pre: dict, pad_to: int | None = None) -> dict:
     """Texts (or (text, pair) tuples) -> int64 input_ids / attention_mask [/ token_type_ids], padded with pad_id."""
-    pairs = isinstance(texts[0], (tuple, list))
-    encs = tokenizer.encode_batch([tuple(t) for t in texts] if pairs else list(texts))
+    return encode(tokenizer, texts, pre, pad_to)[0]
+
+
+def encode(tokenizer, texts: list, pre: dict, pad_to: int | None = None, words: bool = False) -> tuple[dict, list]:
+    """``encode_texts`` and the tokenizer's encodings (word ids, character offsets); ``words``: each text is
+    already split into words (a list of str), as in CoNLL files."""
+    pairs = not words and isinstance(texts[0], (tuple, list))
+    if words:
+        encs = tokenizer.encode_batch([list(t) for t in texts], is_pretokenized=True)
+    else:
+        encs = tokenizer.encode_batch([tuple(t) for t in texts] if pairs else list(texts))
     length = pad_to or max(len(e.ids) for e in encs)
     ids = np.full((len(encs), length), pre.get("pad_id", 0), np.int64)
     mask = np.zeros((len(encs), length), np.int64)
@@ -170,7 +179,7 @@ def encode_texts(tokenizer, texts: list, pre: dict, pad_to: int | None = None) -
         k = min(len(e.ids), length)
         ids[i, :k], mask[i, :k], types[i, :k] = e.ids[:k], 1, e.type_ids[:k]
     out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-    return {name: out[name] for name in pre["inputs"]}
+    return {name: out[name] for name in pre["inputs"]}, encs
 
 
 def text_inputs(texts: list[str], pre: dict) -> list:
@@ -256,6 +265,19 @@ def feed_for(sess, batch: int, seq: int = 128, rng: np.random.Generator | None =
             )  # any valid ids: speed is the same
         else:
             feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def checked_feed(sess, feed: dict) -> dict:
+    """``feed`` once run through ``sess``: an input the model cannot take (a sequence longer than its position
+    table, a wrong batch for a fixed-shape model) is one BundleError naming ORT's reason, not a traceback."""
+    try:
+        sess.run(None, feed)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
+        raise BundleError(
+            f"the model cannot run on {shapes}: {str(e).splitlines()[0][:160]} (a smaller --seq or --batch?)"
+        ) from None
     return feed
 
 
@@ -446,8 +468,48 @@ class Bundle:
         return self._top(list(texts), logits, top_k, "text")
 
     def predict(self, inputs: list[str], top_k: int = 3) -> list[dict]:
-        """Image files or texts, whichever this bundle takes."""
+        """Image files or texts, whichever this bundle takes (a token-classification bundle: entity spans)."""
+        if self.preprocess.get("task") == "token_classification":
+            return self.predict_entities(inputs)
         return self.predict_texts(inputs, top_k) if self.tokenizer else self.predict_files(inputs, top_k)
+
+    def predict_entities(self, texts: list[str]) -> list[dict]:
+        """Named entities in each text: the tag of each word's first token (argmax), IOB2 tags joined into spans
+        with character offsets from the tokenizer, each with the mean probability of its words' tags."""
+        if any(not t.strip() for t in texts):
+            raise BundleError("empty text")
+        feed, encs = encode(self.tokenizer, list(texts), self.preprocess)
+        probs = softmax(self.session.run(None, feed)[0])
+        out = []
+        for text, enc, p in zip(texts, encs, probs, strict=True):
+            words: dict = {}  # word -> [first token, last token]
+            for t, w in enumerate(enc.word_ids):
+                if w is not None:
+                    words.setdefault(w, [t, t])[1] = t
+            spans: list[dict] = []
+            for w in sorted(words):
+                first, last = words[w]
+                tag = self.labels[int(p[first].argmax())]
+                start, end, prob = enc.offsets[first][0], enc.offsets[last][1], float(p[first].max())
+                kind = tag[2:]
+                if tag.startswith("I-") and spans and spans[-1]["label"] == kind and spans[-1]["open"]:
+                    spans[-1]["end"], spans[-1]["probs"] = end, spans[-1]["probs"] + [prob]
+                elif tag != "O":  # B-, or an I- that starts an entity (taken as B-)
+                    spans.append({"label": kind, "start": start, "end": end, "probs": [prob], "open": True})
+                if tag == "O" and spans:
+                    spans[-1]["open"] = False
+            ents = [
+                {
+                    "label": s["label"],
+                    "start": s["start"],
+                    "end": s["end"],
+                    "text": text[s["start"] : s["end"]],
+                    "score": float(np.mean(s["probs"])),
+                }
+                for s in spans
+            ]
+            out.append({"text": text, "entities": ents})
+        return out
 
     def logits_from_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC (already prepared) -> logits."""
@@ -516,6 +578,18 @@ def format_verify(r: dict) -> str:
     )
 
 
+def format_entities(result: dict) -> str:
+    """One tab-separated line: the text, then each entity as LABEL 'text' [start:end] score."""
+    ents = "  ".join(
+        f"{e['label']} {e['text']!r} [{e['start']}:{e['end']}] {e['score']:.3f}" for e in result["entities"]
+    )
+    return f"{result['text']}\t{ents or '(no entities)'}"
+
+
+def format_result(result: dict) -> str:
+    return format_entities(result) if "entities" in result else format_top(result)
+
+
 def format_top(result: dict) -> str:
     """One tab-separated line: the input, then label and probability of each of the top-k."""
     top = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in result["top"])
@@ -560,14 +634,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "predict":
             results = Bundle(args.bundle).predict(args.images, args.top_k)
-            print(json.dumps(results, indent=2) if args.json else "\n".join(format_top(r) for r in results))
+            print(json.dumps(results, indent=2) if args.json else "\n".join(format_result(r) for r in results))
         elif args.cmd == "verify":
             result = Bundle(args.bundle, model=args.model).verify_golden()
             print(json.dumps(result, indent=2) if args.json else format_verify(result))
             return 0 if result["passed"] else 1
         else:
             bundle = Bundle(args.bundle, threads=args.threads, model=args.model, providers=args.providers.split(","))
-            stats = latency(bundle.session, feed_for(bundle.session, args.batch, args.seq), args.runs, args.warmup)
+            feed = checked_feed(bundle.session, feed_for(bundle.session, args.batch, args.seq))
+            stats = latency(bundle.session, feed, args.runs, args.warmup)
             stats.update(
                 threads=args.threads,
                 model=args.model,

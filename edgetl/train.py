@@ -168,18 +168,19 @@ def evaluate(model, loader, task) -> dict:
     import numpy as np
     import torch
 
+    from edgetl.measure import flatten
+
     model.eval()
     loss, total, preds, targets = 0.0, 0, [], []
     with torch.inference_mode():
         for x, y in loader:
             out = call(model, x)
+            feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"input": x.numpy()}
             loss += float(task.loss(out, y)) * len(y)
             total += len(y)
-            preds.append(task.decode(out.numpy()))
-            targets.append(y.numpy())
-    metric = (
-        task.score(np.concatenate(preds), np.concatenate(targets)) if preds else task.score(np.zeros(0), np.zeros(0))
-    )
+            preds.append(task.decode(out.numpy(), feed))
+            targets.append(task.batch_targets(y.numpy(), feed))
+    metric = task.score(flatten(preds), flatten(targets)) if preds else task.score(np.zeros(0), np.zeros(0))
     return {"metric": metric, "loss": loss / max(total, 1)}
 
 

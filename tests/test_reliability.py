@@ -294,6 +294,51 @@ def test_bad_output_directories_are_refused_before_the_first_stage(old_bundle, t
     assert leftovers(tmp_path) == []
 
 
+def test_unwritable_parent_and_a_full_disk_are_one_line_and_publish_nothing(
+    old_bundle, tiny_raw, tmp_path, monkeypatch
+):
+    import errno
+    import tempfile
+
+    import edgetl.stages.bundle as bundle_stage
+
+    out, before = old_bundle
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_raw)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with monkeypatch.context() as m:  # what a read-only parent does (root, as in CI, may write anywhere)
+        m.setattr(tempfile, "mkdtemp", denied)
+        refused(build(recipe, "--out", out), "cannot write the bundle next to")
+
+    def full(state, recipe):
+        (state.workdir / "model.onnx").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle_stage, "run", full)
+    refused(build(recipe, "--out", out, "--set", "finetune.epochs=1"), "no space left on the device")
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_logs_get_one_line_per_epoch_and_no_known_harmless_warnings(tmp_path, tiny_raw):
+    """Not a terminal (CI, | tee): no progress bar redrawn per step, a line per epoch; ORT's optimizer and
+    quantizer advice stays out of the log."""
+    tiny_raw["quantize"] = {"method": "ptq", "calibration_size": 32, "float_leading_convs": 0}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_raw)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgetl.cli", "build", recipe, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "\r" not in log and "step/s" not in log
+    assert "finetune (full) epoch 1/2: train loss" in log and "finetune (full) epoch 2/2" in log
+    assert "Please consider" not in log and "Serializing optimized model" not in log
+    assert len(log.splitlines()) < 80
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_read_only_parent_is_one_line(tmp_path, tiny_raw):
     ro = tmp_path / "ro"

@@ -300,6 +300,14 @@ def test_bench_feeds_text_models_a_real_sequence_length(text_bundle):
     result = CliRunner().invoke(main, ["bench", str(out / "model.onnx"), "--seq", "16", "--runs", "3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["p50_ms"] > 0
+    # the tiny BERT has 64 positions: a longer sequence is one error line, in edgetl bench and on the device
+    result = CliRunner().invoke(main, ["bench", str(out / "model.onnx"), "--seq", "1000", "--runs", "3"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: the model cannot run on input_ids [1, 1000]")
+    assert len(result.stderr.strip().splitlines()) == 1
+    proc = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "bench", "--seq", "1000"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "a smaller --seq or --batch?" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sentence_pair_bundle_predicts_tab_separated_pairs(tiny_bert, tmp_path):

@@ -83,3 +83,102 @@ def text_recipe(bert: Path, data: Path) -> dict:
         "quantize": {"method": "ptq", "require_speedup": False},
         "verify": {"runs": 5, "warmup": 2},
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# token classification: tagged sentences from names and places, a tiny BERT whose vocabulary splits some names
+# into sub-words ("alicia" -> "ali ##cia"), written as CoNLL
+
+PEOPLE = ["alice", "bob", "carol", "dave", "alicia"]
+PLACES = [["paris"], ["rome"], ["oslo"], ["new", "york"], ["lima"]]
+NER_FILLER = "went to met in visited from and the lives".split()
+NER_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "ali",
+    "##cia",
+    *PEOPLE[:4],
+    *{w for p in PLACES for w in p},
+    *NER_FILLER,
+]
+
+
+def ner_sentences(n: int = 200, seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """Sentences like 'alice went to new york' with IOB2 tags (PER, LOC)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        who = str(rng.choice(PEOPLE))
+        where = PLACES[int(rng.integers(len(PLACES)))]
+        verb = str(rng.choice(["went to", "lives in", "visited"])).split()
+        words = [who, *verb, *where]
+        tags = ["B-PER"] + ["O"] * len(verb) + ["B-LOC"] + ["I-LOC"] * (len(where) - 1)
+        if rng.random() < 0.5:
+            other = str(rng.choice(PEOPLE))
+            words, tags = [*words, "and", other], [*tags, "O", "B-PER"]
+        out.append((words, tags))
+    return out
+
+
+def write_conll(path: Path, sentences: list, scheme: str = "iob2") -> Path:
+    """CoNLL: word, a dummy POS column, the tag; blank lines between sentences; -DOCSTART- first."""
+    lines = ["-DOCSTART- -X- O", ""]
+    for words, tags in sentences:
+        if scheme == "bioes":
+            tags = _to_bioes(tags)
+        lines += [f"{w} NN {t}" for w, t in zip(words, tags, strict=True)] + [""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _to_bioes(tags: list[str]) -> list[str]:
+    out = []
+    for i, t in enumerate(tags):
+        nxt = tags[i + 1] if i + 1 < len(tags) else "O"
+        cont = nxt.startswith("I-")
+        if t.startswith("B-"):
+            out.append(("B-" if cont else "S-") + t[2:])
+        elif t.startswith("I-"):
+            out.append(("I-" if cont else "E-") + t[2:])
+        else:
+            out.append(t)
+    return out
+
+
+def make_tiny_ner_bert(d: Path) -> Path:
+    """A randomly initialised 2-layer BERT and its WordPiece tokenizer over NER_VOCAB, saved in ``d``."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification, BertTokenizerFast
+
+    torch.manual_seed(0)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.txt").write_text("\n".join(NER_VOCAB))
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    config = BertConfig(
+        vocab_size=len(NER_VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForTokenClassification(config).save_pretrained(d)
+    return d
+
+
+def ner_recipe(bert: Path, data: Path) -> dict:
+    """fine-tune -> prune heads/FFN -> distill -> ORT INT8 on the tiny BERT, tagging words."""
+    return {
+        "name": "tiny_ner",
+        "task": {"kind": "token_classification"},
+        "backbone": {"name": f"hf:{bert}"},
+        "data": {"kind": "conll", "path": str(data), "max_length": 24, "batch_size": 16},
+        "finetune": {"strategy": "full", "epochs": 6, "lr": 0.005, "lr_decay": 1.0, "label_smoothing": 0.0},
+        "prune": {"ratio": 0.5, "steps": 1, "recovery_epochs": 1, "lr": 0.001},
+        "distill": {"epochs": 1, "lr": 0.001},
+        "quantize": {"method": "ptq", "require_speedup": False},
+        "verify": {"runs": 5, "warmup": 2},
+    }

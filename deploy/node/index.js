@@ -165,7 +165,7 @@ async function encodeTexts(tokenizer, texts, pre) {
       out.token_type_ids[i * length + j] = BigInt(types[j]);
     }
   });
-  return { arrays: Object.fromEntries(pre.inputs.map((name) => [name, out[name]])), dims: [texts.length, length] };
+  return { arrays: Object.fromEntries(pre.inputs.map((name) => [name, out[name]])), dims: [texts.length, length], encs };
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -374,8 +374,50 @@ async function predictTexts(bundle, texts, topK = 3) {
   return topLabels(bundle, texts, await textLogits(bundle, texts), topK, 'text');
 }
 
-/** Image files or texts, whichever this bundle takes. */
+/** Named entities (token-classification bundles), as runner.py predict_entities: the argmax tag of each word's first
+ * token, IOB2 tags joined into spans with character offsets, each scored by the mean probability of its words. */
+async function predictEntities(bundle, texts) {
+  if (texts.some((t) => !t.trim())) throw new BundleError('empty text');
+  const { arrays, dims, encs } = await encodeTexts(bundle.tokenizer, texts, bundle.preprocess);
+  const feeds = {};
+  for (const [name, data] of Object.entries(arrays)) feeds[name] = new bundle.ort.Tensor('int64', data, dims);
+  const out = (await bundle.session.run(feeds))[bundle.session.outputNames[0]];
+  const [, length, c] = out.dims;
+  return texts.map((text, i) => {
+    const words = new Map(); // word -> [first token, last token]
+    encs[i].getWordIds().forEach((w, t) => {
+      if (w === null || w === undefined) return;
+      if (!words.has(w)) words.set(w, [t, t]);
+      words.get(w)[1] = t;
+    });
+    const offsets = encs[i].getOffsets();
+    const spans = [];
+    for (const w of [...words.keys()].sort((a, b) => a - b)) {
+      const [first, last] = words.get(w);
+      const p = softmax(out.data.slice((i * length + first) * c, (i * length + first + 1) * c));
+      const best = p.reduce((b, x, j) => (x > p[b] ? j : b), 0);
+      const tag = bundle.labels[best];
+      const [start, end, kind] = [offsets[first][0], offsets[last][1], tag.slice(2)];
+      const prev = spans[spans.length - 1];
+      if (tag.startsWith('I-') && prev && prev.label === kind && prev.open) {
+        prev.end = end;
+        prev.probs.push(p[best]);
+      } else if (tag !== 'O') {
+        spans.push({ label: kind, start, end, probs: [p[best]], open: true });
+      }
+      if (tag === 'O' && prev) prev.open = false;
+    }
+    const entities = spans.map((s) => ({
+      label: s.label, start: s.start, end: s.end, text: text.slice(s.start, s.end),
+      score: s.probs.reduce((a, b) => a + b, 0) / s.probs.length,
+    }));
+    return { text, entities };
+  });
+}
+
+/** Image files or texts, whichever this bundle takes (token-classification bundles: entity spans). */
 async function predict(bundle, inputs, topK = 3) {
+  if (bundle.preprocess.task === 'token_classification') return predictEntities(bundle, inputs);
   return bundle.tokenizer ? predictTexts(bundle, inputs, topK) : predictFiles(bundle, inputs, topK);
 }
 
@@ -455,7 +497,7 @@ async function main(argv) {
 
 module.exports = {
   BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
-  loadTokenizer, encodeTexts, textLogits, predictTexts, predict, verifyGolden,
+  loadTokenizer, encodeTexts, textLogits, predictTexts, predictEntities, predict, verifyGolden,
 };
 
 if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

@@ -25,7 +25,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.tiny import TINY, make_tiny_bert, text_recipe, write_reviews  # noqa: E402
+from tests.tiny import (  # noqa: E402
+    TINY,
+    make_tiny_bert,
+    make_tiny_ner_bert,
+    ner_recipe,
+    ner_sentences,
+    text_recipe,
+    write_conll,
+    write_reviews,
+)
 
 # the tests' tiny recipe with 3 epochs, so predictions are not near-ties
 RECIPE = {**TINY, "name": "tiny_node", "finetune": {**TINY["finetune"], "epochs": 3}}
@@ -80,6 +89,15 @@ def text_cases(bundle: Path) -> dict:
     }
 
 
+NER_TEXTS = ["alicia went to new york", "bob lives in rome and carol", "visited oslo"]
+
+
+def ner_cases(bundle: Path) -> dict:
+    """The Python runner's entity spans for NER_TEXTS on a token-classification bundle."""
+    model = load_runner(bundle).Bundle(bundle)
+    return {"bundle": str(bundle), "texts": NER_TEXTS, "results": model.predict_entities(NER_TEXTS)}
+
+
 def load_runner(bundle: Path):
     """The bundle's own runner.py: the same code a device runs."""
     spec = importlib.util.spec_from_file_location("bundle_runner", bundle / "runner.py")
@@ -122,6 +140,13 @@ def main() -> None:
         text_recipe(make_tiny_bert(args.out / "tiny_bert"), write_reviews(args.out / "reviews.csv", 400)),
         "text_bundle",
     )
+    ner_bundle = build_bundle(
+        args.out,
+        ner_recipe(
+            make_tiny_ner_bert(args.out / "tiny_ner_bert"), write_conll(args.out / "ner.conll", ner_sentences())
+        ),
+        "ner_bundle",
+    )
     runner = load_runner(bundle)
     model = runner.Bundle(bundle)
 
@@ -157,6 +182,7 @@ def main() -> None:
         "variants": VARIANTS,
         "cases": cases,
         "text": text_cases(text_bundle.resolve()),
+        "ner": ner_cases(ner_bundle.resolve()),
     }
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=2))
     print(

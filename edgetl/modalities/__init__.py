@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def modality_for(pre: dict, tokenizer: Any = None):
-    """The modality of a backbone's preprocessing (``kind`` image or text)."""
+def modality_for(pre: dict, tokenizer: Any = None, words: bool = False):
+    """The modality of a backbone's preprocessing (``kind`` image or text); ``words``: the task reads word lists."""
     if pre.get("kind") == "text":
         from edgetl.modalities.text import Text
 
-        return Text(pre, tokenizer)
+        return Text(pre, tokenizer, words)
     from edgetl.modalities.image import Image
 
     return Image(pre)

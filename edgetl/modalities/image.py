@@ -40,6 +40,10 @@ class Image:
         items = [(train.load, train.items[i]) for i in idx] + [(unlabelled.load, it) for it in extra]
         return items, lambda item: item[0](item[1])
 
+    def targets(self, split, batch: int = 64):
+        """What ``feeds(split)`` predictions are scored against, in order: the class ids."""
+        return split.labels
+
     def decoded_bytes(self, n: int) -> int:
         return n * self.pre["crop"] * self.pre["crop"] * 3
 

@@ -1,11 +1,12 @@
-"""Texts: tokenized with the backbone's ``tokenizer.json`` through the runner's ``encode_texts`` (the device's own
-code), truncated to ``max_length``, padded per batch to the longest example."""
+"""Texts: tokenized with the backbone's ``tokenizer.json`` through the runner's ``encode`` (the device's own code),
+truncated to ``max_length``, padded per batch to the longest example. With ``words`` (token classification) each
+example is a list of words and its targets are word tags, aligned to the first sub-token of each word."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from edgetl.runner import encode_texts
+from edgetl.runner import encode
 
 
 class Text:
@@ -14,9 +15,30 @@ class Text:
     supports_qat = False
     conv_placements = False
 
-    def __init__(self, pre: dict, tokenizer):
+    def __init__(self, pre: dict, tokenizer, words: bool = False):
         self.pre = pre
         self.tokenizer = tokenizer
+        self.words = words  # examples are word lists with one tag per word
+
+    def _encode(self, texts: list, pad_to: int | None = None):
+        return encode(self.tokenizer, texts, self.pre, pad_to=pad_to, words=self.words)
+
+    def _aligned(self, encs, tags: list) -> list[np.ndarray]:
+        """Per example, its word tags on the first sub-token of each word (IGNORE elsewhere), real tokens only."""
+        from edgetl.tagging import align
+
+        return [align(e.word_ids, t) for e, t in zip(encs, tags, strict=True)]
+
+    def targets(self, split, batch: int = 64):
+        """The targets ``feeds(split, batch)`` predictions are scored against, in the same order: class ids, or
+        per-example token labels of each example's real length."""
+        if not self.words:
+            return split.labels
+        out = []
+        for i in range(0, len(split), batch):
+            _, encs = self._encode(split.texts[i : i + batch])
+            out += self._aligned(encs, split.targets[i : i + batch])
+        return out
 
     def describe(self) -> str:
         return f"max {self.pre['max_length']} tokens"
@@ -24,7 +46,8 @@ class Text:
     def materialize(self, pool, idx: np.ndarray, desc: str):
         from edgetl.data import Split
 
-        return Split(labels=pool.labels[idx], texts=[pool.items[i] for i in idx])
+        targets = [pool.targets[i] for i in idx] if pool.targets is not None else None
+        return Split(labels=pool.labels[idx], texts=[pool.items[i] for i in idx], targets=targets)
 
     def spare_items(self, train, idx, unlabelled) -> tuple[list, object]:
         return [train.items[i] for i in idx] + list(unlabelled.items if unlabelled else []), None
@@ -39,10 +62,7 @@ class Text:
 
     def feeds(self, split, batch: int = 64, limit: int | None = None, pad_to: int | None = None) -> list[dict]:
         n = len(split) if limit is None else min(limit, len(split))
-        return [
-            encode_texts(self.tokenizer, split.texts[i : min(i + batch, n)], self.pre, pad_to=pad_to)
-            for i in range(0, n, batch)
-        ]
+        return [self._encode(split.texts[i : min(i + batch, n)], pad_to=pad_to)[0] for i in range(0, n, batch)]
 
     def parity_feeds(self, split) -> list[dict]:
         """Real validation texts, also at batch 1 (no padding) and padded to max_length."""
@@ -69,9 +89,17 @@ class Text:
         import torch
         from torch.utils.data import DataLoader
 
+        from edgetl.tagging import IGNORE
+
         def collate(idx: list[int]):
-            enc = encode_texts(self.tokenizer, [split.texts[i] for i in idx], self.pre)
-            return {k: torch.from_numpy(v) for k, v in enc.items()}, torch.as_tensor(split.labels[idx])
+            feed, encs = self._encode([split.texts[i] for i in idx])
+            x = {k: torch.from_numpy(v) for k, v in feed.items()}
+            if not self.words:
+                return x, torch.as_tensor(split.labels[idx])
+            y = np.full(feed["input_ids"].shape, IGNORE, np.int64)  # token labels, padded like the batch
+            for row, labels in enumerate(self._aligned(encs, [split.targets[i] for i in idx])):
+                y[row, : len(labels)] = labels[: y.shape[1]]
+            return x, torch.from_numpy(y)
 
         g = torch.Generator().manual_seed(seed)
         return DataLoader(

@@ -106,7 +106,8 @@ def run(state: State, recipe: Recipe) -> State:
     bundle = {"shipped": shipped, "files": onnx, "golden": golden}
     state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": bundle})
     (out / "labels.json").write_text(json.dumps(state.data.classes, indent=2))
-    (out / "preprocess.json").write_text(json.dumps(state.modality.bundle_preprocess(recipe.data), indent=2))
+    pre = {**state.modality.bundle_preprocess(recipe.data), "task": state.task.name}  # the runner post-processes
+    (out / "preprocess.json").write_text(json.dumps(pre, indent=2))
     lock = {"recipe": recipe_to_dict(recipe), "versions": versions()}
     (out / "recipe.lock.yaml").write_text(yaml.safe_dump(lock, sort_keys=False))
     shutil.copyfile(Path(__file__).resolve().parent.parent / "runner.py", out / "runner.py")

@@ -19,7 +19,7 @@ def run(state: State, recipe: Recipe) -> State:
             "data.unlabelled_path is only used by distillation's transfer set: set "
             "distill.transfer_size (e.g. --set distill.transfer_size=5000) or remove it"
         )
-    sources = open_sources(recipe.data)  # class names first: the head needs their count
+    sources = open_sources(recipe.data, recipe.task.kind)  # class names first: the head needs their count
     task = create_task(recipe.task.kind, sources[1])
     backbone = build_backbone(recipe.backbone, task)
     pre = backbone.contract.preprocess
@@ -29,7 +29,7 @@ def run(state: State, recipe: Recipe) -> State:
 
         pre["max_length"] = recipe.data.max_length
         tokenizer = load_tokenizer(backbone.tokenizer_file, recipe.data.max_length)
-    modality = modality_for(pre, tokenizer)
+    modality = modality_for(pre, tokenizer, words=getattr(task, "words", False))
     data = load_data(recipe.data, modality, recipe.seed, sources)
     if transfer > 0 and not data.n_spare:  # now, not after fine-tuning
         raise EdgetlError(NO_SPARE)

@@ -58,7 +58,7 @@ def run(state: State, recipe: Recipe) -> State:
     cfg, mod, task = recipe.verify, state.modality, state.task
     roles = ["fp32", *[r for r in state.onnx if r != "fp32"]]
     batches = mod.feeds(state.data.test)
-    targets = state.data.test.labels
+    targets = mod.targets(state.data.test)
     teacher_pred = torch_predictions(task, state.teacher or state.backbone.model, batches)
     rows = []
     for role in (r for r in roles if r in state.onnx):

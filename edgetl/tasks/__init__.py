@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edgetl.errors import EdgetlError
 
-KINDS = ("classification",)  # detection, token_classification and seq2seq follow the same protocol
+KINDS = ("classification", "token_classification")  # detection and seq2seq follow the same protocol
 
 
 def create_task(kind: str, classes: list[str]):
@@ -13,6 +13,10 @@ def create_task(kind: str, classes: list[str]):
         from edgetl.tasks.classification import Classification
 
         return Classification(classes)
+    if kind == "token_classification":
+        from edgetl.tasks.token_classification import TokenClassification
+
+        return TokenClassification(classes)
     raise EdgetlError(f"task.kind '{kind}' is not implemented (known: {', '.join(KINDS)})")
 
 

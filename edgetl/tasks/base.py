@@ -79,14 +79,18 @@ class Task(Protocol):
     ) -> Any:
         """Loss against the teacher's outputs, mixed with the task loss (torch)."""
 
-    def decode(self, outputs: np.ndarray) -> np.ndarray:
-        """Predictions for one batch of raw outputs."""
+    def decode(self, outputs: np.ndarray, feed: dict | None = None):
+        """Predictions for one batch of raw outputs (``feed``: the inputs that made them, e.g. attention masks)."""
+
+    def batch_targets(self, targets: np.ndarray, feed: dict):
+        """A loader's batch of targets as per-example targets (e.g. padded token labels trimmed to real length)."""
 
     def score(self, predictions: np.ndarray, targets: np.ndarray) -> Metric:
         """The primary metric of predictions against targets."""
 
-    def agreement(self, predictions: np.ndarray, reference: np.ndarray) -> float:
-        """Percent of predictions equal to the reference model's (teacher agreement, ORT vs PyTorch)."""
+    def agreement(self, predictions, reference, targets=None) -> float:
+        """Percent of predictions equal to the reference model's (teacher agreement, ORT vs PyTorch); ``targets``,
+        where given, may restrict which positions count (tokens that carry a word tag)."""
 
     def parity(self, reference: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> Parity:
         """ORT vs PyTorch on the same batches of raw outputs."""

@@ -62,14 +62,17 @@ class Classification:
     def distill_loss(self, student, teacher, targets, alpha: float, temperature: float, label_smoothing: float = 0.0):
         return kd_loss(student, teacher, targets, alpha, temperature, label_smoothing)
 
-    def decode(self, outputs: np.ndarray) -> np.ndarray:
+    def decode(self, outputs: np.ndarray, feed: dict | None = None) -> np.ndarray:
         return np.asarray(outputs).argmax(-1)
+
+    def batch_targets(self, targets: np.ndarray, feed: dict) -> np.ndarray:
+        return targets
 
     def score(self, predictions: np.ndarray, targets: np.ndarray) -> Metric:
         acc = 100.0 * float((np.asarray(predictions) == np.asarray(targets)).mean()) if len(targets) else 0.0
         return Metric(self.metric_name, acc, self.higher_is_better)
 
-    def agreement(self, predictions: np.ndarray, reference: np.ndarray) -> float:
+    def agreement(self, predictions: np.ndarray, reference: np.ndarray, targets=None) -> float:
         return 100.0 * float((np.asarray(predictions) == np.asarray(reference)).mean())
 
     def parity(self, reference: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> Parity:

@@ -210,3 +210,19 @@ test('verify: the golden set passes here, and a changed golden output fails (ima
     fs.rmSync(copy, { recursive: true, force: true });
   }
 });
+
+test('token classification: entity spans and offsets equal the Python runner\'s, in the library and the CLI', { skip },
+  async () => {
+    const bundle = await edgetl.loadBundle(fx.ner.bundle);
+    const got = await edgetl.predictEntities(bundle, fx.ner.texts);
+    got.forEach((r, i) => {
+      const want = fx.ner.results[i];
+      assert.equal(r.text, want.text);
+      assert.deepEqual(r.entities.map((e) => [e.label, e.start, e.end, e.text]),
+        want.entities.map((e) => [e.label, e.start, e.end, e.text]), r.text);
+      r.entities.forEach((e, j) => assert.ok(Math.abs(e.score - want.entities[j].score) < TOL, `${r.text}: score`));
+    });
+    const r = cli([fx.ner.bundle, ...fx.ner.texts]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.deepEqual(JSON.parse(r.stdout).map((x) => x.entities.length), fx.ner.results.map((x) => x.entities.length));
+  });

@@ -1,0 +1,152 @@
+"""Token classification (NER): tag schemes on plain data, word-to-token alignment, the task's metric, CoNLL and
+JSONL sources, and a tiny BERT built end to end into a bundle whose runner returns entity spans."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgetl import tagging
+from edgetl.cli import main
+from edgetl.errors import EdgetlError
+from edgetl.tasks import create_task
+from tests.conftest import write_recipe
+from tests.tiny import make_tiny_ner_bert, ner_recipe, ner_sentences, write_conll
+
+
+def test_schemes_become_iob2():
+    assert tagging.to_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC"], "iob1", "f") == [
+        "B-PER",
+        "I-PER",
+        "O",
+        "B-LOC",
+        "B-LOC",
+    ]
+    assert tagging.to_iob2(["S-PER", "O", "B-LOC", "I-LOC", "E-LOC"], "bioes", "f") == [
+        "B-PER",
+        "O",
+        "B-LOC",
+        "I-LOC",
+        "I-LOC",
+    ]
+    assert tagging.detect_scheme([["O", "I-PER"]]) == "iob1"
+    assert tagging.detect_scheme([["B-PER", "E-PER"]]) == "bioes"
+    assert tagging.detect_scheme([["B-PER", "I-PER", "O"]]) == "iob2"
+
+
+@pytest.mark.parametrize(
+    "tags, scheme, message",
+    [
+        (["O", "I-PER"], "iob2", "I- must continue an entity of its type in IOB2"),
+        (["B-PER", "I-LOC"], "iob2", "I- must continue"),
+        (["B-PER", "O"], "bioes", "has no E- (end) tag"),
+        (["B-PER"], "bioes", "ends inside an entity"),
+        (["X-PER"], "iob2", "is not O or <B|I|E|S>-<TYPE>"),
+    ],
+)
+def test_invalid_sequences_name_the_line_and_word(tags, scheme, message):
+    with pytest.raises(EdgetlError, match=re.escape(message)) as e:
+        tagging.to_iob2(tags, scheme, "data.conll line 7")
+    assert "data.conll line 7" in str(e.value)
+
+
+def test_alignment_tags_the_first_sub_token_of_each_word():
+    word_ids = [None, 0, 1, 1, 2, None]  # [CLS] alicia->ali ##cia ... [SEP]
+    assert tagging.align(word_ids, np.array([3, 1, 0])).tolist() == [-100, 3, 1, -100, 0, -100]
+
+
+def test_task_metric_is_entity_f1_with_exact_spans():
+    task = create_task("token_classification", ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"])
+    logits = np.zeros((1, 6, 5), np.float32)
+    for t, tag in enumerate([0, 3, 0, 1, 2, 0]):  # [CLS] PER O LOC LOC [pad]
+        logits[0, t, tag] = 1.0
+    feed = {"attention_mask": np.array([[1, 1, 1, 1, 1, 0]])}
+    pred = task.decode(logits, feed)
+    assert [p.tolist() for p in pred] == [[0, 3, 0, 1, 2]]  # trimmed to the real tokens
+    gold = [np.array([-100, 3, 0, 1, 2])]
+    assert task.score(pred, gold).value == 100.0
+    half = [np.array([-100, 3, 0, 1, 0])]  # the LOC span cut short: the entity does not count
+    assert task.score(pred, half).value == pytest.approx(50.0)  # PER right, LOC wrong: P = R = 1/2
+    details = task.details(pred, gold)
+    assert details["per_entity"]["PER"]["f1"] == 100.0 and details["token_accuracy"] == 100.0
+    assert task.agreement(pred, [np.array([0, 3, 0, 1, 0])]) == 80.0
+    assert task.agreement(pred, [np.array([4, 3, 0, 1, 2])], gold) == 100.0  # [CLS] carries no tag: not counted
+
+
+def test_conll_and_jsonl_read_the_same_tags(tmp_path):
+    from edgetl.config import DataCfg
+    from edgetl.data import open_sources
+
+    sents = ner_sentences(20)
+    conll = write_conll(tmp_path / "d.conll", sents, scheme="bioes")
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"tokens": w, "tags": t}) for w, t in sents))
+    a, names = open_sources(DataCfg(kind="conll", path=str(conll)), "token_classification")
+    b, names_b = open_sources(
+        DataCfg(kind="jsonl", path=str(jsonl), text_column="tokens", label_column="tags"), "token_classification"
+    )
+    assert names == names_b == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert [t.tolist() for t in a["pool"].targets] == [t.tolist() for t in b["pool"].targets]
+    assert a["pool"].items == b["pool"].items == [tuple(w) for w, _ in sents]
+    bad = tmp_path / "bad.conll"
+    bad.write_text("alice NN B-PER\nparis NN I-LOC\n")
+    with pytest.raises(EdgetlError, match=r"bad.conll line 1, word 2 \('I-LOC' after 'B-PER'\)"):
+        open_sources(DataCfg(kind="conll", path=str(bad), tag_scheme="iob2"), "token_classification")
+
+
+@pytest.fixture(scope="module")
+def ner_bundle(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ner")
+    bert = make_tiny_ner_bert(tmp / "bert")
+    data = write_conll(tmp / "train.conll", ner_sentences(240))
+    out = tmp / "bundle"
+    result = CliRunner().invoke(
+        main, ["build", write_recipe(tmp / "r.yaml", ner_recipe(bert, data)), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "report.json").read_text()), result.output
+
+
+def test_ner_bundle_is_fine_tuned_pruned_distilled_and_int8(ner_bundle):
+    out, report, output = ner_bundle
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert report["task"] == "token_classification" and report["metric"]["name"] == "entity F1"
+    assert rows["fp32"]["metric_ort"] > 80  # names and places from small lists: easy to learn
+    shipped = next(r for r in report["rows"] if r["shipped"])
+    assert shipped["stage"] in ("ptq", "static") and shipped["metric_ort"] > 70 and shipped["agreement"] > 90
+    assert set(rows["fp32"]["per_entity"]) == {"PER", "LOC"}
+    for role in ("fp32", "pruned", "distilled"):  # every float model matches PyTorch per token
+        parity = report["metrics"]["export"][role]
+        assert parity["max_abs_diff"] <= parity["tolerance"] and parity["agreement"] == 1.0
+    assert rows["pruned"]["params"] < rows["fp32"]["params"]
+    assert json.loads((out / "labels.json").read_text()) == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert "entity F1" in (out / "report.html").read_text()
+
+
+def test_runner_returns_entity_spans_with_character_offsets(ner_bundle):
+    out, _, _ = ner_bundle
+    text = "alicia went to new york"
+    proc = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "predict", text, "--json"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    ents = json.loads(proc.stdout)[0]["entities"]
+    assert [(e["label"], e["text"], e["start"], e["end"]) for e in ents] == [
+        ("PER", "alicia", 0, 6),
+        ("LOC", "new york", 15, 23),
+    ]
+    assert all(0 < e["score"] <= 1 for e in ents)
+    line = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "predict", text], capture_output=True, text=True
+    ).stdout
+    assert line.startswith(text + "\tPER 'alicia' [0:6]")
+    verify = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "verify"], capture_output=True, text=True
+    )
+    assert verify.returncode == 0 and verify.stdout.startswith("verify PASS")
