@@ -266,6 +266,9 @@ def _hf(name: str, cfg: BackboneCfg, task) -> Backbone:
     params = inspect.signature(model.forward).parameters
     inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if "token_type_ids" in params else ())
     wrapper = _hf_wrapper()(model, inputs)
+    if hasattr(task, "extra_modules"):  # e.g. a CRF over the head's outputs: trained with the model, not exported
+        for key, module in task.extra_modules().items():
+            wrapper.add_module(key, module)
     head = _last_linear(wrapper)
     base = getattr(model, model.base_model_prefix)
     prefix = f"model.{model.base_model_prefix}."

@@ -27,6 +27,10 @@ class TaskCfg:
     # what the model predicts (edgetl/tasks/): classification (one label per example) or token_classification
     # (one tag per word: named-entity recognition, entity F1 with seqeval); detection and seq2seq plug in the same way
     kind: Literal["classification", "token_classification"] = "classification"
+    # token_classification: a CRF over the word tags (pytorch-crf), trained jointly with the encoder (negative
+    # log-likelihood); the ONNX graph gives the emissions, the CRF's scores ship in its metadata, Viterbi runs in
+    # the runtime (numpy, Node)
+    crf: bool = False
 
 
 @dataclass(frozen=True)

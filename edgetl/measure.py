@@ -24,7 +24,7 @@ def count_params_macs(model, example: dict | int) -> tuple[int, int | None]:
 
     if isinstance(example, int):
         example = {"input": np.zeros((1, 3, example, example), np.float32)}
-    inputs = {k: torch.from_numpy(v[:1]) for k, v in example.items()}
+    inputs = {k: torch.from_numpy(v[:1]) for k, v in model_inputs(example).items()}
     args = inputs["input"] if list(inputs) == ["input"] else inputs
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its "no positional inputs" notice for keyword inputs
@@ -34,11 +34,16 @@ def count_params_macs(model, example: dict | int) -> tuple[int, int | None]:
     return int(params), int(macs)
 
 
+def model_inputs(feed: dict) -> dict:
+    """A feed without its annotations (keys starting with "_", e.g. which tokens start a word): what a model takes."""
+    return {k: v for k, v in feed.items() if not k.startswith("_")}
+
+
 def torch_forward(model, feed: dict):
     """Run a PyTorch model on an ONNX-style feed (image models take one positional tensor)."""
     import torch
 
-    tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
+    tensors = {k: torch.from_numpy(v) for k, v in model_inputs(feed).items()}
     return model(tensors["input"]) if list(tensors) == ["input"] else model(**tensors)
 
 
@@ -57,7 +62,7 @@ def ort_outputs(onnx_path, batches: list[dict], threads: int = 2) -> list[np.nda
     from edgetl.runner import session
 
     sess = session(onnx_path, threads=max(threads, 2))
-    return [sess.run(None, feed)[0] for feed in batches]
+    return [sess.run(None, model_inputs(feed))[0] for feed in batches]
 
 
 def flatten(per_batch: list):
@@ -68,17 +73,25 @@ def flatten(per_batch: list):
     return list(itertools.chain.from_iterable(per_batch))
 
 
-def predictions(task, outputs: list[np.ndarray], batches: list[dict]):
-    """Per-example predictions over all batches (each batch is decoded on its own, with its feed)."""
-    return flatten([task.decode(o, feed) for o, feed in zip(outputs, batches, strict=True)])
+def predictions(task, outputs: list[np.ndarray], batches: list[dict], params=None):
+    """Per-example predictions over all batches (each batch is decoded on its own, with its feed; ``params``: what
+    decoding needs beyond the outputs, e.g. a CRF's transition scores)."""
+    return flatten([task.decode(o, feed, params) for o, feed in zip(outputs, batches, strict=True)])
+
+
+def onnx_metadata(onnx_path) -> dict:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
 
 
 def torch_predictions(task, model, batches: list[dict]):
-    return predictions(task, torch_outputs(model, batches), batches)
+    return predictions(task, torch_outputs(model, batches), batches, task.decode_params(model=model))
 
 
 def ort_predictions(task, onnx_path, batches: list[dict], threads: int = 2):
-    return predictions(task, ort_outputs(onnx_path, batches, threads), batches)
+    params = task.decode_params(metadata=onnx_metadata(onnx_path))
+    return predictions(task, ort_outputs(onnx_path, batches, threads), batches, params)
 
 
 def ort_metric(task, onnx_path, batches: list[dict], targets):
@@ -143,6 +156,7 @@ def provider_rows(task, path, cfg, feed: dict, latency_feed: dict) -> list[dict]
     """Latency and parity (against the CPU EP) of ``path`` on every provider in ``cfg.providers``."""
     from edgetl.runner import latency, session
 
+    feed = model_inputs(feed)
     ref = session(path, cfg.threads, ["cpu"]).run(None, feed)[0]
     rows = []
     for provider in verify_providers(cfg):

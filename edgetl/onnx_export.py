@@ -15,15 +15,16 @@ import warnings
 from pathlib import Path
 
 
-def bundle_metadata(state) -> dict:
-    """What an exported ONNX file carries about itself (task, labels, preprocessing), so the file alone is enough
-    for an app."""
-    return {
+def bundle_metadata(state, model=None) -> dict:
+    """What an exported ONNX file carries about itself (task, labels, preprocessing, and what decoding its outputs
+    needs, e.g. a CRF's scores taken from ``model``), so the file alone is enough for an app."""
+    meta = {
         "edgetl.task": state.task.name,
         "edgetl.labels": state.data.classes,
         "edgetl.preprocess": state.preprocess,
         "edgetl.recipe": state.recipe.name,
     }
+    return {**meta, **(state.task.export_metadata(model) if model is not None else {})}
 
 
 def export_onnx(

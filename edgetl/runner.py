@@ -195,6 +195,21 @@ def text_inputs(texts: list[str], pre: dict) -> list:
     return [tuple(t.split("\t")) for t in texts]
 
 
+def viterbi(emissions: np.ndarray, start: np.ndarray, end: np.ndarray, transitions: np.ndarray) -> np.ndarray:
+    """The best tag path of a linear-chain CRF (pytorch-crf's scoring: start + emissions + transitions[i, j] from
+    tag i to tag j + end) over ``emissions`` [words, tags]."""
+    score = start + emissions[0]
+    back = []
+    for em in emissions[1:]:
+        total = score[:, None] + transitions + em[None, :]
+        back.append(total.argmax(0))
+        score = total.max(0)
+    path = [int((score + end).argmax())]
+    for b in reversed(back):
+        path.append(int(b[path[-1]]))
+    return np.asarray(path[::-1], np.int64)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -431,10 +446,19 @@ class Bundle:
         if not isinstance(self.labels, list) or not self.labels or not all(isinstance(x, str) for x in self.labels):
             raise BundleError("labels.json must be a non-empty list of class names")
         tokenizer = self.preprocess.get("tokenizer", "tokenizer.json")
-        if self.preprocess["kind"] == "text":
-            safe_name(self.path, tokenizer)
-            if listed is not None and tokenizer not in listed:
-                raise BundleError(f"{MANIFEST} does not list {tokenizer}: incomplete or tampered bundle")
+        needed = [tokenizer] if self.preprocess["kind"] == "text" else []
+        needed += [self.preprocess["crf"]] if self.preprocess.get("crf") else []
+        for name in needed:
+            safe_name(self.path, name)
+            if listed is not None and name not in listed:
+                raise BundleError(f"{MANIFEST} does not list {name}: incomplete or tampered bundle")
+        self.crf = None
+        if self.preprocess.get("crf"):  # token classification with a CRF: its start / end / transition scores
+            scores = read_json(self.path / self.preprocess["crf"], "CRF scores")
+            try:
+                self.crf = {k: np.asarray(scores[k], np.float32) for k in ("start", "end", "transitions")}
+            except (KeyError, TypeError, ValueError):
+                raise BundleError(f"{self.preprocess['crf']} is not a valid set of CRF scores") from None
         model_path = safe_name(self.path, model)
         if not model_path.is_file():
             raise BundleError(
@@ -479,18 +503,23 @@ class Bundle:
         if any(not t.strip() for t in texts):
             raise BundleError("empty text")
         feed, encs = encode(self.tokenizer, list(texts), self.preprocess)
-        probs = softmax(self.session.run(None, feed)[0])
+        emissions = self.session.run(None, feed)[0]
+        probs = softmax(emissions)
+        crf = self.crf  # a CRF's scores: Viterbi decoding
         out = []
-        for text, enc, p in zip(texts, encs, probs, strict=True):
+        for text, enc, em, p in zip(texts, encs, emissions, probs, strict=True):
             words: dict = {}  # word -> [first token, last token]
             for t, w in enumerate(enc.word_ids):
                 if w is not None:
                     words.setdefault(w, [t, t])[1] = t
+            order = sorted(words)
+            firsts = [words[w][0] for w in order]
+            best = viterbi(em[firsts], **crf) if crf and firsts else p[firsts].argmax(-1) if firsts else []
             spans: list[dict] = []
-            for w in sorted(words):
+            for w, tag_id in zip(order, best, strict=True):
                 first, last = words[w]
-                tag = self.labels[int(p[first].argmax())]
-                start, end, prob = enc.offsets[first][0], enc.offsets[last][1], float(p[first].max())
+                tag = self.labels[int(tag_id)]
+                start, end, prob = enc.offsets[first][0], enc.offsets[last][1], float(p[first][int(tag_id)])
                 kind = tag[2:]
                 if tag.startswith("I-") and spans and spans[-1]["label"] == kind and spans[-1]["open"]:
                     spans[-1]["end"], spans[-1]["probs"] = end, spans[-1]["probs"] + [prob]

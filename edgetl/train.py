@@ -36,7 +36,7 @@ class TaskLoss:
         return []
 
     def __call__(self, model, x, y):
-        return self.task.loss(call(model, x), y, self.label_smoothing)
+        return self.task.loss(call(model, x), y, self.label_smoothing, model=model)
 
     def close(self) -> None:
         pass
@@ -144,7 +144,7 @@ class Distill:
         out = call(model, x)
         with torch.no_grad():
             t_out = call(self.teacher, x)
-        loss = self.task.distill_loss(out, t_out, y, self.alpha, self.temperature, self.label_smoothing)
+        loss = self.task.distill_loss(out, t_out, y, self.alpha, self.temperature, self.label_smoothing, model=model)
         if self.features is not None:
             loss = loss + self.feature_weight * self.features.loss()
         return loss
@@ -171,14 +171,16 @@ def evaluate(model, loader, task) -> dict:
     from edgetl.measure import flatten
 
     model.eval()
+    params = task.decode_params(model=model)
     loss, total, preds, targets = 0.0, 0, [], []
     with torch.inference_mode():
         for x, y in loader:
             out = call(model, x)
             feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"input": x.numpy()}
-            loss += float(task.loss(out, y)) * len(y)
+            feed.update(task.eval_extras(y.numpy()))
+            loss += float(task.loss(out, y, model=model)) * len(y)
             total += len(y)
-            preds.append(task.decode(out.numpy(), feed))
+            preds.append(task.decode(out.numpy(), feed, params))
             targets.append(task.batch_targets(y.numpy(), feed))
     metric = task.score(flatten(preds), flatten(targets)) if preds else task.score(np.zeros(0), np.zeros(0))
     return {"metric": metric, "loss": loss / max(total, 1)}

@@ -126,7 +126,14 @@ async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx'
     executionProviders: ['cpu'], intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'all',
   });
   const tokenizer = preprocess.kind === 'text' ? loadTokenizer(path.join(dir, preprocess.tokenizer), preprocess) : null;
-  return { dir, labels, preprocess, session, ort, tokenizer };
+  let crf = null; // token classification with a CRF: its scores, for Viterbi decoding (runner.py does the same)
+  if (preprocess.crf) {
+    if (manifest && !(preprocess.crf in manifest.files)) {
+      throw new BundleError(`manifest.json does not list ${preprocess.crf}: incomplete or tampered bundle`);
+    }
+    crf = readJson(safeName(dir, preprocess.crf), 'CRF scores');
+  }
+  return { dir, labels, preprocess, session, ort, tokenizer, crf };
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -374,6 +381,32 @@ async function predictTexts(bundle, texts, topK = 3) {
   return topLabels(bundle, texts, await textLogits(bundle, texts), topK, 'text');
 }
 
+/** The best tag path of a linear-chain CRF over emissions [words][tags] (runner.py viterbi). */
+function viterbi(emissions, { start, end, transitions }) {
+  const c = start.length;
+  let score = start.map((s, j) => s + emissions[0][j]);
+  const back = [];
+  for (const em of emissions.slice(1)) {
+    const next = new Array(c);
+    const arg = new Array(c);
+    for (let j = 0; j < c; j++) {
+      let best = -Infinity;
+      for (let i = 0; i < c; i++) {
+        const v = score[i] + transitions[i][j];
+        if (v > best) [best, arg[j]] = [v, i];
+      }
+      next[j] = best + em[j];
+    }
+    back.push(arg);
+    score = next;
+  }
+  let last = 0;
+  score.forEach((v, j) => { if (v + end[j] > score[last] + end[last]) last = j; });
+  const path = [last];
+  for (let b = back.length - 1; b >= 0; b--) path.push(back[b][path[path.length - 1]]);
+  return path.reverse();
+}
+
 /** Named entities (token-classification bundles), as runner.py predict_entities: the argmax tag of each word's first
  * token, IOB2 tags joined into spans with character offsets, each scored by the mean probability of its words. */
 async function predictEntities(bundle, texts) {
@@ -392,10 +425,13 @@ async function predictEntities(bundle, texts) {
     });
     const offsets = encs[i].getOffsets();
     const spans = [];
-    for (const w of [...words.keys()].sort((a, b) => a - b)) {
+    const order = [...words.keys()].sort((a, b) => a - b);
+    const rows = order.map((w) => Array.from(out.data.slice((i * length + words.get(w)[0]) * c, (i * length + words.get(w)[0] + 1) * c)));
+    const path = bundle.crf && rows.length ? viterbi(rows, bundle.crf) : rows.map((r) => r.reduce((b, x, j) => (x > r[b] ? j : b), 0));
+    for (const [k, w] of order.entries()) {
       const [first, last] = words.get(w);
-      const p = softmax(out.data.slice((i * length + first) * c, (i * length + first + 1) * c));
-      const best = p.reduce((b, x, j) => (x > p[b] ? j : b), 0);
+      const p = softmax(Float32Array.from(rows[k]));
+      const best = path[k];
       const tag = bundle.labels[best];
       const [start, end, kind] = [offsets[first][0], offsets[last][1], tag.slice(2)];
       const prev = spans[spans.length - 1];
@@ -497,7 +533,7 @@ async function main(argv) {
 
 module.exports = {
   BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
-  loadTokenizer, encodeTexts, textLogits, predictTexts, predictEntities, predict, verifyGolden,
+  loadTokenizer, encodeTexts, textLogits, predictTexts, predictEntities, predict, verifyGolden, viterbi,
 };
 
 if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

@@ -93,9 +93,24 @@ NER_TEXTS = ["alicia went to new york", "bob lives in rome and carol", "visited 
 
 
 def ner_cases(bundle: Path) -> dict:
-    """The Python runner's entity spans for NER_TEXTS on a token-classification bundle."""
-    model = load_runner(bundle).Bundle(bundle)
-    return {"bundle": str(bundle), "texts": NER_TEXTS, "results": model.predict_entities(NER_TEXTS)}
+    """The Python runner's entity spans for NER_TEXTS on a token-classification bundle (with a CRF), and its Viterbi
+    path on seeded random emissions and scores."""
+    runner = load_runner(bundle)
+    model = runner.Bundle(bundle)
+    rng = np.random.default_rng(0)
+    shapes = {"start": 5, "end": 5, "transitions": (5, 5)}
+    scores = {k: (rng.standard_normal(shape) * 2).astype(np.float32) for k, shape in shapes.items()}
+    emissions = rng.standard_normal((7, 5)).astype(np.float32)
+    return {
+        "bundle": str(bundle),
+        "texts": NER_TEXTS,
+        "results": model.predict_entities(NER_TEXTS),
+        "viterbi": {
+            "emissions": emissions.tolist(),
+            "scores": {k: v.tolist() for k, v in scores.items()},
+            "path": runner.viterbi(emissions, **scores).tolist(),
+        },
+    }
 
 
 def load_runner(bundle: Path):
@@ -142,9 +157,12 @@ def main() -> None:
     )
     ner_bundle = build_bundle(
         args.out,
-        ner_recipe(
-            make_tiny_ner_bert(args.out / "tiny_ner_bert"), write_conll(args.out / "ner.conll", ner_sentences())
-        ),
+        {  # with a CRF: the Node example decodes with Viterbi like runner.py
+            **ner_recipe(
+                make_tiny_ner_bert(args.out / "tiny_ner_bert"), write_conll(args.out / "ner.conll", ner_sentences())
+            ),
+            "task": {"kind": "token_classification", "crf": True},
+        },
         "ner_bundle",
     )
     runner = load_runner(bundle)

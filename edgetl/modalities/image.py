@@ -55,7 +55,9 @@ class Image:
         images = split.images[:k]
         return {"images": images}, {"input": normalize(images, self.pre)}
 
-    def feeds(self, split, batch: int = 64, limit: int | None = None, pad_to: int | None = None) -> list[dict]:
+    def feeds(
+        self, split, batch: int = 64, limit: int | None = None, pad_to: int | None = None, annotate: bool = False
+    ) -> list[dict]:
         n = len(split) if limit is None else min(limit, len(split))
         return [{"input": normalize(split.images[i : min(i + batch, n)], self.pre)} for i in range(0, n, batch)]
 

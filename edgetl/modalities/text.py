@@ -60,9 +60,25 @@ class Text:
         feed = self.feeds(split, batch=min(n, len(split)), limit=n)[0]
         return dict(feed), feed
 
-    def feeds(self, split, batch: int = 64, limit: int | None = None, pad_to: int | None = None) -> list[dict]:
+    def feeds(
+        self, split, batch: int = 64, limit: int | None = None, pad_to: int | None = None, annotate: bool = False
+    ) -> list[dict]:
+        """ONNX inputs for ``split`` in order; ``annotate`` (word lists): also "_word_starts", the tokens that start a
+        word, for decoding (``measure.model_inputs`` drops it before a model runs)."""
         n = len(split) if limit is None else min(limit, len(split))
-        return [self._encode(split.texts[i : min(i + batch, n)], pad_to=pad_to)[0] for i in range(0, n, batch)]
+        out = []
+        for i in range(0, n, batch):
+            feed, encs = self._encode(split.texts[i : min(i + batch, n)], pad_to=pad_to)
+            if annotate and self.words:
+                starts = np.zeros(feed["input_ids"].shape, bool)
+                for row, e in enumerate(encs):
+                    prev = None
+                    for t, w in enumerate(e.word_ids[: starts.shape[1]]):
+                        starts[row, t] = w is not None and w != prev
+                        prev = w
+                feed["_word_starts"] = starts
+            out.append(feed)
+        return out
 
     def parity_feeds(self, split) -> list[dict]:
         """Real validation texts, also at batch 1 (no padding) and padded to max_length."""

@@ -24,6 +24,7 @@ import yaml
 
 from edgetl import __version__
 from edgetl.config import Recipe, recipe_to_dict
+from edgetl.measure import onnx_metadata
 from edgetl.report import versions, write_html, write_report
 from edgetl.runner import FORMAT, FORMAT_VERSION, GOLDEN, MANIFEST, sha256
 from edgetl.state import FLOAT_ROLES, State, shipped_role
@@ -107,6 +108,10 @@ def run(state: State, recipe: Recipe) -> State:
     state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": bundle})
     (out / "labels.json").write_text(json.dumps(state.data.classes, indent=2))
     pre = {**state.modality.bundle_preprocess(recipe.data), "task": state.task.name}  # the runner post-processes
+    crf = onnx_metadata(out / "model.onnx").get("edgetl.crf")
+    if crf:  # the shipped model's CRF scores, for runtimes that do not read ONNX metadata (Node)
+        (out / "crf.json").write_text(crf)
+        pre["crf"] = "crf.json"
     (out / "preprocess.json").write_text(json.dumps(pre, indent=2))
     lock = {"recipe": recipe_to_dict(recipe), "versions": versions()}
     (out / "recipe.lock.yaml").write_text(yaml.safe_dump(lock, sort_keys=False))

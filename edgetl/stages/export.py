@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from edgetl.config import Recipe
 from edgetl.errors import EdgetlError
+from edgetl.measure import model_inputs
 from edgetl.onnx_export import bundle_metadata, export_onnx, parity
 from edgetl.state import State
 
@@ -19,8 +20,9 @@ def run(state: State, recipe: Recipe) -> State:
     onnx, checks = dict(state.onnx), {}
     for role, model in models.items():
         path = state.workdir / f"model.{role}.onnx"
+        sample = model_inputs(batches[0])
         export_onnx(
-            model.eval(), contract, path, batches[0], cfg.opset, bundle_metadata(state), state.task.optimum_task
+            model.eval(), contract, path, sample, cfg.opset, bundle_metadata(state, model), state.task.optimum_task
         )
         check = parity(state.task, model, path, batches, atol, cfg.rtol)
         print(

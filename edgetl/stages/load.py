@@ -20,7 +20,7 @@ def run(state: State, recipe: Recipe) -> State:
             "distill.transfer_size (e.g. --set distill.transfer_size=5000) or remove it"
         )
     sources = open_sources(recipe.data, recipe.task.kind)  # class names first: the head needs their count
-    task = create_task(recipe.task.kind, sources[1])
+    task = create_task(recipe.task.kind, sources[1], recipe.task)
     backbone = build_backbone(recipe.backbone, task)
     pre = backbone.contract.preprocess
     tokenizer = None

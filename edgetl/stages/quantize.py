@@ -139,7 +139,7 @@ def run(state: State, recipe: Recipe) -> State:
     features = cpu_int8_features()
     reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not features["vnni_or_dot"]
     calib = mod.calibration(state.data.train, cfg.calibration_size) if mod.static_int8 else None
-    val = (mod.feeds(state.data.val), mod.targets(state.data.val))
+    val = (mod.feeds(state.data.val, annotate=True), mod.targets(state.data.val))
     feed1 = mod.latency_feed(state.data.test)
     threads = recipe.verify.threads if recipe.verify else 1  # speed is judged at the threads the gates measure at
 
@@ -168,7 +168,7 @@ def run(state: State, recipe: Recipe) -> State:
                 state.workdir / "model.qat.fp32.onnx",
                 val[0][0],
                 recipe.export.opset,
-                bundle_metadata(state),
+                bundle_metadata(state, qat_model),
                 task.optimum_task,
             )
             float_src["qat"] = qat_fp32

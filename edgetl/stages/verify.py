@@ -57,7 +57,7 @@ def gates(cfg, rows: list[dict], shipped: dict, reference) -> list[dict]:
 def run(state: State, recipe: Recipe) -> State:
     cfg, mod, task = recipe.verify, state.modality, state.task
     roles = ["fp32", *[r for r in state.onnx if r != "fp32"]]
-    batches = mod.feeds(state.data.test)
+    batches = mod.feeds(state.data.test, annotate=True)
     targets = mod.targets(state.data.test)
     teacher_pred = torch_predictions(task, state.teacher or state.backbone.model, batches)
     rows = []

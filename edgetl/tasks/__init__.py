@@ -7,8 +7,8 @@ from edgetl.errors import EdgetlError
 KINDS = ("classification", "token_classification")  # detection and seq2seq follow the same protocol
 
 
-def create_task(kind: str, classes: list[str]):
-    """The task object for a recipe's ``task.kind`` and the data's class names."""
+def create_task(kind: str, classes: list[str], cfg=None):
+    """The task object for a recipe's ``task.kind`` (``cfg``: its task section) and the data's class names."""
     if kind == "classification":
         from edgetl.tasks.classification import Classification
 
@@ -16,7 +16,7 @@ def create_task(kind: str, classes: list[str]):
     if kind == "token_classification":
         from edgetl.tasks.token_classification import TokenClassification
 
-        return TokenClassification(classes)
+        return TokenClassification(classes, crf=bool(getattr(cfg, "crf", False)))
     raise EdgetlError(f"task.kind '{kind}' is not implemented (known: {', '.join(KINDS)})")
 
 

@@ -54,16 +54,27 @@ class Classification:
     def output_axes(self) -> dict:
         return {"logits": {0: "batch"}}
 
-    def loss(self, outputs, targets, label_smoothing: float = 0.0):
+    def loss(self, outputs, targets, label_smoothing: float = 0.0, model=None):
         import torch.nn.functional as F
 
         return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
 
-    def distill_loss(self, student, teacher, targets, alpha: float, temperature: float, label_smoothing: float = 0.0):
+    def distill_loss(
+        self, student, teacher, targets, alpha: float, temperature: float, label_smoothing: float = 0.0, model=None
+    ):
         return kd_loss(student, teacher, targets, alpha, temperature, label_smoothing)
 
-    def decode(self, outputs: np.ndarray, feed: dict | None = None) -> np.ndarray:
+    def decode(self, outputs: np.ndarray, feed: dict | None = None, params=None) -> np.ndarray:
         return np.asarray(outputs).argmax(-1)
+
+    def decode_params(self, model=None, metadata: dict | None = None):
+        return None  # argmax needs nothing beyond the outputs
+
+    def export_metadata(self, model) -> dict:
+        return {}
+
+    def eval_extras(self, targets: np.ndarray) -> dict:
+        return {}
 
     def batch_targets(self, targets: np.ndarray, feed: dict) -> np.ndarray:
         return targets

@@ -30,9 +30,19 @@ class TokenClassification:
     optimum_task = "token-classification"
     words = True  # examples are word lists (the text modality aligns word tags to tokens)
 
-    def __init__(self, tags: list[str]):
+    def __init__(self, tags: list[str], crf: bool = False):
         self.classes = list(tags)
         self.num_outputs = len(self.classes)
+        self.crf = crf  # a CRF over the word tags: trained jointly (NLL), Viterbi decoding
+
+    def extra_modules(self) -> dict:
+        """Modules the backbone wrapper holds beside the head: the CRF (its scores train with the model and ship in
+        the ONNX metadata; the graph itself gives the emissions)."""
+        if not self.crf:
+            return {}
+        from torchcrf import CRF
+
+        return {"crf": CRF(self.num_outputs, batch_first=True)}
 
     def head(self, in_features: int):
         from torch import nn
@@ -42,30 +52,86 @@ class TokenClassification:
     def output_axes(self) -> dict:
         return {"logits": {0: "batch", 1: "sequence"}}
 
-    def loss(self, outputs, targets, label_smoothing: float = 0.0):
+    @staticmethod
+    def _words(emissions, targets):
+        """Emissions, tags and mask at the tagged tokens (one per word), packed left: [B, W, C], [B, W], [B, W]."""
+        import torch
+
+        keep = targets != IGNORE
+        lengths = keep.sum(1)
+        width = max(int(lengths.max()), 1)
+        em = emissions.new_zeros(len(emissions), width, emissions.shape[-1])
+        tags = torch.zeros(len(emissions), width, dtype=torch.long)
+        mask = torch.zeros(len(emissions), width, dtype=torch.bool)
+        for b in range(len(emissions)):
+            idx = keep[b].nonzero().squeeze(1)
+            em[b, : len(idx)], tags[b, : len(idx)], mask[b, : len(idx)] = emissions[b, idx], targets[b, idx], True
+        mask[:, 0] = True  # the CRF needs every sequence to start: an empty one scores tag 0 once
+        return em, tags, mask
+
+    def _crf_nll(self, model, outputs, targets):
+        em, tags, mask = self._words(outputs, targets)
+        return -model.crf(em, tags, mask=mask, reduction="token_mean")
+
+    def loss(self, outputs, targets, label_smoothing: float = 0.0, model=None):
         import torch.nn.functional as F
 
+        if self.crf and getattr(model, "crf", None) is not None:
+            return self._crf_nll(model, outputs, targets)
         return F.cross_entropy(
             outputs.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, label_smoothing=label_smoothing
         )
 
-    def distill_loss(self, student, teacher, targets, alpha: float, temperature: float, label_smoothing: float = 0.0):
-        """Hinton KD per tagged token (the first token of each word), mixed with the cross-entropy on its tag."""
+    def distill_loss(
+        self, student, teacher, targets, alpha: float, temperature: float, label_smoothing: float = 0.0, model=None
+    ):
+        """Hinton KD per tagged token (the first token of each word), mixed with the cross-entropy on its tag (or,
+        with a CRF, its negative log-likelihood)."""
         keep = targets.flatten() != IGNORE
-        return kd_loss(
-            student.flatten(0, 1)[keep],
-            teacher.flatten(0, 1)[keep],
-            targets.flatten()[keep],
-            alpha,
-            temperature,
-            label_smoothing,
-        )
+        s, t, y = student.flatten(0, 1)[keep], teacher.flatten(0, 1)[keep], targets.flatten()[keep]
+        if self.crf and getattr(model, "crf", None) is not None:
+            kd = kd_loss(s, t, y, 1.0, temperature) if alpha > 0 else 0.0
+            return alpha * kd + (1.0 - alpha) * self._crf_nll(model, student, targets)
+        return kd_loss(s, t, y, alpha, temperature, label_smoothing)
 
-    def decode(self, outputs: np.ndarray, feed: dict | None = None) -> list[np.ndarray]:
-        """Per example, the argmax tag of each real token (its attention mask's length)."""
+    def decode(self, outputs: np.ndarray, feed: dict | None = None, params=None) -> list[np.ndarray]:
+        """Per example, a tag for each real token (its attention mask's length): the argmax, or with a CRF the
+        Viterbi path over the tokens that start a word (``feed["_word_starts"]``), as the runtime decodes."""
+        from edgetl.runner import viterbi
+
         ids = np.asarray(outputs).argmax(-1)
         lengths = feed["attention_mask"].sum(1) if feed is not None else [ids.shape[1]] * len(ids)
-        return [row[: int(n)] for row, n in zip(ids, lengths, strict=True)]
+        rows = [row[: int(n)].copy() for row, n in zip(ids, lengths, strict=True)]
+        if params is not None and feed is not None and "_word_starts" in feed:
+            for b, row in enumerate(rows):
+                pos = np.flatnonzero(feed["_word_starts"][b][: len(row)])
+                if len(pos):
+                    row[pos] = viterbi(np.asarray(outputs)[b, pos], **params)
+        return rows
+
+    def decode_params(self, model=None, metadata: dict | None = None):
+        """The CRF's scores (start, end, transitions) from a torch model, or from an ONNX file's metadata."""
+        import json
+
+        if not self.crf:
+            return None
+        if model is not None and getattr(model, "crf", None) is not None:
+            crf = model.crf
+            scores = {"start": crf.start_transitions, "end": crf.end_transitions, "transitions": crf.transitions}
+            return {k: v.detach().numpy().copy() for k, v in scores.items()}
+        if metadata and "edgetl.crf" in metadata:
+            return {k: np.asarray(v, np.float32) for k, v in json.loads(metadata["edgetl.crf"]).items()}
+        return None
+
+    def export_metadata(self, model) -> dict:
+        import json
+
+        params = self.decode_params(model=model)
+        return {"edgetl.crf": json.dumps({k: v.tolist() for k, v in params.items()})} if params else {}
+
+    def eval_extras(self, targets: np.ndarray) -> dict:
+        """What decoding a loader batch needs beyond its inputs: which tokens start a word (they carry a tag)."""
+        return {"_word_starts": targets != IGNORE}
 
     def batch_targets(self, targets: np.ndarray, feed: dict) -> list[np.ndarray]:
         return [row[: int(n)] for row, n in zip(targets, feed["attention_mask"].sum(1), strict=True)]

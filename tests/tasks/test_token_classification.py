@@ -150,3 +150,87 @@ def test_runner_returns_entity_spans_with_character_offsets(ner_bundle):
         [sys.executable, str(out / "runner.py"), str(out), "verify"], capture_output=True, text=True
     )
     assert verify.returncode == 0 and verify.stdout.startswith("verify PASS")
+
+
+def test_runtime_viterbi_equals_the_crf_librarys_decode():
+    """The numpy Viterbi every bundle runs (runner.py; Node mirrors it) gives pytorch-crf's own decode."""
+    import torch
+    from torchcrf import CRF
+
+    from edgetl.runner import viterbi
+
+    torch.manual_seed(0)
+    crf = CRF(5, batch_first=True)
+    for p in crf.parameters():
+        torch.nn.init.normal_(p, std=2.0)  # strong transitions, so the path differs from the per-word argmax
+    emissions = torch.randn(6, 9, 5)
+    lengths = [9, 7, 5, 3, 2, 1]
+    mask = torch.tensor([[t < n for t in range(9)] for n in lengths])
+    want = crf.decode(emissions, mask=mask)
+    params = {"start": crf.start_transitions, "end": crf.end_transitions, "transitions": crf.transitions}
+    params = {k: v.detach().numpy() for k, v in params.items()}
+    got = [viterbi(emissions[b, :n].numpy(), **params).tolist() for b, n in enumerate(lengths)]
+    assert got == want
+    assert any(g != emissions[b, :n].argmax(-1).tolist() for b, (g, n) in enumerate(zip(got, lengths, strict=True)))
+
+
+def test_crf_loss_trains_and_its_scores_travel_in_the_onnx_metadata(tmp_path):
+    import onnx
+    import torch
+
+    from edgetl.backbones import build_backbone
+    from edgetl.config import BackboneCfg
+    from edgetl.measure import model_inputs
+    from edgetl.onnx_export import export_onnx
+
+    task = create_task("token_classification", ["O", "B-X", "I-X"], type("Cfg", (), {"crf": True})())
+    b = build_backbone(BackboneCfg(name=f"hf:{make_tiny_ner_bert(tmp_path / 'bert')}"), task)
+    assert hasattr(b.model, "crf") and any(n.startswith("crf.") for n, _ in b.model.named_parameters())
+    x = {
+        "input_ids": torch.tensor([[2, 5, 6, 7, 3]]),
+        "attention_mask": torch.ones(1, 5, dtype=torch.long),
+        "token_type_ids": torch.zeros(1, 5, dtype=torch.long),
+    }
+    y = torch.tensor([[-100, 1, -100, 2, -100]])  # [CLS] ali(B-X) ##cia bob(I-X) [SEP]
+    loss = task.loss(b.model(**x), y, model=b.model)
+    loss.backward()
+    assert loss > 0 and b.model.crf.transitions.grad is not None
+    feed = {k: v.numpy() for k, v in x.items()}
+    path = export_onnx(
+        b.model.eval(),
+        b.contract,
+        tmp_path / "m.onnx",
+        model_inputs(feed),
+        17,
+        task.export_metadata(b.model),
+        task.optimum_task,
+    )
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    from_onnx = task.decode_params(metadata=meta)
+    from_torch = task.decode_params(model=b.model)
+    assert all(np.allclose(from_onnx[k], from_torch[k]) for k in from_torch)
+
+
+def test_a_crf_bundle_decodes_with_viterbi_on_the_device(tmp_path):
+    bert = make_tiny_ner_bert(tmp_path / "bert")
+    recipe = ner_recipe(bert, write_conll(tmp_path / "train.conll", ner_sentences(240)))
+    recipe["task"]["crf"] = True
+    recipe.pop("prune"), recipe.pop("distill")
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    shipped = next(r for r in report["rows"] if r["shipped"])
+    assert shipped["metric_ort"] > 70
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert "edgetl.crf" in meta.custom_metadata_map  # the shipped INT8 graph kept the CRF's scores
+    proc = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "predict", "alicia went to new york", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ents = json.loads(proc.stdout)[0]["entities"]
+    assert [(e["label"], e["text"]) for e in ents] == [("PER", "alicia"), ("LOC", "new york")]

@@ -226,3 +226,10 @@ test('token classification: entity spans and offsets equal the Python runner\'s,
     assert.equal(r.status, 0, r.stderr);
     assert.deepEqual(JSON.parse(r.stdout).map((x) => x.entities.length), fx.ner.results.map((x) => x.entities.length));
   });
+
+test('CRF: the Viterbi path equals runner.py viterbi(), and the CRF bundle reads its crf.json', { skip }, async () => {
+  const v = fx.ner.viterbi;
+  assert.deepEqual(edgetl.viterbi(v.emissions, v.scores), v.path);
+  const bundle = await edgetl.loadBundle(fx.ner.bundle);
+  assert.ok(bundle.crf && bundle.crf.transitions.length === bundle.labels.length);
+});
