@@ -6,13 +6,14 @@ For each backbone: fine-tune once, then branch the pipeline state
 and measure, in one process, test accuracy and batch-1 latency of
   PyTorch eager FP32 | ORT FP32 | ORT default quantize_static (the runtime's own PTQ, default arguments)
   | edgetl QAT INT8 | edgetl pruned + distilled + INT8
-Text (minilm): the text demo bundle (built here, or --text-bundle), then ORT FP32 | optimum ORTQuantizer dynamic
-INT8 of the same FP32 model (the peer default, AutoQuantizationConfig for this CPU) | edgetl's shipped INT8, at
-batch 1 with sequences padded to 32 and to 128 tokens, accuracy on the bundle's test split.
+Text (minilm; minilm_ner: the NER demo, entity F1): the demo bundle (built here, or --text-bundle / --ner-bundle),
+then ORT FP32 | optimum ORTQuantizer dynamic INT8 of the same FP32 model (the peer default, AutoQuantizationConfig
+for this CPU) | edgetl's shipped INT8, at batch 1 with sequences padded to 32 and to 128 tokens, the task's metric
+on the bundle's test split.
 All variants are timed interleaved in chunks of 10 runs (noise hits them alike); ratios are p50(ORT FP32) /
 p50(variant). 1 thread is the headline, 2 threads beside it.
 
-    .venv/bin/python benchmarks/compression.py [--backbones mobilenet_v2,lite0,minilm] [--runs 300] [--quick]
+    .venv/bin/python benchmarks/compression.py [--backbones mobilenet_v2,lite0,minilm,minilm_ner] [--runs 300]
     .venv/bin/python benchmarks/compression.py --backbones mobilenet_v2 --b-only --prune-targets 0.26,0.30
 (the second: one fine-tune, then branch B once per MACs target, without branch A / ORT's default PTQ; --a-only
 skips branch B)
@@ -203,8 +204,12 @@ def optimum_dynamic_int8(fp32: Path, out_dir: Path) -> Path:
     return next(out_dir.glob("*quantized*.onnx"))
 
 
-def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]:
-    """Text rows, measured on an edgetl bundle (built here from the text demo recipe unless one is given)."""
+TEXT_RECIPES = {"minilm": "minilm_rotten_tomatoes.yaml", "minilm_ner": "minilm_ner_tweets.yaml"}
+
+
+def bench_text(runs: int, quick: bool, bundle: Path | None = None, key: str = "minilm") -> list[dict]:
+    """Text rows (classification, or NER for minilm_ner: entity F1), measured on an edgetl bundle (built here from
+    the demo recipe unless one is given)."""
     import yaml
 
     from edgetl.config import load_recipe, recipe_from_dict
@@ -218,7 +223,7 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
     WORKDIRS.append(work)
     if bundle is None:
         overrides = ["data.max_train=1500", "finetune.epochs=1"] if quick else []
-        bundle = build(load_recipe(ROOT / "models" / "minilm_rotten_tomatoes.yaml", overrides), work / "bundle").workdir
+        bundle = build(load_recipe(ROOT / "models" / TEXT_RECIPES[key], overrides), work / "bundle").workdir
     recipe = recipe_from_dict(yaml.safe_load((bundle / "recipe.lock.yaml").read_text())["recipe"])
     state = load.run(State(recipe=recipe, workdir=work), recipe)  # the same test split and tokenizer
     (work / "fp32").mkdir()
@@ -229,8 +234,8 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
         "optimum ORTQuantizer dynamic INT8": optimum_dynamic_int8(work / "fp32" / "model.onnx", work / "optimum"),
         f"edgetl INT8 bundle ({shipped})": bundle / "model.onnx",
     }
-    test = state.modality.feeds(state.data.test)
-    y = state.data.test.labels
+    test = state.modality.feeds(state.data.test, annotate=True)
+    y = state.modality.targets(state.data.test)
     rows = {}
     for name, p in variants.items():
         rows[name] = {"acc": ort_metric(state.task, p, test, y).value, "size_mb": p.stat().st_size / 1e6}
@@ -247,7 +252,7 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None) -> list[dict]
         for name, r in rows.items():
             out.append(
                 {
-                    "backbone": f"minilm (seq {seq})",
+                    "backbone": f"{key} (seq {seq})",
                     "variant": name,
                     "acc": r["acc"],
                     "size_mb": r["size_mb"],
@@ -286,6 +291,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work folders (models of every variant)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument(
+        "--ner-bundle", type=Path, default=None, help="measure this NER bundle (minilm_ner) instead of building one"
+    )
+    ap.add_argument(
         "--text-bundle",
         type=Path,
         default=None,
@@ -299,15 +307,15 @@ def main() -> None:
     t0 = time.time()
     rows = []
     for key in args.backbones.split(","):
-        if key == "minilm":
-            rows += bench_text(args.runs, args.quick, args.text_bundle)
+        if key in TEXT_RECIPES:
+            rows += bench_text(args.runs, args.quick, args.text_bundle if key == "minilm" else args.ner_bundle, key)
         else:
             targets = [float(t) for t in args.prune_targets.split(",")] if args.prune_targets else None
             rows += bench_backbone(key, args.runs, args.quick, args.overrides, targets, args.b_only, args.a_only)
     print(f"\ndevice: {json.dumps(device_info())}  ({time.time() - t0:.0f} s)")
     print(
-        "| backbone | variant | test acc | Δacc vs ORT FP32 | p50 1 thread | speedup 1t | p50 2 threads | "
-        "speedup 2t | size MB |"
+        "| backbone | variant | test metric (acc / entity F1) | Δ vs ORT FP32 | p50 1 thread | speedup 1t | "
+        "p50 2 threads | speedup 2t | size MB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
