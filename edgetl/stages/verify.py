@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from edgetl.config import Recipe
 from edgetl.errors import GateFailed
-from edgetl.measure import add_latency, measure_row, provider_rows, torch_predictions
+from edgetl.measure import add_latency, measure_row, ort_predictions, provider_rows, torch_predictions
 from edgetl.report import write_report
 from edgetl.state import State, shipped_role
 
@@ -90,6 +90,10 @@ def run(state: State, recipe: Recipe) -> State:
             mod.latency_feed(state.data.test),
         )
     results = gates(cfg, rows, ship_row, state.reference)
+    examples = []
+    if task.n_examples:  # a few test examples with the shipped model's predictions, for the report
+        preds = ort_predictions(task, state.workdir / ship_row["file"], batches, cfg.threads)
+        examples = task.examples(state.data.test.texts or [], preds, targets, task.n_examples)
     for r in rows:
         print(
             f"  {r['stage']:>9}: {r['metric']} torch {r['metric_torch']:.2f} ort {r['metric_ort']:.2f}  "
@@ -98,7 +102,7 @@ def run(state: State, recipe: Recipe) -> State:
         )
     for p in providers:
         print(f"  {p['provider']}: p50 {p['p50_ms']:.2f} ms, agreement with CPU {p['agreement_vs_cpu']:.1f}%")
-    verify = {"shipped": shipped, "gates": results, "providers": providers}
+    verify = {"shipped": shipped, "gates": results, "providers": providers, "examples": examples}
     state = state.replace(rows=rows, metrics={**state.metrics, "verify": verify})
     failed = [g for g in results if not g["passed"]]
     if failed:

@@ -104,5 +104,10 @@ class Task(Protocol):
     def check_outputs(self, outputs: Any) -> None:
         """Raise EdgetlError when a (pruned) model's outputs no longer fit the task."""
 
+    n_examples: int  # test examples the report shows with their predictions (0: none)
+
+    def examples(self, inputs: list, predictions, targets, n: int) -> list[dict]:
+        """The first ``n`` test examples with gold and predicted targets, for the report (JSON-ready)."""
+
     def report_sections(self) -> list[tuple[str, Callable[[dict], str]]]:
         """HTML sections (title, render(report) -> html) the task adds to report.html."""

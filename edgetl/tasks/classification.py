@@ -109,6 +109,11 @@ class Classification:
                 "keep 'head' in prune.protect"
             )
 
+    n_examples = 0  # the confusion matrix says more than a few examples
+
+    def examples(self, inputs: list, predictions, targets, n: int) -> list[dict]:
+        return []
+
     def report_sections(self) -> list[tuple[str, Callable[[dict], str]]]:
         return [("Confusion matrix (shipped model)", confusion), ("", per_class_change)]
 

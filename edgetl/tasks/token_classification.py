@@ -197,8 +197,52 @@ class TokenClassification:
                 f"the model outputs shape {tuple(outputs.shape)}; expected [batch, tokens, {self.num_outputs} tags]"
             )
 
+    n_examples = 6
+
+    def examples(self, inputs: list, predictions, targets, n: int) -> list[dict]:
+        """Test sentences with their gold and predicted word tags (words past max_length have no tag: cut)."""
+        out = []
+        for words, p, t in list(zip(inputs, predictions, targets, strict=False))[:n]:
+            keep = np.asarray(t) != IGNORE
+            gold = [self.classes[i] for i in np.asarray(t)[keep]]
+            pred = [self.classes[i] for i in np.asarray(p)[keep]]
+            out.append({"words": list(words)[: len(gold)], "gold": gold, "pred": pred})
+        return out
+
     def report_sections(self) -> list[tuple[str, Callable[[dict], str]]]:
-        return [("Entity F1 per type", per_entity)]
+        return [("Entity F1 per type", per_entity), ("Test sentences: gold vs predicted entities", sentences)]
+
+
+def _marked(words: list[str], tags: list[str]) -> str:
+    """Words with each IOB2 entity wrapped in <mark> and its type after it."""
+    from html import escape
+
+    parts, open_kind = [], None
+    for w, tag in zip(words, tags, strict=True):
+        if open_kind and not (tag.startswith("I-") and tag[2:] == open_kind):
+            parts[-1] += f"</mark><sub>{escape(open_kind)}</sub>"
+            open_kind = None
+        if tag != "O" and open_kind is None:
+            parts.append(f"<mark>{escape(w)}")
+            open_kind = tag[2:]
+        else:
+            parts.append(escape(w))
+    if open_kind:
+        parts[-1] += f"</mark><sub>{escape(open_kind)}</sub>"
+    return " ".join(parts)
+
+
+def sentences(report: dict) -> str:
+    """A few test sentences with the gold and the shipped model's entities highlighted."""
+    found = ((report.get("metrics") or {}).get("verify") or {}).get("examples") or []
+    if not found:
+        return "<p class='muted'>no example sentences</p>"
+    rows = "".join(
+        f"<tr><td>gold</td><td style='text-align:left'>{_marked(e['words'], e['gold'])}</td></tr>"
+        f"<tr><td>shipped</td><td style='text-align:left'>{_marked(e['words'], e['pred'])}</td></tr>"
+        for e in found
+    )
+    return f"<table>{rows}</table><p class='muted'>the shipped model under ONNX Runtime, test split</p>"
 
 
 def per_entity(report: dict) -> str:

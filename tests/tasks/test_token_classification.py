@@ -126,7 +126,17 @@ def test_ner_bundle_is_fine_tuned_pruned_distilled_and_int8(ner_bundle):
         assert parity["max_abs_diff"] <= parity["tolerance"] and parity["agreement"] == 1.0
     assert rows["pruned"]["params"] < rows["fp32"]["params"]
     assert json.loads((out / "labels.json").read_text()) == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
-    assert "entity F1" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "entity F1" in html and "Test sentences: gold vs predicted entities" in html and "<mark>" in html
+    examples = report["metrics"]["verify"]["examples"]
+    assert len(examples) == 6 and all(len(e["words"]) == len(e["gold"]) == len(e["pred"]) for e in examples)
+
+
+def test_report_marks_entities_in_sentences():
+    from edgetl.tasks.token_classification import _marked
+
+    html = _marked(["alice", "went", "to", "new", "york"], ["B-PER", "O", "O", "B-LOC", "I-LOC"])
+    assert html == "<mark>alice</mark><sub>PER</sub> went to <mark>new york</mark><sub>LOC</sub>"
 
 
 def test_runner_returns_entity_spans_with_character_offsets(ner_bundle):
