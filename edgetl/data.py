@@ -494,9 +494,6 @@ def load_data(cfg: DataCfg, modality, seed: int, sources: tuple[dict, list[str]]
         from edgetl.modalities import modality_for
 
         modality = modality_for(modality)
-    for name in ("val_fraction", "test_fraction"):
-        if not 0.0 < getattr(cfg, name) < 1.0:
-            raise EdgetlError(f"recipe key 'data.{name}' must be between 0 and 1")
     pools, classes = sources or open_sources(cfg)
     pools = dict(pools)
     if "pool" in pools:
