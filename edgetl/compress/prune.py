@@ -17,6 +17,7 @@ The stage runs them in ``steps`` increments with a short recovery fine-tune afte
 from __future__ import annotations
 
 import copy
+import warnings
 
 from edgetl.backbones import encoder_layer_names
 from edgetl.config import PruneCfg
@@ -105,7 +106,9 @@ class EncoderPruner:
 
         self.done += 1
         frac = min(self.done / max(self.cfg.steps, 1), 1.0)
-        graph = tp.DependencyGraph().build_dependency(self.wrapper, example_inputs=self.example)
+        with warnings.catch_warnings():  # parameters outside any layer (a CRF's transitions) join no FFN group
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            graph = tp.DependencyGraph().build_dependency(self.wrapper, example_inputs=self.example)
         for lin, n0 in zip(encoder_layers(self.hf), self.ffn0, strict=True):
             ffn_in = lin[4]
             drop = ffn_in.out_features - self._keep(n0, self.cfg.ratio, frac, self.cfg.round_to or 1)

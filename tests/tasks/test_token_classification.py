@@ -225,7 +225,7 @@ def test_a_crf_bundle_decodes_with_viterbi_on_the_device(tmp_path):
     bert = make_tiny_ner_bert(tmp_path / "bert")
     recipe = ner_recipe(bert, write_conll(tmp_path / "train.conll", ner_sentences(240)))
     recipe["task"]["crf"] = True
-    recipe.pop("prune"), recipe.pop("distill")
+    recipe.pop("distill")  # pruning stays: it must leave the CRF's scores whole
     out = tmp_path / "bundle"
     result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", recipe), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -236,6 +236,9 @@ def test_a_crf_bundle_decodes_with_viterbi_on_the_device(tmp_path):
 
     meta = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
     assert "edgetl.crf" in meta.custom_metadata_map  # the shipped INT8 graph kept the CRF's scores
+    scores = json.loads(meta.custom_metadata_map["edgetl.crf"])
+    assert np.asarray(scores["transitions"]).shape == (5, 5) and len(scores["start"]) == 5  # pruning left them whole
+    assert json.loads((out / "crf.json").read_text()) == scores
     proc = subprocess.run(
         [sys.executable, str(out / "runner.py"), str(out), "predict", "alicia went to new york", "--json"],
         capture_output=True,
