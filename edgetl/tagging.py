@@ -141,12 +141,16 @@ def tag_names(tags: list[list[str]]) -> list[str]:
     return ["O"] + [f"{p}-{k}" for k in kinds for p in ("B", "I")]
 
 
+def word_starts(word_ids: list) -> np.ndarray:
+    """Per token, whether it is the first token of a word (special tokens and continuations are not)."""
+    prev = [None, *word_ids][: len(word_ids)]
+    return np.asarray([w is not None and w != p for w, p in zip(word_ids, prev, strict=True)], bool)
+
+
 def align(word_ids: list, word_tags: np.ndarray) -> np.ndarray:
     """Token labels from word tags: the first token of each word gets its tag, every other token IGNORE."""
     out = np.full(len(word_ids), IGNORE, np.int64)
-    prev = None
-    for i, w in enumerate(word_ids):
-        if w is not None and w != prev and w < len(word_tags):
-            out[i] = word_tags[w]
-        prev = w
+    for i in np.flatnonzero(word_starts(word_ids)):
+        if word_ids[i] < len(word_tags):
+            out[i] = word_tags[word_ids[i]]
     return out

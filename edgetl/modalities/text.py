@@ -70,12 +70,12 @@ class Text:
         for i in range(0, n, batch):
             feed, encs = self._encode(split.texts[i : min(i + batch, n)], pad_to=pad_to)
             if annotate and self.words:
+                from edgetl.tagging import word_starts
+
                 starts = np.zeros(feed["input_ids"].shape, bool)
                 for row, e in enumerate(encs):
-                    prev = None
-                    for t, w in enumerate(e.word_ids[: starts.shape[1]]):
-                        starts[row, t] = w is not None and w != prev
-                        prev = w
+                    first = word_starts(e.word_ids)[: starts.shape[1]]
+                    starts[row, : len(first)] = first
                 feed["_word_starts"] = starts
             out.append(feed)
         return out
