@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -193,6 +194,18 @@ def text_inputs(texts: list[str], pre: dict) -> list:
             f"this bundle classifies sentence pairs: give each input as 'FIRST<TAB>SECOND' (got {bad[0]!r})"
         )
     return [tuple(t.split("\t")) for t in texts]
+
+
+# a word as CoNLL files hold them: whitespace-separated, leading / trailing punctuation split off ("don't", "#tag",
+# "@user" stay whole); the same pattern in deploy/node/index.js
+WORD = re.compile(r"""[(\[{"'“‘]|[^\s]+?(?=[.,;:!?)\]}"'”’]*(?:\s|$))|[.,;:!?)\]}"'”’]""")
+
+
+def split_words(text: str) -> list[tuple[int, int]]:
+    """The (start, end) character spans of ``text``'s words. A token-classification model was trained on words
+    given as lists (``is_pretokenized``, each word's first token labelled); its tokenizer's own pre-tokenizer splits
+    raw text elsewhere ("don't" -> don ' t), and tags read at those untrained positions would be noise."""
+    return [m.span() for m in WORD.finditer(text)]
 
 
 def viterbi(emissions: np.ndarray, start: np.ndarray, end: np.ndarray, transitions: np.ndarray) -> np.ndarray:
@@ -498,28 +511,30 @@ class Bundle:
         return self.predict_texts(inputs, top_k) if self.tokenizer else self.predict_files(inputs, top_k)
 
     def predict_entities(self, texts: list[str]) -> list[dict]:
-        """Named entities in each text: the tag of each word's first token (argmax), IOB2 tags joined into spans
-        with character offsets from the tokenizer, each with the mean probability of its words' tags."""
+        """Named entities in each text: the text split into words (``split_words``) as the model was trained, the tag
+        of each word's first token (argmax, or Viterbi with a CRF), IOB2 tags joined into spans with the words'
+        character offsets, each with the mean probability of its words' tags."""
         if any(not t.strip() for t in texts):
             raise BundleError("empty text")
-        feed, encs = encode(self.tokenizer, list(texts), self.preprocess)
+        spans_of = [split_words(t) for t in texts]
+        words_of = [[t[a:b] for a, b in spans] for t, spans in zip(texts, spans_of, strict=True)]
+        feed, encs = encode(self.tokenizer, words_of, self.preprocess, words=True)
         emissions = self.session.run(None, feed)[0]
         probs = softmax(emissions)
         crf = self.crf  # a CRF's scores: Viterbi decoding
         out = []
-        for text, enc, em, p in zip(texts, encs, emissions, probs, strict=True):
-            words: dict = {}  # word -> [first token, last token]
+        for text, where, enc, em, p in zip(texts, spans_of, encs, emissions, probs, strict=True):
+            words: dict = {}  # word -> its first token (words cut by truncation have none)
             for t, w in enumerate(enc.word_ids):
                 if w is not None:
-                    words.setdefault(w, [t, t])[1] = t
+                    words.setdefault(w, t)
             order = sorted(words)
-            firsts = [words[w][0] for w in order]
+            firsts = [words[w] for w in order]
             best = viterbi(em[firsts], **crf) if crf and firsts else p[firsts].argmax(-1) if firsts else []
             spans: list[dict] = []
             for w, tag_id in zip(order, best, strict=True):
-                first, last = words[w]
                 tag = self.labels[int(tag_id)]
-                start, end, prob = enc.offsets[first][0], enc.offsets[last][1], float(p[first][int(tag_id)])
+                (start, end), prob = where[w], float(p[words[w]][int(tag_id)])
                 kind = tag[2:]
                 if tag.startswith("I-") and spans and spans[-1]["label"] == kind and spans[-1]["open"]:
                     spans[-1]["end"], spans[-1]["probs"] = end, spans[-1]["probs"] + [prob]
@@ -570,13 +585,15 @@ class Bundle:
         spec = read_json(spec_path, "golden set")
         try:
             raw = safe_name(self.path, spec["data"]).read_bytes()
-            arrays = {
-                name: np.frombuffer(raw, np.dtype(a["dtype"]), int(np.prod(a["shape"])), a["offset"]).reshape(
+
+            def array(a: dict) -> np.ndarray:
+                return np.frombuffer(raw, np.dtype(a["dtype"]), int(np.prod(a["shape"])), a["offset"]).reshape(
                     a["shape"]
                 )
-                for name, a in spec["inputs"].items()
-            }
-            ref = np.asarray(spec["outputs"], np.float32)
+
+            arrays = {name: array(a) for name, a in spec["inputs"].items()}
+            ref = array(spec["outputs"]).astype(np.float32)
+            keep = arrays[spec["positions"]].astype(bool) if spec.get("positions") else None
             tolerance, need = float(spec["tolerance"]), float(spec["min_agreement"])
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise BundleError(f"{GOLDEN} is not a valid golden set: {type(e).__name__}") from None
@@ -584,10 +601,13 @@ class Bundle:
         got = self.session.run(None, feed)[0]
         if got.shape != ref.shape:
             raise BundleError(f"the model gives outputs of shape {got.shape} on the golden set, expected {ref.shape}")
+        n = len(ref)
+        if keep is not None:  # per-token outputs: real tokens only
+            got, ref = got[keep], ref[keep]
         diff = float(np.abs(got - ref).max())
         agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
         return {
-            "n": int(len(ref)),
+            "n": int(n),
             "max_abs_diff": diff,
             "tolerance": tolerance,
             "top1_agreement": agree,

@@ -440,9 +440,15 @@ def test_golden_set_passes_on_this_machine_and_is_small(bundle):
 
 def test_golden_set_fails_when_the_device_computes_something_else(old_bundle):
     out, _ = old_bundle
-    spec = json.loads((out / "golden.json").read_text())
-    spec["outputs"][0] = [-v for v in spec["outputs"][0]]  # what a broken kernel or preprocessing would give
-    _rewrite(out, "golden.json", json.dumps(spec))
+    spec = json.loads((out / "golden.json").read_text())["outputs"]
+    raw = bytearray((out / "golden.bin").read_bytes())
+    first = spec["offset"] + 4 * spec["shape"][-1]  # the first example's outputs, float32
+    first_row = np.frombuffer(bytes(raw[spec["offset"] : first]), np.float32)
+    raw[spec["offset"] : first] = (-first_row).tobytes()  # what a broken kernel or preprocessing would give
+    (out / "golden.bin").write_bytes(bytes(raw))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["golden.bin"] = sha256(out / "golden.bin")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     proc = _runner(out, "verify")
     assert proc.returncode == 1 and proc.stdout.startswith("verify FAIL: ")
     result = json.loads(_runner(out, "verify", "--json").stdout)

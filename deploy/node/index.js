@@ -149,14 +149,54 @@ function loadTokenizer(file, pre) {
 }
 
 /** Texts -> {name: BigInt64Array, dims} for the bundle's inputs (input_ids, attention_mask[, token_type_ids]). */
-async function encodeTexts(tokenizer, texts, pre) {
+/** A word as CoNLL files hold them (runner.py WORD): whitespace-separated, leading / trailing punctuation split off. */
+const WORD = /[(\[{"'\u201c\u2018]|[^\s]+?(?=[.,;:!?)\]}"'\u201d\u2019]*(?:\s|$))|[.,;:!?)\]}"'\u201d\u2019]/g;
+
+/** The [start, end] character spans of a text's words (runner.py split_words): a token-classification model was
+ * trained on pre-split words, and its tokenizer's own pre-tokenizer splits raw text elsewhere. */
+function splitWords(text) {
+  return [...text.matchAll(WORD)].map((m) => [m.index, m.index + m[0].length]);
+}
+
+/** A list of words encoded as Python's `encode_batch(..., is_pretokenized=True)` does (this binding takes strings
+ * only): each word's tokens without special tokens, truncated to max_length, inside the post-processor's special
+ * tokens; word ids index the words. */
+async function encodeWords(tokenizer, words, maxLength) {
+  const probe = await tokenizer.encode('a'); // where the post-processor puts its special tokens around one sequence
+  const seq = probe.getSequenceIds().map((v) => v !== null && v !== undefined);
+  const [first, last] = [seq.indexOf(true), seq.lastIndexOf(true)];
+  const [head, tail] = [probe.getIds().slice(0, first), probe.getIds().slice(last + 1)];
+  const [ids, wordIds] = [[], []];
+  for (const [w, word] of words.entries()) {
+    const e = await tokenizer.encode(word, null, { addSpecialTokens: false });
+    for (const id of e.getIds()) {
+      ids.push(id);
+      wordIds.push(w);
+    }
+  }
+  const room = Math.max(0, maxLength - head.length - tail.length);
+  const all = [...head, ...ids.slice(0, room), ...tail];
+  const nulls = (a) => a.map(() => null);
+  return {
+    getIds: () => all,
+    getTypeIds: () => all.map(() => 0),
+    getWordIds: () => [...nulls(head), ...wordIds.slice(0, room), ...nulls(tail)],
+  };
+}
+
+/** Texts -> int64 feeds; `words`: each text is a list of words (encoded pre-tokenized, as in training). */
+async function encodeTexts(tokenizer, texts, pre, words = false) {
   if (pre.pair) { // a sentence-pair bundle: each input is 'FIRST<TAB>SECOND' (runner.py text_inputs)
     const bad = texts.find((t) => t.split('\t').length !== 2 || t.split('\t').some((half) => !half.trim()));
     if (bad !== undefined) {
       throw new BundleError(`this bundle classifies sentence pairs: give each input as 'FIRST<TAB>SECOND' (got ${JSON.stringify(bad)})`);
     }
   }
-  const encs = await Promise.all(texts.map((t) => (pre.pair ? tokenizer.encode(...t.split('\t')) : tokenizer.encode(t))));
+  const encode = (t) => {
+    if (words) return encodeWords(tokenizer, t, pre.max_length);
+    return pre.pair ? tokenizer.encode(...t.split('\t')) : tokenizer.encode(t);
+  };
+  const encs = await Promise.all(texts.map(encode));
   const length = Math.max(...encs.map((e) => e.getIds().length));
   const n = texts.length * length;
   const out = {
@@ -411,29 +451,27 @@ function viterbi(emissions, { start, end, transitions }) {
  * token, IOB2 tags joined into spans with character offsets, each scored by the mean probability of its words. */
 async function predictEntities(bundle, texts) {
   if (texts.some((t) => !t.trim())) throw new BundleError('empty text');
-  const { arrays, dims, encs } = await encodeTexts(bundle.tokenizer, texts, bundle.preprocess);
+  const where = texts.map(splitWords);
+  const wordLists = texts.map((t, i) => where[i].map(([a, b]) => t.slice(a, b)));
+  const { arrays, dims, encs } = await encodeTexts(bundle.tokenizer, wordLists, bundle.preprocess, true);
   const feeds = {};
   for (const [name, data] of Object.entries(arrays)) feeds[name] = new bundle.ort.Tensor('int64', data, dims);
   const out = (await bundle.session.run(feeds))[bundle.session.outputNames[0]];
   const [, length, c] = out.dims;
   return texts.map((text, i) => {
-    const words = new Map(); // word -> [first token, last token]
+    const words = new Map(); // word -> its first token (words cut by truncation have none)
     encs[i].getWordIds().forEach((w, t) => {
-      if (w === null || w === undefined) return;
-      if (!words.has(w)) words.set(w, [t, t]);
-      words.get(w)[1] = t;
+      if (w !== null && w !== undefined && !words.has(w)) words.set(w, t);
     });
-    const offsets = encs[i].getOffsets();
     const spans = [];
     const order = [...words.keys()].sort((a, b) => a - b);
-    const rows = order.map((w) => Array.from(out.data.slice((i * length + words.get(w)[0]) * c, (i * length + words.get(w)[0] + 1) * c)));
+    const rows = order.map((w) => Array.from(out.data.slice((i * length + words.get(w)) * c, (i * length + words.get(w) + 1) * c)));
     const path = bundle.crf && rows.length ? viterbi(rows, bundle.crf) : rows.map((r) => r.reduce((b, x, j) => (x > r[b] ? j : b), 0));
     for (const [k, w] of order.entries()) {
-      const [first, last] = words.get(w);
       const p = softmax(Float32Array.from(rows[k]));
       const best = path[k];
       const tag = bundle.labels[best];
-      const [start, end, kind] = [offsets[first][0], offsets[last][1], tag.slice(2)];
+      const [[start, end], kind] = [where[i][w], tag.slice(2)];
       const prev = spans[spans.length - 1];
       if (tag.startsWith('I-') && prev && prev.label === kind && prev.open) {
         prev.end = end;
@@ -468,36 +506,45 @@ async function verifyGolden(bundle) {
   }
   const spec = readJson(specFile, 'golden set');
   const raw = fs.readFileSync(safeName(bundle.dir, spec.data));
-  const arrays = {};
-  for (const [name, a] of Object.entries(spec.inputs)) {
+  const TYPES = { '|u1': Uint8Array, '<i8': BigInt64Array, '<f4': Float32Array };
+  const array = (a) => {
+    const Type = TYPES[a.dtype];
+    if (!Type) throw new BundleError(`golden.json is not a valid golden set: dtype ${a.dtype}`);
     const count = a.shape.reduce((x, y) => x * y, 1);
-    const bytes = raw.subarray(a.offset, a.offset + count * (a.dtype === '|u1' ? 1 : 8));
-    const copy = new Uint8Array(bytes); // aligned copy
-    arrays[name] = { data: a.dtype === '|u1' ? copy : new BigInt64Array(copy.buffer), shape: a.shape };
-  }
+    const copy = new Uint8Array(raw.subarray(a.offset, a.offset + count * Type.BYTES_PER_ELEMENT)); // aligned copy
+    return { data: new Type(copy.buffer), shape: a.shape };
+  };
+  const arrays = Object.fromEntries(Object.entries(spec.inputs).map(([k, a]) => [k, array(a)]));
+  const ref = array(spec.outputs);
   let got;
   if (arrays.images) {
     const [n, c] = arrays.images.shape;
     const size = c * c * 3;
     const imgs = Array.from({ length: n }, (_, i) => arrays.images.data.subarray(i * size, (i + 1) * size));
-    got = await logits(bundle, imgs);
+    const rows = await logits(bundle, imgs);
+    got = new Float32Array(rows.reduce((k, r) => k + r.length, 0));
+    rows.forEach((r, i) => got.set(r, i * r.length));
   } else {
     const feeds = Object.fromEntries(Object.entries(arrays).map(([k, v]) => [k, new bundle.ort.Tensor('int64', v.data, v.shape)]));
-    const out = (await bundle.session.run(feeds))[bundle.session.outputNames[0]];
-    const w = out.dims[out.dims.length - 1];
-    got = spec.outputs.map((_, i) => out.data.slice(i * w, (i + 1) * w));
+    got = (await bundle.session.run(feeds))[bundle.session.outputNames[0]].data;
   }
-  let diff = 0;
-  let agree = 0;
-  const argmax = (v) => v.reduce((best, x, j) => (x > v[best] ? j : best), 0);
-  spec.outputs.forEach((ref, i) => {
-    ref.forEach((v, j) => { diff = Math.max(diff, Math.abs(got[i][j] - v)); });
-    if (argmax(Array.from(got[i])) === argmax(ref)) agree += 1;
-  });
-  const n = spec.outputs.length;
+  if (got.length !== ref.data.length) throw new BundleError(`the model gives ${got.length} outputs on the golden set, expected ${ref.data.length}`);
+  // rows of the last axis; per-token outputs: only the rows at real tokens (spec.positions, runner.py verify_golden)
+  const width = ref.shape[ref.shape.length - 1];
+  const keep = spec.positions ? arrays[spec.positions].data : null;
+  let [diff, agree, rows] = [0, 0, 0];
+  const argmax = (v, o) => { let b = 0; for (let j = 1; j < width; j++) if (v[o + j] > v[o + b]) b = j; return b; };
+  for (let r = 0; r < ref.data.length / width; r++) {
+    if (keep && !keep[r]) continue;
+    const o = r * width;
+    for (let j = 0; j < width; j++) diff = Math.max(diff, Math.abs(got[o + j] - ref.data[o + j]));
+    if (argmax(got, o) === argmax(ref.data, o)) agree += 1;
+    rows += 1;
+  }
   return {
-    n, max_abs_diff: diff, tolerance: spec.tolerance, top1_agreement: agree / n, min_agreement: spec.min_agreement,
-    passed: diff <= spec.tolerance && agree / n >= spec.min_agreement, model: spec.model,
+    n: ref.shape[0], max_abs_diff: diff, tolerance: spec.tolerance, top1_agreement: agree / rows,
+    min_agreement: spec.min_agreement, passed: diff <= spec.tolerance && agree / rows >= spec.min_agreement,
+    model: spec.model,
   };
 }
 
@@ -533,7 +580,7 @@ async function main(argv) {
 
 module.exports = {
   BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
-  loadTokenizer, encodeTexts, textLogits, predictTexts, predictEntities, predict, verifyGolden, viterbi,
+  loadTokenizer, encodeTexts, textLogits, predictTexts, predictEntities, predict, verifyGolden, viterbi, splitWords,
 };
 
 if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

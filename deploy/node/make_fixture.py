@@ -89,7 +89,8 @@ def text_cases(bundle: Path) -> dict:
     }
 
 
-NER_TEXTS = ["alicia went to new york", "bob lives in rome and carol", "visited oslo"]
+NER_TEXTS = ["alicia went to new york", "bob lives in rome and carol", "visited oslo", "(bob) visited rome, then oslo."]
+SPLIT_TEXTS = ['I met Alicia, then (Bob) in "New York". Don\'t #tag @user', "  a\tb\nc ...", "caf\u00e9 na\u00efve."]
 
 
 def ner_cases(bundle: Path) -> dict:
@@ -105,6 +106,7 @@ def ner_cases(bundle: Path) -> dict:
         "bundle": str(bundle),
         "texts": NER_TEXTS,
         "results": model.predict_entities(NER_TEXTS),
+        "splits": {t: [list(span) for span in runner.split_words(t)] for t in SPLIT_TEXTS},
         "viterbi": {
             "emissions": emissions.tolist(),
             "scores": {k: v.tolist() for k, v in scores.items()},

@@ -162,6 +162,65 @@ def test_runner_returns_entity_spans_with_character_offsets(ner_bundle):
     assert verify.returncode == 0 and verify.stdout.startswith("verify PASS")
 
 
+def test_the_runner_splits_text_into_words_as_conll_files_hold_them():
+    from edgetl.runner import split_words
+
+    text = 'I met Alicia, then (Bob) in "New York". Don\'t #tag @user'
+    assert [text[a:b] for a, b in split_words(text)] == [
+        *["I", "met", "Alicia", ",", "then", "(", "Bob", ")", "in", '"', "New", "York", '"', "."],
+        *["Don't", "#tag", "@user"],
+    ]
+    assert split_words("  ") == [] and split_words("a\tb\nc") == [(0, 1), (2, 3), (4, 5)]
+
+
+def test_the_runner_decodes_as_the_build_did(ner_bundle):
+    """The device's entities for a test sentence (its words joined by spaces) are the spans of the tags the build
+    decoded for the shipped model (the report's examples): the runner feeds the model the same word-start tokens."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    out, report, _ = ner_bundle
+    examples = report["metrics"]["verify"]["examples"]
+    texts = [" ".join(e["words"]) for e in examples]
+    proc = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "predict", *texts, "--json"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    for e, got in zip(examples, json.loads(proc.stdout), strict=True):
+        want = [(kind, " ".join(e["words"][a : b + 1])) for kind, a, b in get_entities(e["pred"])]
+        assert [(x["label"], x["text"]) for x in got["entities"]] == want
+
+
+def test_the_golden_set_compares_real_tokens_only(ner_bundle, tmp_path):
+    """Per-token golden outputs: a difference at padding is not a failure, one at a real token is."""
+    import shutil
+
+    from edgetl.runner import sha256
+
+    src, _, _ = ner_bundle
+    spec = json.loads((src / "golden.json").read_text())
+    assert spec["positions"] == "attention_mask"
+    mask_spec, out_spec = spec["inputs"]["attention_mask"], spec["outputs"]
+    raw = (src / "golden.bin").read_bytes()
+    mask = np.frombuffer(raw, np.int64, int(np.prod(mask_spec["shape"])), mask_spec["offset"])
+    assert (mask == 0).any() and (mask == 1).any()  # sentences of different lengths: padding in the batch
+    width = out_spec["shape"][-1]
+    for row, passes in ((int(np.flatnonzero(mask == 0)[0]), True), (int(np.flatnonzero(mask == 1)[0]), False)):
+        out = tmp_path / f"copy{row}"
+        shutil.copytree(src, out)
+        outputs = np.frombuffer(raw, np.float32, int(np.prod(out_spec["shape"])), out_spec["offset"]).copy()
+        outputs[row * width : (row + 1) * width] += 100.0
+        blob = bytearray(raw)
+        blob[out_spec["offset"] : out_spec["offset"] + outputs.nbytes] = outputs.tobytes()
+        (out / "golden.bin").write_bytes(bytes(blob))
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["files"]["golden.bin"] = sha256(out / "golden.bin")
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        proc = subprocess.run(
+            [sys.executable, str(out / "runner.py"), str(out), "verify"], capture_output=True, text=True
+        )
+        assert proc.returncode == (0 if passes else 1), proc.stdout + proc.stderr
+
+
 def test_runtime_viterbi_equals_the_crf_librarys_decode():
     """The numpy Viterbi every bundle runs (runner.py; Node mirrors it) gives pytorch-crf's own decode."""
     import torch

@@ -181,8 +181,8 @@ test('a manifest naming files outside the bundle is refused before anything is r
   }
 });
 
-test('verify: the golden set passes here, and a changed golden output fails (image and text bundles)', { skip }, () => {
-  for (const dir of [fx.bundle, fx.text.bundle]) {
+test('verify: the golden set passes here, and a changed golden output fails (image, text and NER bundles)', { skip }, () => {
+  for (const dir of [fx.bundle, fx.text.bundle, fx.ner.bundle]) {
     const r = cli([dir, '--verify']);
     assert.equal(r.status, 0, r.stderr);
     const out = JSON.parse(r.stdout);
@@ -195,13 +195,17 @@ test('verify: the golden set passes here, and a changed golden output fails (ima
       fs.rmSync(path.join(copy, name), { force: true }); // a slim device copy: reference material left behind
     }
     assert.equal(cli([copy, '--verify']).status, 0);
-    const spec = path.join(copy, 'golden.json');
-    const golden = JSON.parse(fs.readFileSync(spec, 'utf8'));
-    golden.outputs[0] = golden.outputs[0].map((v) => -v); // what a broken device kernel would give
-    fs.writeFileSync(spec, JSON.stringify(golden));
+    const spec = JSON.parse(fs.readFileSync(path.join(copy, 'golden.json'), 'utf8')).outputs;
+    const bin = path.join(copy, 'golden.bin');
+    const raw = fs.readFileSync(bin);
+    for (let j = 0; j < spec.shape[spec.shape.length - 1]; j++) { // the first example's outputs negated:
+      const at = spec.offset + 4 * j; // what a broken device kernel would give
+      raw.writeFloatLE(-raw.readFloatLE(at), at);
+    }
+    fs.writeFileSync(bin, raw);
     const manifestFile = path.join(copy, 'manifest.json');
     const manifest = JSON.parse(fs.readFileSync(manifestFile, 'utf8'));
-    manifest.files['golden.json'] = require('node:crypto').createHash('sha256').update(fs.readFileSync(spec)).digest('hex');
+    manifest.files['golden.bin'] = require('node:crypto').createHash('sha256').update(raw).digest('hex');
     fs.writeFileSync(manifestFile, JSON.stringify(manifest));
     const r = cli([copy, '--verify']);
     assert.equal(r.status, 1);
@@ -226,6 +230,10 @@ test('token classification: entity spans and offsets equal the Python runner\'s,
     assert.equal(r.status, 0, r.stderr);
     assert.deepEqual(JSON.parse(r.stdout).map((x) => x.entities.length), fx.ner.results.map((x) => x.entities.length));
   });
+
+test('words: a text splits into the words runner.py split_words() gives (punctuation off, "don\'t" whole)', { skip }, () => {
+  for (const [text, want] of Object.entries(fx.ner.splits)) assert.deepEqual(edgetl.splitWords(text), want, text);
+});
 
 test('CRF: the Viterbi path equals runner.py viterbi(), and the CRF bundle reads its crf.json', { skip }, async () => {
   const v = fx.ner.viterbi;
