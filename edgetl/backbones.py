@@ -130,6 +130,8 @@ def _torchvision(name: str, cfg: BackboneCfg, task) -> Backbone:
         ) from None
     if isinstance(cfg.pretrained, str) and weights is None:
         _load_into(model, cfg.pretrained)
+    if task.name == "detection":
+        return _detector(model, cfg, task, (weights or enum.DEFAULT).transforms())
     head = _last_linear(model)
     old = model.get_submodule(head)
     replace_module(model, head, task.head(old.in_features))
@@ -154,6 +156,18 @@ def _torchvision(name: str, cfg: BackboneCfg, task) -> Backbone:
     crop_pct = tf.crop_size[0] / tf.resize_size[0]
     pre = _preprocess(size, crop_pct, tf.mean, tf.std, tf.interpolation.value)
     return Backbone(model, groups, head, _contract(task, pre))
+
+
+def _detector(trunk, cfg: BackboneCfg, task, tf) -> Backbone:
+    """A detector over a torchvision classifier's ``features`` (edgetl.detector): the trunk's blocks stay the
+    fine-tuning blocks, everything new (extra maps and the box / class head) is the head, ``det``."""
+    from edgetl.detector import build_ssdlite
+
+    size = cfg.input_size or 320  # torchvision's SSDLite size; small objects or small devices: set input_size
+    model = build_ssdlite(trunk, size, len(task.classes))
+    groups = [[f"features.{n}.{p}" for p, _ in m.named_parameters()] for n, m in model.features.named_children()]
+    pre = {**_preprocess(size, 1.0, tf.mean, tf.std, tf.interpolation.value), "fit": "stretch"}
+    return Backbone(model, [g for g in groups if g], "det", _contract(task, pre))
 
 
 def _timm(name: str, cfg: BackboneCfg, task) -> Backbone:

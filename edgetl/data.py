@@ -330,11 +330,29 @@ def _tag_pools(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
     return pools, names
 
 
+def _box_pools(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
+    """Detection: images with their boxes (``edgetl.boxes``: COCO JSON, VOC XML, YOLO txt), stratified on the rarest
+    class each image holds (images without boxes: a stratum of their own)."""
+    from edgetl.boxes import read_detection
+
+    if not cfg.path:
+        raise EdgetlError(f"data.path is required for data.kind={cfg.kind}")
+    items, boxes, classes = read_detection(user_path(cfg.path), cfg.kind)
+    if not items:
+        raise EdgetlError(f"{cfg.path}: no annotated images")
+    counts = np.bincount(np.concatenate([b.labels for b in boxes]), minlength=len(classes))
+    keys = np.asarray([int(min(b.labels, key=lambda c: counts[c])) if len(b.labels) else len(classes) for b in boxes])
+    targets = [{"boxes": b.boxes, "labels": b.labels} for b in boxes]
+    return {"pool": Pool(list(items), keys.astype(np.int64), _open_image, targets)}, list(classes)
+
+
 def open_sources(cfg: DataCfg, task: str = "classification") -> tuple[dict[str, Pool], list[str]]:
     """Pools by split name ('pool' when the source has no splits of its own) and class names (token
     classification: tag names)."""
     if task == "token_classification":
         return _tag_pools(cfg)
+    if task == "detection":
+        return _box_pools(cfg)
     if cfg.kind in TEXT_KINDS:
         where = "Rotten Tomatoes corpus" if cfg.kind == "rotten_tomatoes" else str(cfg.path)
         pool, classes = _text_pool(_table(cfg), cfg, where)

@@ -157,6 +157,7 @@ def provider_rows(task, path, cfg, feed: dict, latency_feed: dict) -> list[dict]
     from edgetl.runner import latency, session
 
     feed = model_inputs(feed)
+    params = task.decode_params(metadata=onnx_metadata(path))
     ref = session(path, cfg.threads, ["cpu"]).run(None, feed)[0]
     rows = []
     for provider in verify_providers(cfg):
@@ -169,7 +170,7 @@ def provider_rows(task, path, cfg, feed: dict, latency_feed: dict) -> list[dict]
                 "p50_ms": lat["p50_ms"],
                 "p90_ms": lat["p90_ms"],
                 "max_abs_diff_vs_cpu": float(np.abs(got - ref).max()),
-                "agreement_vs_cpu": task.agreement(task.decode(got, feed), task.decode(ref, feed)),
+                "agreement_vs_cpu": task.agreement(task.decode(got, feed, params), task.decode(ref, feed, params)),
             }
         )
     return rows

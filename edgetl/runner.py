@@ -7,6 +7,7 @@ preprocessing a device applies is byte-for-byte the one edgetl verified accuracy
 
     python runner.py BUNDLE_DIR predict IMAGE [IMAGE ...] [--top-k 3] [--json]  (text bundles: TEXT [TEXT ...];
                                                                           sentence pairs: 'FIRST<TAB>SECOND')
+    python runner.py BUNDLE_DIR predict IMAGE ... [--min-score 0.3] [--draw out.png]   (detection bundles)
     python runner.py BUNDLE_DIR verify [--json]     the golden set's outputs on this machine: PASS (exit 0) / FAIL (1)
     python runner.py BUNDLE_DIR bench [--batch 1] [--threads 1] [--seq 128] [--runs 200] [--warmup 20]
                                       [--model model.onnx] [--providers cpu] [--json]
@@ -124,15 +125,19 @@ _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL.Ima
 
 
 def prepare(image, pre: dict) -> np.ndarray:
-    """PIL image -> uint8 HWC array of the model's crop size (RGB)."""
+    """PIL image -> uint8 HWC array of the model's crop size (RGB): the shorter side resized, then a center crop;
+    ``fit: stretch`` resizes the whole image to crop x crop instead."""
     image = image.convert("RGB")
+    resample = _RESAMPLE.get(pre.get("interpolation", "bilinear"), 2)
+    if pre.get("fit") == "stretch":  # detection: the whole image at the model's size, boxes scale with it
+        return np.asarray(image.resize((pre["crop"], pre["crop"]), resample=resample), dtype=np.uint8)
     w, h = image.size
     short = pre["resize"]
     if w <= h:
         nw, nh = short, max(1, round(h * short / w))
     else:
         nw, nh = max(1, round(w * short / h)), short
-    image = image.resize((nw, nh), resample=_RESAMPLE.get(pre.get("interpolation", "bilinear"), 2))
+    image = image.resize((nw, nh), resample=resample)
     c = pre["crop"]
     left, top = (nw - c) // 2, (nh - c) // 2
     image = image.crop((left, top, left + c, top + c))
@@ -221,6 +226,62 @@ def viterbi(emissions: np.ndarray, start: np.ndarray, end: np.ndarray, transitio
     for b in reversed(back):
         path.append(int(b[path[-1]]))
     return np.asarray(path[::-1], np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# detection: the head's raw outputs per anchor -> boxes (torchvision SSD's BoxCoder and postprocess_detections)
+
+BOX_CLIP = float(np.log(1000.0 / 16))  # torchvision's cap on the predicted log width / height scale
+
+
+def decode_boxes(deltas: np.ndarray, anchors: np.ndarray, weights=(10.0, 10.0, 5.0, 5.0)) -> np.ndarray:
+    """Box deltas [A, 4] relative to ``anchors`` [A, 4] (xyxy) -> boxes xyxy."""
+    w, h = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    cx, cy = anchors[:, 0] + 0.5 * w, anchors[:, 1] + 0.5 * h
+    dx, dy = deltas[:, 0] / weights[0], deltas[:, 1] / weights[1]
+    dw, dh = np.minimum(deltas[:, 2] / weights[2], BOX_CLIP), np.minimum(deltas[:, 3] / weights[3], BOX_CLIP)
+    px, py, pw, ph = dx * w + cx, dy * h + cy, np.exp(dw) * w, np.exp(dh) * h
+    return np.stack([px - 0.5 * pw, py - 0.5 * ph, px + 0.5 * pw, py + 0.5 * ph], 1)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int | None = None) -> np.ndarray:
+    """Greedy non-maximum suppression: indices of the kept boxes, highest score first (the first ``limit``)."""
+    order = np.argsort(-scores, kind="stable")
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep: list = []
+    while len(order) and (limit is None or len(keep) < limit):
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        lt, rb = np.maximum(boxes[i, :2], boxes[rest, :2]), np.minimum(boxes[i, 2:], boxes[rest, 2:])
+        inter = (rb - lt).clip(0).prod(1)
+        order = rest[inter / np.maximum(area[i] + area[rest] - inter, 1e-12) <= iou]
+    return np.asarray(keep, np.int64)
+
+
+def decode_detections(outputs: np.ndarray, params: dict) -> list[dict]:
+    """Raw head outputs [B, A, 4 + 1 + C] (box deltas, then logits with background first) -> per image boxes (xyxy
+    in model-input pixels), scores and class ids (0-based, background removed): per class a score threshold and the
+    top-k candidates, then NMS per class, the best ``max_det`` kept."""
+    anchors, size = np.asarray(params["anchors"], np.float32), float(params["size"])
+    out = []
+    for row in np.asarray(outputs, np.float32):
+        boxes = decode_boxes(row[:, :4], anchors).clip(0, size)
+        probs = softmax(row[:, 4:])
+        found_boxes, found_scores, found_labels = [], [], []
+        for c in range(1, probs.shape[1]):
+            score = probs[:, c]
+            idx = np.flatnonzero(score > params["score_thresh"])
+            idx = idx[np.argsort(-score[idx], kind="stable")][: int(params["topk"])]
+            (
+                found_boxes.append(boxes[idx]),
+                found_scores.append(score[idx]),
+                found_labels.append(np.full(len(idx), c - 1)),
+            )
+        b, s, lab = np.concatenate(found_boxes), np.concatenate(found_scores), np.concatenate(found_labels)
+        # per-class NMS in one pass: boxes of different classes are moved apart (torchvision's batched_nms)
+        keep = nms(b + (lab * (size + 1))[:, None], s, params["nms"], int(params["max_det"]))
+        out.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep].astype(np.int64)})
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -439,6 +500,34 @@ def check_preprocess(pre) -> dict:
     return pre
 
 
+def _open(path):
+    """An image file, decoded (a one-line BundleError for anything Pillow cannot read)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise BundleError(
+            f"cannot read image {path}: {type(e).__name__} (corrupt, not an image, or over Pillow's "
+            "decompression-bomb limit)"
+        ) from None
+
+
+def draw_boxes(path, result: dict, out) -> None:
+    """The image with its predicted boxes, labels and scores drawn, saved as PNG at ``out``."""
+    from PIL import ImageDraw
+
+    with _open(path) as im:
+        im = im.convert("RGB")
+    pen = ImageDraw.Draw(im)
+    for o in result["objects"]:
+        pen.rectangle(o["box"], outline=(255, 40, 40), width=max(1, round(min(im.size) / 160)))
+        pen.text((o["box"][0] + 2, o["box"][1] + 1), f"{o['label']} {o['score']:.2f}", fill=(255, 40, 40))
+    im.save(out, format="PNG")
+
+
 class Bundle:
     """A verified bundle, ready to predict."""
 
@@ -460,7 +549,7 @@ class Bundle:
             raise BundleError("labels.json must be a non-empty list of class names")
         tokenizer = self.preprocess.get("tokenizer", "tokenizer.json")
         needed = [tokenizer] if self.preprocess["kind"] == "text" else []
-        needed += [self.preprocess["crf"]] if self.preprocess.get("crf") else []
+        needed += [self.preprocess[k] for k in ("crf", "detection") if self.preprocess.get(k)]
         for name in needed:
             safe_name(self.path, name)
             if listed is not None and name not in listed:
@@ -472,6 +561,14 @@ class Bundle:
                 self.crf = {k: np.asarray(scores[k], np.float32) for k in ("start", "end", "transitions")}
             except (KeyError, TypeError, ValueError):
                 raise BundleError(f"{self.preprocess['crf']} is not a valid set of CRF scores") from None
+        self.detection = None
+        if self.preprocess.get("detection"):  # a detector's anchors and NMS settings
+            params = read_json(self.path / self.preprocess["detection"], "detection settings")
+            try:
+                self.detection = {**params, "anchors": np.asarray(params["anchors"], np.float32).reshape(-1, 4)}
+                float(params["size"]), float(params["score_thresh"]), float(params["nms"])
+            except (KeyError, TypeError, ValueError):
+                raise BundleError(f"{self.preprocess['detection']} is not a valid set of detection settings") from None
         model_path = safe_name(self.path, model)
         if not model_path.is_file():
             raise BundleError(
@@ -479,8 +576,9 @@ class Bundle:
             )
         self.session = open_session(model_path, threads, providers)
         width = self.session.get_outputs()[0].shape[-1]
-        if isinstance(width, int) and width != len(self.labels):
-            raise BundleError(f"labels.json names {len(self.labels)} classes but the model outputs {width}")
+        per_class = width - 5 if self.detection is not None else width  # detection: 4 box deltas + background
+        if isinstance(width, int) and per_class != len(self.labels):
+            raise BundleError(f"labels.json names {len(self.labels)} classes but the model outputs {per_class}")
         self.tokenizer = None
         if self.preprocess["kind"] == "text":
             try:
@@ -508,6 +606,8 @@ class Bundle:
         """Image files or texts, whichever this bundle takes (a token-classification bundle: entity spans)."""
         if self.preprocess.get("task") == "token_classification":
             return self.predict_entities(inputs)
+        if self.detection is not None:
+            return self.predict_boxes(inputs)
         return self.predict_texts(inputs, top_k) if self.tokenizer else self.predict_files(inputs, top_k)
 
     def predict_entities(self, texts: list[str]) -> list[dict]:
@@ -555,24 +655,36 @@ class Bundle:
             out.append({"text": text, "entities": ents})
         return out
 
+    def predict_boxes(self, files: list[str], min_score: float = 0.3) -> list[dict]:
+        """Objects in each image: boxes (x1, y1, x2, y2 in the image's own pixels), labels and scores, best first;
+        boxes scoring under ``min_score`` are left out."""
+        arrays, sizes = [], []
+        for f in files:
+            with _open(f) as im:
+                arrays.append(prepare(im, self.preprocess))
+                sizes.append(im.size)
+        found = decode_detections(self.logits_from_arrays(np.stack(arrays)), self.detection)
+        out = []
+        for f, (w, h), d in zip(files, sizes, found, strict=True):
+            scale = np.asarray([w, h, w, h], np.float32) / self.preprocess["crop"]
+            objects = [
+                {"label": self.labels[int(c)], "score": float(s), "box": [round(float(v), 1) for v in b * scale]}
+                for b, c, s in zip(d["boxes"], d["labels"], d["scores"], strict=True)
+                if s >= min_score
+            ]
+            out.append({"file": str(f), "width": w, "height": h, "objects": objects})
+        return out
+
     def logits_from_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC (already prepared) -> logits."""
         name = self.session.get_inputs()[0].name
         return self.session.run(None, {name: normalize(images, self.preprocess)})[0]
 
     def predict_files(self, files: list[str], top_k: int = 3) -> list[dict]:
-        from PIL import Image, UnidentifiedImageError
-
         arrays = []
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    arrays.append(prepare(im, self.preprocess))
-            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-                raise BundleError(
-                    f"cannot read image {f}: {type(e).__name__} (corrupt, not an image, or over "
-                    "Pillow's decompression-bomb limit)"
-                ) from None
+            with _open(f) as im:
+                arrays.append(prepare(im, self.preprocess))
         return self._top([str(f) for f in files], self.logits_from_arrays(np.stack(arrays)), top_k, "file")
 
     def verify_golden(self) -> dict:
@@ -635,7 +747,15 @@ def format_entities(result: dict) -> str:
     return f"{result['text']}\t{ents or '(no entities)'}"
 
 
+def format_objects(result: dict) -> str:
+    """One tab-separated line: the file, then each object as LABEL score [x1, y1, x2, y2]."""
+    objects = "  ".join(f"{o['label']} {o['score']:.3f} {o['box']}" for o in result["objects"])
+    return f"{result['file']}\t{objects or '(no objects)'}"
+
+
 def format_result(result: dict) -> str:
+    if "objects" in result:
+        return format_objects(result)
     return format_entities(result) if "entities" in result else format_top(result)
 
 
@@ -662,6 +782,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", metavar="INPUT")
     p.add_argument("--top-k", type=int, default=3, help="labels per input, best first (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON: [{file | text, top: [{label, prob}]}]")
+    p.add_argument("--min-score", type=float, default=0.3, help="detection: leave out boxes scoring less (0.3)")
+    p.add_argument(
+        "--draw", metavar="PATH", help="detection: save each image with its boxes (a .png for one image, else a folder)"
+    )
     v = sub.add_parser("verify", help="check this machine's outputs against the golden set built into the bundle")
     v.add_argument("--model", default="model.onnx", help="which model to check (default model.onnx)")
     v.add_argument("--json", action="store_true", help="print JSON instead of a line")
@@ -682,7 +806,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--warmup must be >= 0")
     try:
         if args.cmd == "predict":
-            results = Bundle(args.bundle).predict(args.images, args.top_k)
+            bundle = Bundle(args.bundle)
+            if bundle.detection is not None:
+                results = bundle.predict_boxes(args.images, args.min_score)
+                if args.draw:
+                    one = len(args.images) == 1 and args.draw.lower().endswith(".png")
+                    if not one:
+                        os.makedirs(args.draw, exist_ok=True)
+                    for f, r in zip(args.images, results, strict=True):
+                        draw_boxes(f, r, args.draw if one else Path(args.draw) / (Path(f).stem + ".boxes.png"))
+            else:
+                results = bundle.predict(args.images, args.top_k)
             print(json.dumps(results, indent=2) if args.json else "\n".join(format_result(r) for r in results))
         elif args.cmd == "verify":
             result = Bundle(args.bundle, model=args.model).verify_golden()

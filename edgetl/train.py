@@ -177,11 +177,12 @@ def evaluate(model, loader, task) -> dict:
         for x, y in loader:
             out = call(model, x)
             feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"input": x.numpy()}
-            feed.update(task.eval_extras(y.numpy()))
+            ys = y.numpy() if hasattr(y, "numpy") else y  # a tensor, or per-example targets (boxes)
+            feed.update(task.eval_extras(ys))
             loss += float(task.loss(out, y, model=model)) * len(y)
             total += len(y)
             preds.append(task.decode(out.numpy(), feed, params))
-            targets.append(task.batch_targets(y.numpy(), feed))
+            targets.append(task.batch_targets(ys, feed))
     metric = task.score(flatten(preds), flatten(targets)) if preds else task.score(np.zeros(0), np.zeros(0))
     return {"metric": metric, "loss": loss / max(total, 1)}
 

@@ -182,3 +182,67 @@ def ner_recipe(bert: Path, data: Path) -> dict:
         "quantize": {"method": "ptq", "require_speedup": False},
         "verify": {"runs": 5, "warmup": 2},
     }
+
+
+def write_digit_boxes(root: Path, n: int = 48, size: int = 64, seed: int = 0) -> Path:
+    """A tiny COCO detection set from sklearn digits 0, 1 and 7: one to two digits (8 px scaled to 16-24 px) per
+    canvas on a dark background, every fifth canvas empty. Returns the annotations file."""
+    import json
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    classes = [0, 1, 7]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        canvas = np.full((size, size), 20, np.uint8)
+        placed: list = []
+        for _ in range(0 if i % 5 == 4 else int(rng.integers(1, 3))):
+            c = int(rng.integers(len(classes)))
+            pool = np.flatnonzero(digits.target == classes[c])
+            side = int(rng.integers(16, 25))
+            item = Image.fromarray((digits.images[rng.choice(pool)] * 15.9).astype(np.uint8)).resize((side, side))
+            for _ in range(20):  # a free spot
+                x, y = (int(v) for v in rng.integers(0, size - side, 2))
+                if all(x + side <= a or a + s <= x or y + side <= b or b + s <= y for a, b, s in placed):
+                    break
+            else:
+                continue
+            placed.append((x, y, side))
+            canvas[y : y + side, x : x + side] = np.maximum(canvas[y : y + side, x : x + side], np.asarray(item))
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": c + 1,
+                    "bbox": [x, y, side, side],
+                    "area": side * side,
+                    "iscrowd": 0,
+                }
+            )
+        name = f"{i:03d}.png"
+        Image.fromarray(canvas).save(root / "images" / name)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+    categories = [{"id": k + 1, "name": f"digit{c}"} for k, c in enumerate(classes)]
+    path = root / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return path
+
+
+def detection_recipe(annotations: Path, size: int = 64) -> dict:
+    """A random-init MobileNetV2 SSDLite on ``write_digit_boxes``: every stage once, tiny budgets."""
+    return {
+        "name": "tinydet",
+        "seed": 0,
+        "task": {"kind": "detection"},
+        "backbone": {"name": "torchvision:mobilenet_v2", "pretrained": False, "input_size": size},
+        "data": {"kind": "coco", "path": str(annotations), "batch_size": 16},
+        "finetune": {"strategy": "full", "epochs": 1, "lr": 0.003},
+        "prune": {"ratio": 0.25, "steps": 1, "recovery_epochs": 1},
+        "distill": {"epochs": 1},
+        "quantize": {"method": "ptq", "calibration_size": 16, "float_leading_convs": 0},
+        "verify": {"runs": 5, "warmup": 2},
+    }

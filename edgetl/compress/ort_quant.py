@@ -34,10 +34,12 @@ def quantize_onnx(
     reduce_range: bool,
     op_types: tuple[str, ...] | None = None,
     float_leading: int = 0,
+    float_tail: bool = False,
 ) -> Path:
     """ORT static quantization of ``src`` into QDQ ``dst``, calibrated on the ``calib`` feeds, with the first
-    ``float_leading`` Convs left FP32; with ``calib`` None, ORT dynamic quantization (int8 weights, activations
-    quantized at run time: transformers)."""
+    ``float_leading`` Convs left FP32 (and with ``float_tail`` everything after the last compute ops: a detector's
+    reshapes and concatenation of box deltas and class logits); with ``calib`` None, ORT dynamic quantization (int8
+    weights, activations quantized at run time: transformers)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -89,7 +91,7 @@ def quantize_onnx(
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=method,
-                    nodes_to_exclude=_float_nodes(pre, float_leading),
+                    nodes_to_exclude=_float_nodes(pre, float_leading, float_tail),
                     extra_options={"ActivationSymmetric": False},
                 )
         finally:
@@ -98,7 +100,10 @@ def quantize_onnx(
     return dst
 
 
-def _float_nodes(path: Path, float_leading_convs: int = 0) -> list[str]:
+COMPUTE = ("Conv", "MatMul", "Gemm", "ConvTranspose")
+
+
+def _float_nodes(path: Path, float_leading_convs: int = 0, float_tail: bool = False) -> list[str]:
     """Nodes the static quantizer must leave in float:
 
     - the shape arithmetic (Shape -> Gather/Div/Ceil/Sub/Mul/Concat -> Cast -> Pad pads) that timm's dynamic
@@ -106,7 +111,10 @@ def _float_nodes(path: Path, float_leading_convs: int = 0) -> list[str]:
       comes back as 0.99..., the Cast to int64 truncates it to 0 and every stride-2 conv then sees a shifted,
       smaller feature map (24x24 -> 22x22, 6x6 -> 4x4 on EfficientNet-Lite0 at 96 px: 87% -> 50%);
     - the first ``float_leading_convs`` Convs (``quantize.float_leading_convs``): where a noise-sensitive
-      network amplifies quantization noise the most; at full resolution they are cheap in FP32."""
+      network amplifies quantization noise the most; at full resolution they are cheap in FP32;
+    - with ``float_tail``, every node between the last compute ops (Conv, MatMul) and the graph outputs: one shared
+      uint8 scale over box deltas and logits is how INT8 detectors end up with no confident box (onnxruntime
+      #14233); the compute stays INT8, the reshapes and the concatenation stay exact."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -121,6 +129,16 @@ def _float_nodes(path: Path, float_leading_convs: int = 0) -> list[str]:
             shape_derived.update(node.output)
             names.append(node.name)
     names += [n.name for n in graph.node if n.op_type == "Conv"][:float_leading_convs]
+    if float_tail:
+        producer = {o: n for n in graph.node for o in n.output}
+        todo, seen = [o.name for o in graph.output], set()
+        while todo:  # back from the outputs, stopping at compute ops
+            node = producer.get(todo.pop())
+            if node is None or node.op_type in COMPUTE or id(node) in seen:
+                continue
+            seen.add(id(node))
+            names.append(node.name)
+            todo += [i for i in node.input if i]
     return [n for n in names if n]
 
 

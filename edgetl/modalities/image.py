@@ -28,11 +28,21 @@ class Image:
         from edgetl.data import Split
 
         quiet = len(idx) < 2000 or not sys.stderr.isatty()
-        arrays = [
-            prepare(pool.load(pool.items[i]), self.pre)
-            for i in tqdm(idx, desc=f"decode {desc}", leave=False, disable=quiet)
-        ]
-        return Split(labels=pool.labels[idx], images=np.stack(arrays))
+        arrays, targets = [], []
+        for i in tqdm(idx, desc=f"decode {desc}", leave=False, disable=quiet):
+            image = pool.load(pool.items[i])
+            arrays.append(prepare(image, self.pre))
+            if pool.targets is not None:  # boxes follow the image to the model's input size
+                targets.append(self.scaled(pool.targets[i], image.size))
+        return Split(
+            labels=pool.labels[idx], images=np.stack(arrays), targets=targets if pool.targets is not None else None
+        )
+
+    def scaled(self, target: dict, size: tuple[int, int]) -> dict:
+        """Boxes in an image of ``size`` (w, h) -> boxes in the prepared image (``fit: stretch``)."""
+        c = self.pre["crop"]
+        scale = np.asarray([c / size[0], c / size[1]] * 2, np.float32)
+        return {"boxes": np.asarray(target["boxes"], np.float32) * scale, "labels": np.asarray(target["labels"])}
 
     def spare_items(self, train, idx, unlabelled) -> tuple[list, object]:
         """Training-pool examples ``idx`` and unlabelled ones as (items, loader) of one pool."""
@@ -41,8 +51,8 @@ class Image:
         return items, lambda item: item[0](item[1])
 
     def targets(self, split, batch: int = 64):
-        """What ``feeds(split)`` predictions are scored against, in order: the class ids."""
-        return split.labels
+        """What ``feeds(split)`` predictions are scored against, in order: the class ids (detection: the boxes)."""
+        return split.targets if split.targets is not None else split.labels
 
     def decoded_bytes(self, n: int) -> int:
         return n * self.pre["crop"] * self.pre["crop"] * 3
@@ -77,7 +87,52 @@ class Image:
         c = self.pre["crop"]
         return torch.randn(1, 3, c, c), {"input": np.zeros((1, 3, c, c), np.float32)}
 
+    def box_loader(self, split, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):
+        """Images with their boxes: (normalised batch, list of {"boxes", "labels"} tensors). Training augments
+        with torchvision v2's box-aware ops (``tv_tensors.BoundingBoxes``): photometric distortion, SSD's random
+        IoU crop resized back to the input, horizontal flip; boxes left too small are dropped."""
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        pre, c = self.pre, self.pre["crop"]
+        g = torch.Generator().manual_seed(seed)
+        mean, std = torch.tensor(pre["mean"]).view(3, 1, 1), torch.tensor(pre["std"]).view(3, 1, 1)
+        photometric = v2.RandomPhotometricDistort(p=0.5)
+        crop = v2.Compose([v2.RandomIoUCrop(), v2.Resize((c, c), antialias=True)])
+        flip = v2.RandomHorizontalFlip()
+        sanitize = v2.SanitizeBoundingBoxes(min_size=2.0)
+
+        class _Boxes(Dataset):
+            def __len__(self):
+                return len(split)
+
+            def __getitem__(self, i):
+                x = tv_tensors.Image(torch.from_numpy(split.images[i]).permute(2, 0, 1))
+                t = split.targets[i]
+                boxes = tv_tensors.BoundingBoxes(torch.as_tensor(t["boxes"]), format="XYXY", canvas_size=(c, c))
+                target = {"boxes": boxes, "labels": torch.as_tensor(t["labels"], dtype=torch.int64)}
+                if augment is not None:
+                    x = photometric(x)
+                    if augment.random_resized_crop and len(boxes):
+                        x, target = crop(x, target)
+                    if augment.hflip:
+                        x, target = flip(x, target)
+                    x, target = sanitize(x, target)
+                target = {"boxes": target["boxes"].as_subclass(torch.Tensor).float(), "labels": target["labels"]}
+                return (x.as_subclass(torch.Tensor).float() / 255.0 - mean) / std, target
+
+        def collate(batch):
+            return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+        return DataLoader(
+            _Boxes(), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0, collate_fn=collate
+        )
+
     def loader(self, split, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):
+        if split.targets is not None:
+            return self.box_loader(split, batch_size, augment, shuffle, seed)
         import torch
         from torch.utils.data import DataLoader, Dataset
         from torchvision.transforms import v2

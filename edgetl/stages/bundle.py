@@ -114,10 +114,11 @@ def run(state: State, recipe: Recipe) -> State:
     state = state.replace(onnx=onnx, metrics={**state.metrics, "bundle": bundle})
     (out / "labels.json").write_text(json.dumps(state.data.classes, indent=2))
     pre = {**state.modality.bundle_preprocess(recipe.data), "task": state.task.name}  # the runner post-processes
-    crf = onnx_metadata(out / "model.onnx").get("edgetl.crf")
-    if crf:  # the shipped model's CRF scores, for runtimes that do not read ONNX metadata (Node)
-        (out / "crf.json").write_text(crf)
-        pre["crf"] = "crf.json"
+    # what the runtime decodes with (a CRF's scores, a detector's anchors), for runtimes that do not read ONNX
+    # metadata (Node): preprocess.json names each file
+    for key, (name, text) in state.task.bundle_files(onnx_metadata(out / "model.onnx")).items():
+        (out / name).write_text(text)
+        pre[key] = name
     (out / "preprocess.json").write_text(json.dumps(pre, indent=2))
     lock = {"recipe": recipe_to_dict(recipe), "versions": versions()}
     (out / "recipe.lock.yaml").write_text(yaml.safe_dump(lock, sort_keys=False))

@@ -105,7 +105,13 @@ def _placements(
     paths, built = {"": base_path}, {}
     for tag, fl_n, rr in variants:
         paths[tag] = quantize_onnx(
-            src, state.workdir / f"model.{role}-{tag.replace('_', '-')}.onnx", calib, cfg, rr, float_leading=fl_n
+            src,
+            state.workdir / f"model.{role}-{tag.replace('_', '-')}.onnx",
+            calib,
+            cfg,
+            rr,
+            float_leading=fl_n,
+            float_tail=state.task.float_tail,
         )
         built[tag] = Variant(tag, score(ort_metric(state.task, paths[tag], *val)), fl_n, not rr)
     kept, notes = pick_placement(
@@ -146,7 +152,15 @@ def run(state: State, recipe: Recipe) -> State:
     onnx, models, notes = dict(state.onnx), dict(state.models), []
     float_src = {"ptq": src}  # the FP32 ONNX each INT8 candidate was quantized from
     leading = 0 if cfg.float_leading_convs == "auto" else cfg.float_leading_convs
-    ptq = quantize_onnx(src, state.workdir / "model.ptq.onnx", calib, cfg, reduce_range, float_leading=leading)
+    ptq = quantize_onnx(
+        src,
+        state.workdir / "model.ptq.onnx",
+        calib,
+        cfg,
+        reduce_range,
+        float_leading=leading,
+        float_tail=task.float_tail,
+    )
     onnx["ptq"], models["ptq"] = ptq.name, state.backbone.model
     candidates = {"ptq": score(ort_metric(task, ptq, *val))}
     history = None
@@ -173,7 +187,13 @@ def run(state: State, recipe: Recipe) -> State:
             )
             float_src["qat"] = qat_fp32
             qat_path = quantize_onnx(
-                qat_fp32, state.workdir / "model.qat.onnx", calib, cfg, reduce_range, float_leading=leading
+                qat_fp32,
+                state.workdir / "model.qat.onnx",
+                calib,
+                cfg,
+                reduce_range,
+                float_leading=leading,
+                float_tail=task.float_tail,
             )
             onnx["qat"], models["qat"] = qat_path.name, qat_model
             candidates["qat"] = score(ort_metric(task, qat_path, *val))

@@ -93,7 +93,8 @@ def run(state: State, recipe: Recipe) -> State:
     examples = []
     if task.n_examples:  # a few test examples with the shipped model's predictions, for the report
         preds = ort_predictions(task, state.workdir / ship_row["file"], batches, cfg.threads)
-        examples = task.examples(state.data.test.texts or [], preds, targets, task.n_examples)
+        test = state.data.test
+        examples = task.examples(test.texts if test.texts is not None else test.images, preds, targets, task.n_examples)
     for r in rows:
         print(
             f"  {r['stage']:>9}: {r['metric']} torch {r['metric_torch']:.2f} ort {r['metric_ort']:.2f}  "

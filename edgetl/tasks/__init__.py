@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edgetl.errors import EdgetlError
 
-KINDS = ("classification", "token_classification")  # detection and seq2seq follow the same protocol
+KINDS = ("classification", "token_classification", "detection")  # seq2seq follows the same protocol
 
 
 def create_task(kind: str, classes: list[str], cfg=None):
@@ -17,6 +17,10 @@ def create_task(kind: str, classes: list[str], cfg=None):
         from edgetl.tasks.token_classification import TokenClassification
 
         return TokenClassification(classes, crf=bool(getattr(cfg, "crf", False)))
+    if kind == "detection":
+        from edgetl.tasks.detection import Detection
+
+        return Detection(classes, detector=getattr(cfg, "detector", "ssdlite"))
     raise EdgetlError(f"task.kind '{kind}' is not implemented (known: {', '.join(KINDS)})")
 
 

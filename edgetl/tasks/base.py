@@ -64,6 +64,7 @@ class Task(Protocol):
     num_outputs: int  # width of the head (classes, tags); libraries that build their own head take it
     hf_auto_class: str  # transformers Auto class for hf: backbones
     optimum_task: str  # optimum's exporter task name
+    float_tail: bool  # INT8 leaves every node after the last Conv / MatMul in float (a detector's raw outputs)
 
     def head(self, in_features: int) -> Any:
         """The new torch head on top of a pretrained trunk's features."""
@@ -81,6 +82,10 @@ class Task(Protocol):
 
     def decode(self, outputs: np.ndarray, feed: dict | None = None):
         """Predictions for one batch of raw outputs (``feed``: the inputs that made them, e.g. attention masks)."""
+
+    def bundle_files(self, metadata: dict) -> dict:
+        """Files the runtime decodes with, from the shipped ONNX file's metadata: preprocess.json key -> (file name,
+        text), e.g. a CRF's scores or a detector's anchors (for runtimes that do not read ONNX metadata)."""
 
     def batch_targets(self, targets: np.ndarray, feed: dict):
         """A loader's batch of targets as per-example targets (e.g. padded token labels trimmed to real length)."""

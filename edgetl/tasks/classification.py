@@ -40,6 +40,7 @@ class Classification:
     higher_is_better = True
     output_names = ("logits",)
     hf_auto_class = "AutoModelForSequenceClassification"
+    float_tail = False  # INT8: leave the nodes after the last Conv / MatMul in float (quantize_onnx)
     optimum_task = "text-classification"
 
     def __init__(self, classes: list[str]):
@@ -72,6 +73,9 @@ class Classification:
 
     def export_metadata(self, model) -> dict:
         return {}
+
+    def bundle_files(self, metadata: dict) -> dict:
+        return {}  # softmax needs nothing beside the model
 
     def eval_extras(self, targets: np.ndarray) -> dict:
         return {}

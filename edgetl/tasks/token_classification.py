@@ -27,6 +27,7 @@ class TokenClassification:
     higher_is_better = True
     output_names = ("logits",)
     hf_auto_class = "AutoModelForTokenClassification"
+    float_tail = False  # INT8: leave the nodes after the last Conv / MatMul in float (quantize_onnx)
     optimum_task = "token-classification"
     words = True  # examples are word lists (the text modality aligns word tags to tokens)
 
@@ -128,6 +129,10 @@ class TokenClassification:
 
         params = self.decode_params(model=model)
         return {"edgetl.crf": json.dumps({k: v.tolist() for k, v in params.items()})} if params else {}
+
+    def bundle_files(self, metadata: dict) -> dict:
+        """Side files for runtimes that do not read ONNX metadata (Node): preprocess key -> (file name, text)."""
+        return {"crf": ("crf.json", metadata["edgetl.crf"])} if "edgetl.crf" in metadata else {}
 
     def eval_extras(self, targets: np.ndarray) -> dict:
         """What decoding a loader batch needs beyond its inputs: which tokens start a word (they carry a tag)."""

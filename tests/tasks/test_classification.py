@@ -65,8 +65,9 @@ def test_head_losses_and_output_check(task):
 
 
 def test_registry_and_report_sections():
-    with pytest.raises(EdgetlError, match="task.kind 'detection' is not implemented"):
-        create_task("detection", [])
+    with pytest.raises(EdgetlError, match="task.kind 'seq2seq' is not implemented"):
+        create_task("seq2seq", [])
+    assert [t for t, _ in report_sections("detection")][0] == "Average precision per class"
     titles = [t for t, _ in report_sections("classification")]
     assert "Confusion matrix (shipped model)" in titles
     assert report_sections(None) == report_sections("classification")  # older reports: classification
