@@ -10,10 +10,12 @@ Text (minilm; minilm_ner: the NER demo, entity F1): the demo bundle (built here,
 then ORT FP32 | optimum ORTQuantizer dynamic INT8 of the same FP32 model (the peer default, AutoQuantizationConfig
 for this CPU) | edgetl's shipped INT8, at batch 1 with sequences padded to 32 and to 128 tokens, the task's metric
 on the bundle's test split.
+Detection (ssdlite: the detection demo's bundle, --det-bundle): PyTorch eager FP32 | ORT FP32 | ORT quantize_static
+defaults | edgetl INT8 of the fine-tuned detector | the bundle's pruned + distilled + INT8, COCO mAP on its test split.
 All variants are timed interleaved in chunks of 10 runs (noise hits them alike); ratios are p50(ORT FP32) /
 p50(variant). 1 thread is the headline, 2 threads beside it.
 
-    .venv/bin/python benchmarks/compression.py [--backbones mobilenet_v2,lite0,minilm,minilm_ner] [--runs 300]
+    .venv/bin/python benchmarks/compression.py [--backbones mobilenet_v2,lite0,minilm,minilm_ner,ssdlite] [--runs 300]
     .venv/bin/python benchmarks/compression.py --backbones mobilenet_v2 --b-only --prune-targets 0.26,0.30
 (the second: one fine-tune, then branch B once per MACs target, without branch A / ORT's default PTQ; --a-only
 skips branch B)
@@ -265,6 +267,56 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None, key: str = "m
     return out
 
 
+def bench_detection(runs: int, bundle: Path) -> list[dict]:
+    """Detection rows on the detection demo's bundle (``make demo-detect``): COCO mAP on its test split and batch-1
+    latency of ORT FP32 (the fine-tuned detector), ORT quantize_static with its defaults on it, edgetl's INT8 of it
+    (quantize_onnx, the box / score tail float, calibrated on the same images), the bundle's pruned + distilled +
+    INT8, and PyTorch eager FP32 of the same architecture (latency only: the bundle holds no torch weights; its mAP
+    is ORT FP32's within the export parity the build checked)."""
+    import torch
+    import yaml
+
+    from edgetl.compress.ort_quant import quantize_onnx
+    from edgetl.config import QuantizeCfg, recipe_from_dict
+    from edgetl.measure import ort_metric
+    from edgetl.runner import interleaved_latency, session
+    from edgetl.stages import load
+    from edgetl.state import State
+
+    work = Path(tempfile.mkdtemp(prefix="bench-detect-"))
+    WORKDIRS.append(work)
+    recipe = recipe_from_dict(yaml.safe_load((bundle / "recipe.lock.yaml").read_text())["recipe"])
+    state = load.run(State(recipe=recipe, workdir=work), recipe)  # the same split, the same anchors
+    mod, task = state.modality, state.task
+    calib = mod.calibration(state.data.train, recipe.quantize.calibration_size if recipe.quantize else 128)
+    fp32 = bundle / "model.fp32.onnx"
+    shipped = json.loads((bundle / "report.json").read_text())["metrics"]["quantize"]["chosen"]
+    variants = {
+        "ORT FP32": fp32,
+        "ORT quantize_static (defaults)": ort_default_ptq(
+            fp32, work / "ort_default.onnx", np.concatenate([f["input"] for f in calib])
+        ),
+        "edgetl INT8 (not pruned)": quantize_onnx(
+            fp32, work / "edgetl_int8.onnx", calib, QuantizeCfg(), reduce_range=False, float_tail=True
+        ),
+        f"edgetl pruned + distilled + INT8 bundle ({shipped})": bundle / "model.onnx",
+    }
+    test, y = mod.feeds(state.data.test), mod.targets(state.data.test)
+    rows = {"PyTorch eager FP32": {"acc": None, "size_mb": None}}
+    for name, path in variants.items():
+        rows[name] = {"acc": ort_metric(task, path, test, y).value, "size_mb": path.stat().st_size / 1e6}
+    model = state.backbone.model.eval()  # the unpruned architecture, for eager latency
+    feed = mod.latency_feed(state.data.test)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        sessions = {"PyTorch eager FP32": TorchSession(model), **{n: session(p, threads) for n, p in variants.items()}}
+        lat = interleaved_latency(sessions, feed, runs=runs, warmup=20)
+        for name in sessions:
+            rows[name][f"p50_ms_{threads}t"] = lat[name]["p50_ms"]
+            rows[name][f"speedup_{threads}t"] = lat["ORT FP32"]["p50_ms"] / lat[name]["p50_ms"]
+    return [{"backbone": "ssdlite_mobilenet_v2 (mAP)", "variant": n, **r} for n, r in rows.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbones", default="mobilenet_v2,lite0,minilm")
@@ -294,6 +346,12 @@ def main() -> None:
         "--ner-bundle", type=Path, default=None, help="measure this NER bundle (minilm_ner) instead of building one"
     )
     ap.add_argument(
+        "--det-bundle",
+        type=Path,
+        default=ROOT / "artifacts" / "ssdlite_mobilenet_v2_fmnist",
+        help="detection rows (--backbones ssdlite) on this bundle (make demo-detect builds it)",
+    )
+    ap.add_argument(
         "--text-bundle",
         type=Path,
         default=None,
@@ -307,22 +365,25 @@ def main() -> None:
     t0 = time.time()
     rows = []
     for key in args.backbones.split(","):
-        if key in TEXT_RECIPES:
+        if key == "ssdlite":
+            rows += bench_detection(args.runs, args.det_bundle)
+        elif key in TEXT_RECIPES:
             rows += bench_text(args.runs, args.quick, args.text_bundle if key == "minilm" else args.ner_bundle, key)
         else:
             targets = [float(t) for t in args.prune_targets.split(",")] if args.prune_targets else None
             rows += bench_backbone(key, args.runs, args.quick, args.overrides, targets, args.b_only, args.a_only)
     print(f"\ndevice: {json.dumps(device_info())}  ({time.time() - t0:.0f} s)")
     print(
-        "| backbone | variant | test metric (acc / entity F1) | Δ vs ORT FP32 | p50 1 thread | speedup 1t | "
+        "| backbone | variant | test metric (acc / entity F1 / mAP) | Δ vs ORT FP32 | p50 1 thread | speedup 1t | "
         "p50 2 threads | speedup 2t | size MB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(x for x in rows if x["backbone"] == r["backbone"] and x["variant"] == "ORT FP32")
         size = f"{r['size_mb']:.2f}" if r["size_mb"] else "-"
+        metric = f"{r['acc']:.1f}% | {r['acc'] - ref['acc']:+.1f}" if r["acc"] is not None else "- | -"
         print(
-            f"| {r['backbone']} | {r['variant']} | {r['acc']:.1f}% | {r['acc'] - ref['acc']:+.1f} | "
+            f"| {r['backbone']} | {r['variant']} | {metric} | "
             f"{r['p50_ms_1t']:.2f} ms | {r['speedup_1t']:.2f}x | {r['p50_ms_2t']:.2f} ms | {r['speedup_2t']:.2f}x | "
             f"{size} |"
         )

@@ -206,16 +206,20 @@ def bench(
 @click.argument("images", nargs=-1, required=True, metavar="INPUTS...")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Labels per input, best first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--min-score", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Detection: boxes scoring less."
+)
 @friendly
-def predict(bundle: str, images: tuple[str, ...], top_k: int, as_json: bool) -> None:
-    """Top-k labels for image files (or texts, for a text bundle; 'FIRST<TAB>SECOND' for a sentence-pair bundle)
-    using only the BUNDLE's files.
+def predict(bundle: str, images: tuple[str, ...], top_k: int, as_json: bool, min_score: float) -> None:
+    """Top-k labels for image files (or texts, for a text bundle; 'FIRST<TAB>SECOND' for a sentence-pair bundle),
+    entities for a NER bundle, boxes for a detection bundle, using only the BUNDLE's files.
 
     The manifest is checked first. Example: edgetl predict artifacts/minilm_rotten_tomatoes "a warm, funny film"
     """
     from edgetl.runner import Bundle, format_result
 
-    results = Bundle(bundle).predict(list(images), top_k)
+    b = Bundle(bundle)
+    results = b.predict_boxes(list(images), min_score) if b.detection is not None else b.predict(list(images), top_k)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

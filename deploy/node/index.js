@@ -133,7 +133,14 @@ async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx'
     }
     crf = readJson(safeName(dir, preprocess.crf), 'CRF scores');
   }
-  return { dir, labels, preprocess, session, ort, tokenizer, crf };
+  let detection = null; // a detector's anchors and NMS settings (runner.py decode_detections)
+  if (preprocess.detection) {
+    if (manifest && !(preprocess.detection in manifest.files)) {
+      throw new BundleError(`manifest.json does not list ${preprocess.detection}: incomplete or tampered bundle`);
+    }
+    detection = readJson(safeName(dir, preprocess.detection), 'detection settings');
+  }
+  return { dir, labels, preprocess, session, ort, tokenizer, crf, detection };
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -295,6 +302,11 @@ function resize(rgb, w, h, nw, nh, interpolation) {
   const filter = FILTERS[interpolation];
   if (!filter) throw new BundleError(`interpolation ${interpolation} is not supported here (bilinear, bicubic)`);
   let img = rgb;
+  // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice what the width does
+  if (h - nh > 0 && h - nh > (w - nw) * 2) {
+    img = resamplePass(img, w, h, nh, filter, false);
+    return nw !== w ? resamplePass(img, w, nh, nw, filter, true) : img;
+  }
   if (nw !== w) img = resamplePass(img, w, h, nw, filter, true);
   if (nh !== h) img = resamplePass(img, nw, h, nh, filter, false);
   return img;
@@ -309,6 +321,7 @@ function pyRound(x) {
 
 /** RGB uint8 HWC of any size -> uint8 HWC crop x crop: runner.py prepare() (shorter side to `resize`, center crop). */
 function prepare(rgb, w, h, pre) {
+  if (pre.fit === 'stretch') return resize(rgb, w, h, pre.crop, pre.crop, pre.interpolation || 'bilinear'); // detection
   const short = pre.resize;
   const [nw, nh] = w <= h
     ? [short, Math.max(1, pyRound((h * short) / w))]
@@ -389,7 +402,7 @@ async function logits(bundle, images) {
   images.forEach((u8, i) => x.set(normalize(u8, bundle.preprocess), i * size));
   const feeds = { [bundle.session.inputNames[0]]: new bundle.ort.Tensor('float32', x, [images.length, 3, c, c]) };
   const out = (await bundle.session.run(feeds))[bundle.session.outputNames[0]];
-  const n = out.dims[out.dims.length - 1];
+  const n = out.data.length / images.length; // classes, or anchors x (4 + 1 + classes) for a detector
   return images.map((_, i) => out.data.slice(i * n, (i + 1) * n));
 }
 
@@ -489,9 +502,88 @@ async function predictEntities(bundle, texts) {
   });
 }
 
+// detection: raw head outputs per anchor -> boxes, as runner.py decode_detections (torchvision SSD's BoxCoder and
+// postprocess: per-class score threshold and top-k, NMS per class, the best max_det kept)
+const BOX_CLIP = Math.log(1000 / 16);
+
+/** Greedy NMS over boxes [[x1, y1, x2, y2]] with scores: kept indices, best first (runner.py nms). */
+function nms(boxes, scores, iou, limit = Infinity) {
+  let order = scores.map((_, i) => i).sort((a, b) => scores[b] - scores[a] || a - b);
+  const area = boxes.map((b) => (b[2] - b[0]) * (b[3] - b[1]));
+  const keep = [];
+  while (order.length && keep.length < limit) {
+    const [i, ...rest] = order;
+    keep.push(i);
+    order = rest.filter((j) => {
+      const w = Math.max(0, Math.min(boxes[i][2], boxes[j][2]) - Math.max(boxes[i][0], boxes[j][0]));
+      const h = Math.max(0, Math.min(boxes[i][3], boxes[j][3]) - Math.max(boxes[i][1], boxes[j][1]));
+      return (w * h) / Math.max(area[i] + area[j] - w * h, 1e-12) <= iou;
+    });
+  }
+  return keep;
+}
+
+/** One image's raw outputs (Float32Array [anchors * (4 + 1 + classes)]) -> {boxes, scores, labels}. */
+function decodeDetections(row, params) {
+  const { anchors, size } = params;
+  const width = row.length / anchors.length;
+  const [cands, found, scores, labels] = [[], [], [], []];
+  const perClass = Array.from({ length: width - 5 }, () => []);
+  const boxes = anchors.map((a, k) => {
+    const o = k * width;
+    const [w, h] = [a[2] - a[0], a[3] - a[1]];
+    const [cx, cy] = [a[0] + 0.5 * w, a[1] + 0.5 * h];
+    const [dx, dy] = [row[o] / 10, row[o + 1] / 10];
+    const [dw, dh] = [Math.min(row[o + 2] / 5, BOX_CLIP), Math.min(row[o + 3] / 5, BOX_CLIP)];
+    const [px, py, pw, ph] = [dx * w + cx, dy * h + cy, Math.exp(dw) * w, Math.exp(dh) * h];
+    const p = softmax(row.subarray(o + 4, o + width));
+    p.slice(1).forEach((v, c) => { if (v > params.score_thresh) perClass[c].push([v, k]); });
+    return [px - 0.5 * pw, py - 0.5 * ph, px + 0.5 * pw, py + 0.5 * ph].map((v) => Math.min(Math.max(v, 0), size));
+  });
+  perClass.forEach((hits, c) => {
+    hits.sort((x, y) => y[0] - x[0] || x[1] - y[1]);
+    for (const [v, k] of hits.slice(0, params.topk)) {
+      cands.push(boxes[k].map((x) => x + c * (size + 1))); // classes moved apart: NMS per class in one pass
+      found.push(boxes[k]);
+      scores.push(v);
+      labels.push(c);
+    }
+  });
+  const keep = nms(cands, scores, params.nms, params.max_det);
+  return {
+    boxes: keep.map((i) => found[i]),
+    scores: keep.map((i) => scores[i]),
+    labels: keep.map((i) => labels[i]),
+  };
+}
+
+/** Objects in image files (detection bundles), as runner.py predict_boxes: boxes in the image's own pixels. */
+async function predictBoxes(bundle, files, minScore = 0.3) {
+  const c = bundle.preprocess.crop;
+  const images = [];
+  const sizes = [];
+  for (const f of files) {
+    if (!fs.existsSync(f)) throw new BundleError(`no such file: ${f}`);
+    const { rgb, width, height } = readPng(f);
+    images.push(prepare(rgb, width, height, bundle.preprocess));
+    sizes.push([width, height]);
+  }
+  const rows = await logits(bundle, images);
+  return files.map((file, i) => {
+    const d = decodeDetections(rows[i], bundle.detection);
+    const [w, h] = sizes[i];
+    const scale = [w / c, h / c, w / c, h / c];
+    const objects = d.boxes.map((b, k) => ({
+      label: bundle.labels[d.labels[k]], score: d.scores[k], box: b.map((v, j) => Math.round(v * scale[j] * 10) / 10),
+    })).filter((o) => o.score >= minScore);
+    return { file, width: w, height: h, objects };
+  });
+}
+
 /** Image files or texts, whichever this bundle takes (token-classification bundles: entity spans). */
 async function predict(bundle, inputs, topK = 3) {
   if (bundle.preprocess.task === 'token_classification') return predictEntities(bundle, inputs);
+  if (bundle.detection) return predictBoxes(bundle, inputs);
   return bundle.tokenizer ? predictTexts(bundle, inputs, topK) : predictFiles(bundle, inputs, topK);
 }
 
@@ -581,6 +673,7 @@ async function main(argv) {
 module.exports = {
   BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
   loadTokenizer, encodeTexts, textLogits, predictTexts, predictEntities, predict, verifyGolden, viterbi, splitWords,
+  nms, decodeDetections, predictBoxes,
 };
 
 if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

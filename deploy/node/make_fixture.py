@@ -27,12 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tests.tiny import (  # noqa: E402
     TINY,
+    detection_recipe,
     make_tiny_bert,
     make_tiny_ner_bert,
     ner_recipe,
     ner_sentences,
     text_recipe,
     write_conll,
+    write_digit_boxes,
     write_reviews,
 )
 
@@ -63,6 +65,7 @@ VARIANTS = [
     {"resize": 32, "crop": 32, "interpolation": "bilinear"},
     {"resize": 50, "crop": 40, "interpolation": "bicubic"},
     {"resize": 20, "crop": 24, "interpolation": "bilinear"},
+    {"resize": 36, "crop": 36, "interpolation": "bilinear", "fit": "stretch"},  # detection: no crop
 ]
 
 
@@ -113,6 +116,20 @@ def ner_cases(bundle: Path) -> dict:
             "path": runner.viterbi(emissions, **scores).tolist(),
         },
     }
+
+
+def detection_cases(bundle: Path, out: Path) -> dict:
+    """The Python runner's boxes (all of them: min score 0) for a few PNGs of other sizes than the model's."""
+    from PIL import Image
+
+    runner = load_runner(bundle)
+    model = runner.Bundle(bundle)
+    files = []
+    for i, (w, h) in enumerate([(64, 64), (90, 70), (50, 80)]):
+        canvas = Image.open(sorted((out / "det_data" / "images").iterdir())[i]).convert("RGB").resize((w, h))
+        files.append(out / f"det{i}_{w}x{h}.png")
+        canvas.save(files[-1])
+    return {"bundle": str(bundle), "files": [str(f) for f in files], "results": model.predict_boxes(files, 0.0)}
 
 
 def load_runner(bundle: Path):
@@ -167,6 +184,9 @@ def main() -> None:
         },
         "ner_bundle",
     )
+    det_bundle = build_bundle(
+        args.out, detection_recipe(write_digit_boxes(args.out / "det_data", n=48)), "det_bundle"
+    ).resolve()
     runner = load_runner(bundle)
     model = runner.Bundle(bundle)
 
@@ -203,6 +223,7 @@ def main() -> None:
         "cases": cases,
         "text": text_cases(text_bundle.resolve()),
         "ner": ner_cases(ner_bundle.resolve()),
+        "detection": detection_cases(det_bundle, args.out),
     }
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=2))
     print(

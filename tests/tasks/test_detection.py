@@ -197,6 +197,9 @@ def test_detection_bundle_is_fine_tuned_pruned_distilled_and_int8(det_bundle):
     assert np.asarray(settings["anchors"]).shape[1] == 4 and settings["size"] == 64
     html = (out / "report.html").read_text()
     assert "Average precision per class" in html and "Precision / recall at IoU 0.5" in html
+    examples = report["metrics"]["verify"]["examples"]
+    assert len(examples) == 6 and all(e["png"] and len(e["true"]) <= 2 for e in examples)
+    assert html.count("data:image/png;base64,") >= 6 + 2  # the six test images and the plots
 
 
 def test_int8_runs_int8_convs_and_keeps_the_box_and_score_tail_float(det_bundle):

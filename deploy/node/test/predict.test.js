@@ -241,3 +241,31 @@ test('CRF: the Viterbi path equals runner.py viterbi(), and the CRF bundle reads
   const bundle = await edgetl.loadBundle(fx.ner.bundle);
   assert.ok(bundle.crf && bundle.crf.transitions.length === bundle.labels.length);
 });
+
+test('detection: boxes, labels and scores equal the Python runner\'s on images of other sizes', { skip }, async () => {
+  const d = fx.detection;
+  const bundle = await edgetl.loadBundle(d.bundle);
+  assert.ok(bundle.detection && bundle.detection.anchors.length > 0);
+  const got = await edgetl.predictBoxes(bundle, d.files, 0);
+  got.forEach((r, i) => {
+    const want = d.results[i];
+    assert.deepEqual([r.width, r.height], [want.width, want.height]);
+    assert.ok(Math.abs(r.objects.length - want.objects.length) <= 1, r.file); // a near-tie at the NMS threshold
+    const n = Math.min(10, want.objects.length); // the best boxes: scores far apart enough to order alike
+    for (let k = 0; k < n; k++) {
+      const [g, w] = [r.objects[k], want.objects[k]];
+      assert.equal(g.label, w.label, `${r.file} #${k}`);
+      assert.ok(Math.abs(g.score - w.score) < TOL, `${r.file} #${k}: score`);
+      g.box.forEach((v, j) => assert.ok(Math.abs(v - w.box[j]) <= 0.11, `${r.file} #${k}: box ${g.box} vs ${w.box}`));
+    }
+  });
+  const r = cli([d.bundle, ...d.files]);
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(JSON.parse(r.stdout).length, d.files.length);
+});
+
+test('NMS keeps the highest-scoring box of each overlapping group (runner.py nms)', () => {
+  const boxes = [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 9]];
+  assert.deepEqual(edgetl.nms(boxes, [0.9, 0.95, 0.5, 0.2], 0.5), [1, 2]);
+  assert.deepEqual(edgetl.nms(boxes, [0.9, 0.95, 0.5, 0.2], 0.5, 1), [1]);
+});
