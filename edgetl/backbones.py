@@ -120,8 +120,13 @@ def _torchvision(name: str, cfg: BackboneCfg, task) -> Backbone:
         from edgetl.assets import install_offline_weights
 
         install_offline_weights()  # no-op unless an offline weights package is installed
+    detector = name in torchvision.models.list_models(module=torchvision.models.detection)
+    if detector and task.name != "detection":
+        raise EdgetlError(f"backbone.name: torchvision:{name} is a detector: set task.kind: detection")
+    # a detector without its weights gets no backbone weights either (torchvision would download ImageNet ones)
+    extra = {"weights_backbone": None} if detector and weights is None else {}
     try:
-        model = torchvision.models.get_model(name, weights=weights)
+        model = torchvision.models.get_model(name, weights=weights, **extra)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         raise EdgetlError(
             f"could not load {name} weights {weights} ({type(e).__name__}); offline, put the file in the torch "
@@ -131,6 +136,8 @@ def _torchvision(name: str, cfg: BackboneCfg, task) -> Backbone:
     if isinstance(cfg.pretrained, str) and weights is None:
         _load_into(model, cfg.pretrained)
     if task.name == "detection":
+        if detector:
+            return _torchvision_detector(model, cfg, task)
         return _detector(model, cfg, task, (weights or enum.DEFAULT).transforms())
     head = _last_linear(model)
     old = model.get_submodule(head)
@@ -167,6 +174,23 @@ def _detector(trunk, cfg: BackboneCfg, task, tf) -> Backbone:
     model = build_ssdlite(trunk, size, len(task.classes))
     groups = [[f"features.{n}.{p}" for p, _ in m.named_parameters()] for n, m in model.features.named_children()]
     pre = {**_preprocess(size, 1.0, tf.mean, tf.std, tf.interpolation.value), "fit": "stretch"}
+    return Backbone(model, [g for g in groups if g], "det", _contract(task, pre))
+
+
+def _torchvision_detector(detector, cfg: BackboneCfg, task) -> Backbone:
+    """torchvision's own SSD-family detector, its class head replaced: the backbone's stages are the fine-tuning
+    blocks, the box and class head is the head (``det``); mean / std and size from its transform."""
+    from edgetl.detector import wrap_torchvision_ssd
+
+    tf = detector.transform
+    size = cfg.input_size or int(tf.min_size[0])
+    model = wrap_torchvision_ssd(detector, size, len(task.classes))
+    groups = [
+        [f"features.{part}.{sub}.{p}" for p, _ in module.named_parameters()]
+        for part, child in model.features.named_children()
+        for sub, module in child.named_children()
+    ]
+    pre = {**_preprocess(size, 1.0, tf.image_mean, tf.image_std, "bilinear"), "fit": "stretch"}
     return Backbone(model, [g for g in groups if g], "det", _contract(task, pre))
 
 

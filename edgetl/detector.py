@@ -54,7 +54,52 @@ def _modules():
             h = self.det.head(self.maps(input))
             return torch.cat([h["bbox_regression"], h["cls_logits"]], -1)
 
-    return SSDLite
+    class TorchvisionSSD(nn.Module):
+        """A torchvision SSD-family detector's backbone (``features``) and head (``det``) with fixed anchors."""
+
+        def __init__(self, features, head, anchors, size: int):
+            super().__init__()
+            self.size = size
+            self.features = features
+            self.det = head
+            self.register_buffer("anchors", anchors, persistent=False)
+
+        def forward(self, input):
+            h = self.det(list(self.features(input).values()))
+            return torch.cat([h["bbox_regression"], h["cls_logits"]], -1)
+
+    return SSDLite, TorchvisionSSD
+
+
+def wrap_torchvision_ssd(detector, size: int, num_classes: int):
+    """A torchvision SSD-family detector (``torchvision:ssdlite320_mobilenet_v3_large``, ``ssd300_vgg16``, COCO
+    weights for online users) with a new class head for ``num_classes``, its anchors fixed for ``size``; its own
+    resize / normalise transform and post-processing give way to edgetl's (the bundle's runner does them)."""
+    import torch
+    from torch import nn
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.ssd import SSD, SSDClassificationHead
+    from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
+
+    if not isinstance(detector, SSD):
+        raise EdgetlError(
+            "torchvision detectors of the SSD family fine-tune here (ssdlite320_mobilenet_v3_large, ssd300_vgg16); "
+            "Faster R-CNN, RetinaNet, FCOS and Mask R-CNN are not supported yet, or name a classifier backbone "
+            "(torchvision:mobilenet_v2) for task.detector ssdlite"
+        )
+    training = detector.training
+    with torch.no_grad():
+        x = torch.zeros(1, 3, size, size)
+        maps = list(detector.eval().backbone(x).values())
+    chans, per_loc = [m.shape[1] for m in maps], detector.anchor_generator.num_anchors_per_location()
+    if isinstance(detector.head.classification_head, SSDLiteClassificationHead):
+        norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
+        new = SSDLiteClassificationHead(chans, per_loc, num_classes + 1, norm)
+    else:
+        new = SSDClassificationHead(chans, per_loc, num_classes + 1)
+    detector.head.classification_head = new
+    anchors = detector.anchor_generator(ImageList(x, [(size, size)]), maps)[0]
+    return _modules()[1](detector.backbone, detector.head, anchors, size).train(training)
 
 
 def build_ssdlite(trunk, size: int, num_classes: int):
@@ -98,7 +143,7 @@ def build_ssdlite(trunk, size: int, num_classes: int):
     generator = DefaultBoxGenerator([[2, 3] for _ in chans], min_ratio=0.2, max_ratio=0.95)
     anchors_per_loc = generator.num_anchors_per_location()
     head = SSDLiteHead(chans, anchors_per_loc, num_classes + 1, norm)
-    model = _modules()(features, split, extras, head, torch.zeros(0, 4), size)
+    model = _modules()[0](features, split, extras, head, torch.zeros(0, 4), size)
     training = model.training
     with torch.no_grad():
         maps = model.eval().maps(torch.zeros(1, 3, size, size))

@@ -300,3 +300,25 @@ def test_transfer_strategies_train_the_head_and_keep_frozen_trunk_blocks(tmp_pat
             int(n.split(".")[1]) for n, p in model.named_parameters() if n.startswith("features.") and p.requires_grad
         }
         assert trainable == opened and all(p.requires_grad for p in model.det.parameters())
+
+
+def test_torchvisions_own_ssdlite_fine_tunes_with_a_new_class_head(tmp_path):
+    """``torchvision:ssdlite320_mobilenet_v3_large`` (COCO weights for online users; random here) gets a head for
+    the data's classes and its anchors at the recipe's size, and builds into a bundle like edgetl's own SSDLite."""
+    raw = detection_recipe(write_digit_boxes(tmp_path / "data", n=40), size=96)
+    raw["backbone"] = {"name": "torchvision:ssdlite320_mobilenet_v3_large", "pretrained": False, "input_size": 96}
+    for key in ("prune", "distill"):
+        raw.pop(key)
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["crop"] == 96 and pre["fit"] == "stretch"  # torchvision's transform
+    settings = json.loads((out / "detection.json").read_text())
+    assert np.asarray(settings["anchors"]).shape == ((36 + 9 + 4 + 1 + 1 + 1) * 6, 4)  # 6 maps from 6 x 6 down
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["export"]["fp32"]["agreement"] == 1.0
+    raw["task"] = {"kind": "classification"}
+    raw["data"] = {"kind": "digits"}
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "c.yaml", raw), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "is a detector: set task.kind: detection" in result.output
