@@ -63,6 +63,7 @@ def main() -> None:
       edgetl predict artifacts/NAME image.png               # top-k labels from a bundle
       edgetl bench artifacts/NAME/model.onnx --threads 1    # ORT latency p50/p90/p99
       edgetl verify artifacts/NAME                          # golden-set parity on this machine
+      edgetl advise RECIPE.yaml                             # the fine-tuning strategy for this data
     """
 
 
@@ -109,6 +110,36 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
     cfg = load_recipe(recipe, overrides)
     state = run_build(cfg, out)
     click.echo(summary(state))
+
+
+@main.command("advise")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def advise_cmd(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the fine-tuning strategy finetune.strategy auto would choose for RECIPE, without training.
+
+    \b
+    It loads the data and the backbone as a build does and measures two things: training examples per class, and
+    how much the pretrained features help (a linear probe on them vs on the same architecture with random weights).
+    Then the scenario table: small + similar -> linear_probe; small + different -> freeze half the blocks;
+    medium + similar -> freeze the first third; medium + different or large -> full (layer-wise LR 0.8, or one LR
+    for large data unlike the pretraining).
+
+    Example: edgetl advise models/mobilenet_v2_fmnist.yaml
+    """
+    import dataclasses
+
+    from edgetl.advise import advise_recipe
+    from edgetl.config import load_recipe
+
+    advice = advise_recipe(load_recipe(recipe, overrides))
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(advice), "gain": advice.gain}, indent=2))
+    else:
+        click.echo(advice.describe())
+        click.echo(f"recipe: finetune.strategy={advice.strategy} (or finetune.strategy=auto to let the build choose)")
 
 
 class Terminated(BaseException):

@@ -85,7 +85,9 @@ class DataCfg:
 
 @dataclass(frozen=True)
 class FinetuneCfg:
-    strategy: Literal["linear_probe", "freeze", "full", "gradual_unfreeze"] = "freeze"
+    # auto (classification): measured on the data before training (edgetl/advise.py: examples per class, and a
+    # linear probe on the pretrained vs random features), then one of the four with its freeze_blocks / lr_decay
+    strategy: Literal["linear_probe", "freeze", "full", "gradual_unfreeze", "auto"] = "freeze"
     epochs: int = 5
     lr: float = 1e-3  # peak learning rate of the head; the backbone's are lower (see lr_decay)
     weight_decay: float = 0.01  # AdamW
@@ -469,6 +471,11 @@ def _check_values(recipe: Recipe) -> None:
         raise EdgetlError(
             "recipe key 'finetune.strategy': linear_probe trains a classifier on one cached feature vector per "
             f"example; for {kind} use freeze (finetune.freeze_blocks), full or gradual_unfreeze"
+        )
+    if kind != "classification" and recipe.finetune is not None and recipe.finetune.strategy == "auto":
+        raise EdgetlError(
+            f"recipe key 'finetune.strategy': auto measures a classification probe; for {kind} choose freeze, full "
+            "or gradual_unfreeze"
         )
     if kind != "classification" and recipe.distill is not None and recipe.distill.transfer_size:
         raise EdgetlError(f"recipe key 'distill.transfer_size': not supported for {kind} yet (set 0)")

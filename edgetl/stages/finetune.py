@@ -12,6 +12,7 @@ Strategies (``finetune.strategy``), all through ``train.fit``:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from edgetl.backbones import replace_module
 from edgetl.config import FinetuneCfg, Recipe
@@ -101,6 +102,13 @@ def run(state: State, recipe: Recipe) -> State:
     cfg = recipe.finetune
     bs = recipe.data.batch_size
     model, mod, task = state.backbone.model, state.modality, state.task
+    advice = None
+    if cfg.strategy == "auto":  # the scenario table, measured on this data (edgetl/advise.py)
+        from edgetl.advise import advise, apply
+
+        advice = advise(state)
+        cfg = apply(cfg, advice)
+        print(f"  strategy auto: {advice.describe()}")
     if cfg.strategy == "linear_probe":
         history = _linear_probe(state, cfg, bs)
     else:
@@ -135,6 +143,11 @@ def run(state: State, recipe: Recipe) -> State:
         history={**state.history, "finetune": history},
         metrics={
             **state.metrics,
-            "finetune": {"metric": test.name, "test_metric": test.value, "strategy": cfg.strategy},
+            "finetune": {
+                "metric": test.name,
+                "test_metric": test.value,
+                "strategy": cfg.strategy,
+                **({"advice": {**dataclasses.asdict(advice), "text": advice.describe()}} if advice else {}),
+            },
         },
     )
