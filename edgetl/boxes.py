@@ -212,6 +212,25 @@ def read_yolo(folder: Path) -> Read:
     return images, targets, names
 
 
+def write_coco(
+    path: Path, images: list[tuple[str, int, int]], boxes: list[list[tuple]], classes: list[str], supercategory=None
+) -> Path:
+    """COCO JSON at ``path``: ``images`` as (file name, width, height) and per image its ``boxes`` as (class index,
+    x, y, width, height) in pixels; categories 1..C in the order of ``classes``."""
+    anns = []
+    for i, per_image in enumerate(boxes):
+        for c, x, y, w, h in per_image:
+            ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": [x, y, w, h]}
+            anns.append({**ann, "area": w * h, "iscrowd": 0})
+    categories = [
+        {"id": k + 1, "name": name, **({"supercategory": supercategory} if supercategory else {})}
+        for k, name in enumerate(classes)
+    ]
+    entries = [{"id": i + 1, "file_name": f, "width": w, "height": h} for i, (f, w, h) in enumerate(images)]
+    path.write_text(json.dumps({"images": entries, "annotations": anns, "categories": categories}, indent=1) + "\n")
+    return path
+
+
 def read_detection(path: Path, kind: str) -> Read:
     """Dispatch on ``kind``; a COCO directory means its ``annotations.json`` or its only ``*.json``."""
     path = Path(path)

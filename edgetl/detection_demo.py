@@ -7,11 +7,11 @@ COCO (``images/*.png`` + ``annotations.json``) and byte-identical for a seed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from edgetl.boxes import write_coco
 from edgetl.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
 from edgetl.errors import EdgetlError
 
@@ -66,9 +66,10 @@ def make(out: Path, n: int, size: int, seed: int, classes: list[str]) -> Path:
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     empty = set(rng.permutation(n)[: round(n * EMPTY_FRACTION)].tolist())
-    images, anns = [], []
+    images, boxes = [], []
     for i in range(n):
         canvas = _background(rng, size)
+        boxes.append([])
         placed: list[list[int]] = []
         count = 0 if i in empty else int(rng.integers(1, 5))
         for _ in range(count):
@@ -95,21 +96,8 @@ def make(out: Path, n: int, size: int, seed: int, classes: list[str]) -> Path:
             region[:] = region * (1 - alpha) + colour * shade * alpha
             placed.append(box)
             x1, y1, x2, y2 = box
-            w, h = x2 - x1, y2 - y1
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": i + 1,
-                    "category_id": c + 1,
-                    "bbox": [x1, y1, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
+            boxes[-1].append((c, x1, y1, x2 - x1, y2 - y1))
         name = f"{i:05d}.png"
         Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8)).save(out / "images" / name)
-        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-    categories = [{"id": k + 1, "name": c, "supercategory": "fashion"} for k, c in enumerate(classes)]
-    path = out / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}, indent=1) + "\n")
-    return path
+        images.append((name, size, size))
+    return write_coco(out / "annotations.json", images, boxes, classes, supercategory="fashion")

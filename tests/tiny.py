@@ -187,19 +187,20 @@ def ner_recipe(bert: Path, data: Path) -> dict:
 def write_digit_boxes(root: Path, n: int = 48, size: int = 64, seed: int = 0) -> Path:
     """A tiny COCO detection set from sklearn digits 0, 1 and 7: one to two digits (8 px scaled to 16-24 px) per
     canvas on a dark background, every fifth canvas empty. Returns the annotations file."""
-    import json
-
     from PIL import Image
     from sklearn.datasets import load_digits
+
+    from edgetl.boxes import write_coco
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
     classes = [0, 1, 7]
     (root / "images").mkdir(parents=True, exist_ok=True)
-    images, anns = [], []
+    images, boxes = [], []
     for i in range(n):
         canvas = np.full((size, size), 20, np.uint8)
         placed: list = []
+        boxes.append([])
         for _ in range(0 if i % 5 == 4 else int(rng.integers(1, 3))):
             c = int(rng.integers(len(classes)))
             pool = np.flatnonzero(digits.target == classes[c])
@@ -213,23 +214,11 @@ def write_digit_boxes(root: Path, n: int = 48, size: int = 64, seed: int = 0) ->
                 continue
             placed.append((x, y, side))
             canvas[y : y + side, x : x + side] = np.maximum(canvas[y : y + side, x : x + side], np.asarray(item))
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": i + 1,
-                    "category_id": c + 1,
-                    "bbox": [x, y, side, side],
-                    "area": side * side,
-                    "iscrowd": 0,
-                }
-            )
+            boxes[-1].append((c, x, y, side, side))
         name = f"{i:03d}.png"
         Image.fromarray(canvas).save(root / "images" / name)
-        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-    categories = [{"id": k + 1, "name": f"digit{c}"} for k, c in enumerate(classes)]
-    path = root / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
-    return path
+        images.append((name, size, size))
+    return write_coco(root / "annotations.json", images, boxes, [f"digit{c}" for c in classes])
 
 
 def detection_recipe(annotations: Path, size: int = 64) -> dict:

@@ -64,11 +64,8 @@ def coco_eval(predictions: list[dict], targets: list[dict], num_classes: int):
     for i, t in enumerate(targets):
         for b, c in zip(t["boxes"], t["labels"], strict=True):
             box = xywh(b)
-            anns.append(
-                {"id": len(anns) + 1, "image_id": i, "category_id": int(c) + 1, "bbox": box, "area": box[2] * box[3]}
-            )
-    for a in anns:
-        a["iscrowd"] = 0
+            ann = {"id": len(anns) + 1, "image_id": i, "category_id": int(c) + 1, "bbox": box}
+            anns.append({**ann, "area": box[2] * box[3], "iscrowd": 0})
     dets = [
         {"image_id": i, "category_id": int(c) + 1, "bbox": xywh(b), "score": float(s)}
         for i, p in enumerate(predictions)
