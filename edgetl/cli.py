@@ -249,8 +249,7 @@ def predict(bundle: str, images: tuple[str, ...], top_k: int, as_json: bool, min
     """
     from edgetl.runner import Bundle, format_result
 
-    b = Bundle(bundle)
-    results = b.predict_boxes(list(images), min_score) if b.detection is not None else b.predict(list(images), top_k)
+    results = Bundle(bundle).predict(list(images), top_k, min_score)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -16,8 +16,8 @@ from functools import partial
 from types import SimpleNamespace
 
 from edgetl.errors import EdgetlError
+from edgetl.runner import BOX_WEIGHTS  # the device decodes with the weights the loss encodes with
 
-BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # torchvision SSD's BoxCoder weights
 DETECTORS = ("ssdlite",)
 
 

@@ -232,9 +232,18 @@ def viterbi(emissions: np.ndarray, start: np.ndarray, end: np.ndarray, transitio
 # detection: the head's raw outputs per anchor -> boxes (torchvision SSD's BoxCoder and postprocess_detections)
 
 BOX_CLIP = float(np.log(1000.0 / 16))  # torchvision's cap on the predicted log width / height scale
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # torchvision SSD's BoxCoder weights (the training loss encodes with them)
 
 
-def decode_boxes(deltas: np.ndarray, anchors: np.ndarray, weights=(10.0, 10.0, 5.0, 5.0)) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` [N, 4] with every box in ``b`` [M, 4] (xyxy)."""
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clip(0).prod(-1)
+    area_a, area_b = ((x[:, 2:] - x[:, :2]).clip(0).prod(-1) for x in (a, b))
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def decode_boxes(deltas: np.ndarray, anchors: np.ndarray, weights=BOX_WEIGHTS) -> np.ndarray:
     """Box deltas [A, 4] relative to ``anchors`` [A, 4] (xyxy) -> boxes xyxy."""
     w, h = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
     cx, cy = anchors[:, 0] + 0.5 * w, anchors[:, 1] + 0.5 * h
@@ -247,14 +256,11 @@ def decode_boxes(deltas: np.ndarray, anchors: np.ndarray, weights=(10.0, 10.0, 5
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int | None = None) -> np.ndarray:
     """Greedy non-maximum suppression: indices of the kept boxes, highest score first (the first ``limit``)."""
     order = np.argsort(-scores, kind="stable")
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     keep: list = []
     while len(order) and (limit is None or len(keep) < limit):
         i, rest = order[0], order[1:]
         keep.append(i)
-        lt, rb = np.maximum(boxes[i, :2], boxes[rest, :2]), np.minimum(boxes[i, 2:], boxes[rest, 2:])
-        inter = (rb - lt).clip(0).prod(1)
-        order = rest[inter / np.maximum(area[i] + area[rest] - inter, 1e-12) <= iou]
+        order = rest[box_iou(boxes[i : i + 1], boxes[rest])[0] <= iou]
     return np.asarray(keep, np.int64)
 
 
@@ -267,17 +273,13 @@ def decode_detections(outputs: np.ndarray, params: dict) -> list[dict]:
     for row in np.asarray(outputs, np.float32):
         boxes = decode_boxes(row[:, :4], anchors).clip(0, size)
         probs = softmax(row[:, 4:])
-        found_boxes, found_scores, found_labels = [], [], []
+        found = []  # per class: the candidates above the threshold, best first, at most topk
         for c in range(1, probs.shape[1]):
-            score = probs[:, c]
-            idx = np.flatnonzero(score > params["score_thresh"])
-            idx = idx[np.argsort(-score[idx], kind="stable")][: int(params["topk"])]
-            (
-                found_boxes.append(boxes[idx]),
-                found_scores.append(score[idx]),
-                found_labels.append(np.full(len(idx), c - 1)),
-            )
-        b, s, lab = np.concatenate(found_boxes), np.concatenate(found_scores), np.concatenate(found_labels)
+            idx = np.flatnonzero(probs[:, c] > params["score_thresh"])
+            found.append(idx[np.argsort(-probs[idx, c], kind="stable")][: int(params["topk"])])
+        lab = np.concatenate([np.full(len(idx), c) for c, idx in enumerate(found)])
+        idx = np.concatenate(found)
+        b, s = boxes[idx], probs[idx, lab + 1]
         # per-class NMS in one pass: boxes of different classes are moved apart (torchvision's batched_nms)
         keep = nms(b + (lab * (size + 1))[:, None], s, params["nms"], int(params["max_det"]))
         out.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep].astype(np.int64)})
@@ -602,12 +604,12 @@ class Bundle:
         logits = self.session.run(None, feed)[0]
         return self._top(list(texts), logits, top_k, "text")
 
-    def predict(self, inputs: list[str], top_k: int = 3) -> list[dict]:
+    def predict(self, inputs: list[str], top_k: int = 3, min_score: float = 0.3) -> list[dict]:
         """Image files or texts, whichever this bundle takes (a token-classification bundle: entity spans)."""
         if self.preprocess.get("task") == "token_classification":
             return self.predict_entities(inputs)
         if self.detection is not None:
-            return self.predict_boxes(inputs)
+            return self.predict_boxes(inputs, min_score)
         return self.predict_texts(inputs, top_k) if self.tokenizer else self.predict_files(inputs, top_k)
 
     def predict_entities(self, texts: list[str]) -> list[dict]:
@@ -806,17 +808,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--warmup must be >= 0")
     try:
         if args.cmd == "predict":
-            bundle = Bundle(args.bundle)
-            if bundle.detection is not None:
-                results = bundle.predict_boxes(args.images, args.min_score)
-                if args.draw:
-                    one = len(args.images) == 1 and args.draw.lower().endswith(".png")
-                    if not one:
-                        os.makedirs(args.draw, exist_ok=True)
-                    for f, r in zip(args.images, results, strict=True):
-                        draw_boxes(f, r, args.draw if one else Path(args.draw) / (Path(f).stem + ".boxes.png"))
-            else:
-                results = bundle.predict(args.images, args.top_k)
+            results = Bundle(args.bundle).predict(args.images, args.top_k, args.min_score)
+            if args.draw and results and "objects" in results[0]:
+                one = len(args.images) == 1 and args.draw.lower().endswith(".png")
+                if not one:
+                    os.makedirs(args.draw, exist_ok=True)
+                for f, r in zip(args.images, results, strict=True):
+                    draw_boxes(f, r, args.draw if one else Path(args.draw) / (Path(f).stem + ".boxes.png"))
             print(json.dumps(results, indent=2) if args.json else "\n".join(format_result(r) for r in results))
         elif args.cmd == "verify":
             result = Bundle(args.bundle, model=args.model).verify_golden()

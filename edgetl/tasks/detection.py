@@ -24,17 +24,10 @@ from edgetl.tasks.base import Metric, Parity
 CONFIDENT = 0.5  # boxes at or above this score count for teacher agreement and as pseudo-labels
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` [N, 4] with every box in ``b`` [M, 4] (xyxy)."""
-    area = lambda x: (x[:, 2] - x[:, 0]).clip(0) * (x[:, 3] - x[:, 1]).clip(0)  # noqa: E731
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clip(0).prod(-1)
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def matched(pred: dict, ref: dict, iou: float = 0.5) -> int:
     """Greedy one-to-one matches of ``pred``'s boxes to ``ref``'s of the same class, highest scores first."""
+    from edgetl.runner import box_iou
+
     if not len(pred["boxes"]) or not len(ref["boxes"]):
         return 0
     ious = box_iou(ref["boxes"], pred["boxes"])
