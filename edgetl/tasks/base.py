@@ -53,6 +53,14 @@ class Parity:
         return self.max_abs_diff <= self.tolerance
 
 
+def output_parity(reference: list, got: list, atol: float, rtol: float, same: int, compared: int, n=None) -> Parity:
+    """Parity of raw outputs over every batch: the largest |ORT - PyTorch| against atol + rtol * max|reference|,
+    and the agreement ``same / compared`` of what the task decodes (``n``: examples, default ``compared``)."""
+    diff = max(float(np.abs(r - g).max()) for r, g in zip(reference, got, strict=True))
+    scale = max(float(np.abs(r).max()) for r in reference)
+    return Parity(diff, atol + rtol * scale, same / max(compared, 1), compared if n is None else n)
+
+
 class Task(Protocol):
     """One task family. Methods on numpy take *raw model outputs* (what the ONNX graph returns); predictions are
     whatever ``decode`` makes of them (class ids, boxes, tag sequences, token ids)."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import EdgetlError
-from edgetl.tasks.base import Metric, Parity
+from edgetl.tasks.base import Metric, Parity, output_parity
 
 
 def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float, label_smoothing: float = 0.0):
@@ -91,11 +91,8 @@ class Classification:
         return 100.0 * float((np.asarray(predictions) == np.asarray(reference)).mean())
 
     def parity(self, reference: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> Parity:
-        diff = max(float(np.abs(r - g).max()) for r, g in zip(reference, got, strict=True))
-        scale = max(float(np.abs(r).max()) for r in reference)
         same = sum(int((self.decode(r) == self.decode(g)).sum()) for r, g in zip(reference, got, strict=True))
-        n = sum(len(r) for r in reference)
-        return Parity(diff, atol + rtol * scale, same / max(n, 1), n)
+        return output_parity(reference, got, atol, rtol, same, sum(len(r) for r in reference))
 
     def pseudo_targets(self, teacher_outputs: np.ndarray) -> np.ndarray:
         return self.decode(teacher_outputs)

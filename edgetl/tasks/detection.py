@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import EdgetlError
-from edgetl.tasks.base import Metric, Parity
+from edgetl.tasks.base import Metric, Parity, output_parity
 
 CONFIDENT = 0.5  # boxes at or above this score count for teacher agreement and as pseudo-labels
 
@@ -206,15 +206,12 @@ class Detection:
         return 100.0 if total == 0 else 100.0 * 2 * hits / total
 
     def parity(self, reference: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> Parity:
-        diff = max(float(np.abs(r - g).max()) for r, g in zip(reference, got, strict=True))
-        scale = max(float(np.abs(r).max()) for r in reference)
-        n = sum(len(r) for r in reference)
         # agreement per anchor: the same best class (background included)
         same = sum(
             int((r[..., 4:].argmax(-1) == g[..., 4:].argmax(-1)).sum()) for r, g in zip(reference, got, strict=True)
         )
         anchors = sum(r.shape[0] * r.shape[1] for r in reference)
-        return Parity(diff, atol + rtol * scale, same / max(anchors, 1), n)
+        return output_parity(reference, got, atol, rtol, same, anchors, n=sum(len(r) for r in reference))
 
     def pseudo_targets(self, teacher_outputs: np.ndarray):
         raise EdgetlError("distill.transfer_size is not supported for detection yet")

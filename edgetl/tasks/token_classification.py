@@ -17,7 +17,7 @@ import numpy as np
 
 from edgetl.errors import EdgetlError
 from edgetl.tagging import IGNORE
-from edgetl.tasks.base import Metric, Parity
+from edgetl.tasks.base import Metric, Parity, output_parity
 from edgetl.tasks.classification import kd_loss
 
 
@@ -169,11 +169,8 @@ class TokenClassification:
         return 100.0 * same / max(total, 1)
 
     def parity(self, reference: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> Parity:
-        diff = max(float(np.abs(r - g).max()) for r, g in zip(reference, got, strict=True))
-        scale = max(float(np.abs(r).max()) for r in reference)
         same = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(reference, got, strict=True))
-        n = sum(r.shape[0] * r.shape[1] for r in reference)
-        return Parity(diff, atol + rtol * scale, same / max(n, 1), n)
+        return output_parity(reference, got, atol, rtol, same, sum(r.shape[0] * r.shape[1] for r in reference))
 
     def pseudo_targets(self, teacher_outputs: np.ndarray):
         raise EdgetlError("distill.transfer_size is not supported for token_classification yet")
