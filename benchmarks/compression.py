@@ -12,6 +12,8 @@ for this CPU) | edgetl's shipped INT8, at batch 1 with sequences padded to 32 an
 on the bundle's test split.
 Detection (ssdlite: the detection demo's bundle, --det-bundle): PyTorch eager FP32 | ORT FP32 | ORT quantize_static
 defaults | edgetl INT8 of the fine-tuned detector | the bundle's pruned + distilled + INT8, COCO mAP on its test split.
+seq2seq (the seq2seq demo's bundle, --s2s-bundle): ORT FP32 | optimum ORTQuantizer dynamic INT8 per component | the
+bundle's INT8, BLEU on its test split, time to first token and to 32 generated tokens at batch 1.
 All variants are timed interleaved in chunks of 10 runs (noise hits them alike); ratios are p50(ORT FP32) /
 p50(variant). 1 thread is the headline, 2 threads beside it.
 
@@ -267,6 +269,87 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None, key: str = "m
     return out
 
 
+class FixedGeneration:
+    """A seq2seq model's generation timed as one call: exactly ``tokens`` decoder steps (no early stop at the end
+    token, so every variant does the same work); ``tokens`` 1 is the time to the first token."""
+
+    def __init__(self, generator, tokens: int):
+        self.generator, self.tokens = generator, tokens
+
+    def run(self, _outputs, feed):
+        return self.generator.run(None, feed, max_new_tokens=self.tokens, stop_at_eos=False)
+
+
+def bench_seq2seq(runs: int, bundle: Path, tokens: int = 32) -> list[dict]:
+    """seq2seq rows on the seq2seq demo's bundle: ORT FP32 | optimum ORTQuantizer dynamic INT8 of the encoder and
+    the merged decoder (one file at a time, its defaults) | edgetl's shipped INT8; BLEU on the bundle's test split
+    (greedy), time to first token and the time of ``tokens`` generated tokens at batch 1 (tokens/s ratio)."""
+    import yaml
+
+    from edgetl.config import recipe_from_dict
+    from edgetl.measure import ort_metric
+    from edgetl.runner import decoder_path, interleaved_latency, model_files, session
+    from edgetl.stages import load
+    from edgetl.state import State
+
+    if not (bundle / "model.decoder.onnx").is_file():
+        raise SystemExit(f"no seq2seq bundle at {bundle}: run make demo-seq2seq (or pass --s2s-bundle)")
+    work = Path(tempfile.mkdtemp(prefix="bench-seq2seq-"))
+    WORKDIRS.append(work)
+    recipe = recipe_from_dict(yaml.safe_load((bundle / "recipe.lock.yaml").read_text())["recipe"])
+    state = load.run(State(recipe=recipe, workdir=work), recipe)
+    optimum = work / "optimum" / "model.onnx"
+    optimum.parent.mkdir()
+    for src, dst in (
+        (bundle / "model.fp32.onnx", optimum),
+        (decoder_path(bundle / "model.fp32.onnx"), decoder_path(optimum)),
+    ):
+        (work / "one").mkdir(exist_ok=True)
+        shutil.copyfile(src, work / "one" / "model.onnx")
+        shutil.move(str(optimum_dynamic_int8(work / "one" / "model.onnx", work / "q")), str(dst))
+        shutil.rmtree(work / "one"), shutil.rmtree(work / "q")
+    shipped = json.loads((bundle / "report.json").read_text())["metrics"]["quantize"]["chosen"]
+    variants = {
+        "ORT FP32": bundle / "model.fp32.onnx",
+        "optimum ORTQuantizer dynamic INT8": optimum,
+        f"edgetl INT8 bundle ({shipped})": bundle / "model.onnx",
+    }
+    test = state.modality.feeds(state.data.test)
+    y = state.modality.targets(state.data.test)
+    rows = {
+        name: {
+            "acc": ort_metric(state.task, p, test, y).value,
+            "size_mb": sum(f.stat().st_size for f in model_files(p)) / 1e6,
+        }
+        for name, p in variants.items()
+    }
+    feed = state.modality.feeds(state.data.test, batch=1, limit=1)[0]
+    out = []
+    for label, n in (("first token", 1), (f"{tokens} tokens", tokens)):
+        lat = {}
+        for threads in (1, 2):
+            sessions = {name: FixedGeneration(session(p, threads=threads), n) for name, p in variants.items()}
+            lat[threads] = interleaved_latency(sessions, feed, runs=runs, warmup=3)
+        for name, r in rows.items():
+            out.append(
+                {
+                    "backbone": f"seq2seq ({label})",
+                    "variant": name,
+                    "acc": r["acc"],
+                    "size_mb": r["size_mb"],
+                    **{
+                        k: v
+                        for t in (1, 2)
+                        for k, v in (
+                            (f"p50_ms_{t}t", lat[t][name]["p50_ms"]),
+                            (f"speedup_{t}t", lat[t]["ORT FP32"]["p50_ms"] / lat[t][name]["p50_ms"]),
+                        )
+                    },
+                }
+            )
+    return out
+
+
 def bench_detection(runs: int, bundle: Path) -> list[dict]:
     """Detection rows on the detection demo's bundle (``make demo-detect``): COCO mAP on its test split and batch-1
     latency of ORT FP32 (the fine-tuned detector), ORT quantize_static with its defaults on it, edgetl's INT8 of it
@@ -352,6 +435,12 @@ def main() -> None:
         help="detection rows (--backbones ssdlite) on this bundle (make demo-detect builds it)",
     )
     ap.add_argument(
+        "--s2s-bundle",
+        type=Path,
+        default=ROOT / "artifacts" / "minilm_punctuation_seq2seq",
+        help="seq2seq rows (--backbones seq2seq) on this bundle (make demo-seq2seq builds it)",
+    )
+    ap.add_argument(
         "--text-bundle",
         type=Path,
         default=None,
@@ -367,6 +456,8 @@ def main() -> None:
     for key in args.backbones.split(","):
         if key == "ssdlite":
             rows += bench_detection(args.runs, args.det_bundle)
+        elif key == "seq2seq":
+            rows += bench_seq2seq(min(args.runs, 60), args.s2s_bundle)
         elif key in TEXT_RECIPES:
             rows += bench_text(args.runs, args.quick, args.text_bundle if key == "minilm" else args.ner_bundle, key)
         else:

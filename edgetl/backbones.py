@@ -272,11 +272,13 @@ def _hf(name: str, cfg: BackboneCfg, task) -> Backbone:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from edgetl.assets import cache_dir, offline_hf_dir
+    from edgetl.assets import offline_hf_dir
 
     local = Path(name).expanduser()
     src = str(local) if local.is_dir() else str(offline_hf_dir(name) or name)
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we replace the head
+    if task.name == "seq2seq":
+        return _hf_seq2seq(name, src, cfg, task)
     try:
         auto = getattr(transformers, task.hf_auto_class)
         config = AutoConfig.from_pretrained(src, num_labels=task.num_outputs)
@@ -290,17 +292,10 @@ def _hf(name: str, cfg: BackboneCfg, task) -> Backbone:
             model = auto.from_pretrained(src, config=config, ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
-        raise EdgetlError(
-            f"could not load transformers model '{name}' ({str(e).splitlines()[0][:160]}); "
-            "offline, point hf: at a local directory with config.json, weights and tokenizer"
-        ) from None
+        raise _load_error(name, e) from None
     if isinstance(cfg.pretrained, str):
         _load_into(model, cfg.pretrained)
-    if not getattr(tokenizer, "is_fast", False):
-        raise EdgetlError(f"'{name}' has no fast tokenizer (tokenizer.json): the device runner needs one")
-    tok_file = cache_dir() / "tokenizers" / (src.strip("/").replace("/", "__") + ".json")
-    tok_file.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend_tokenizer.save(str(tok_file))
+    tok_file = _save_tokenizer(tokenizer, name)
     params = inspect.signature(model.forward).parameters
     inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if "token_type_ids" in params else ())
     wrapper = _hf_wrapper()(model, inputs)
@@ -334,6 +329,91 @@ def _hf(name: str, cfg: BackboneCfg, task) -> Backbone:
         exporter="optimum",
     )
     return Backbone(wrapper, groups, head, contract, tokenizer_file=tok_file, transformer=True)
+
+
+def _load_error(name: str, e: Exception) -> EdgetlError:
+    return EdgetlError(
+        f"could not load transformers model '{name}' ({str(e).splitlines()[0][:160]}); "
+        "offline, point hf: at a local directory with config.json, weights and tokenizer"
+    )
+
+
+def _save_tokenizer(tokenizer, name: str) -> Path:
+    from edgetl.assets import cache_dir
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise EdgetlError(f"'{name}' has no fast tokenizer (tokenizer.json): the device runner needs one")
+    local = Path(name).expanduser()
+    key = str(local.resolve()) if local.is_dir() else name
+    tok_file = cache_dir() / "tokenizers" / (key.strip("/").replace("/", "__") + ".json")
+    tok_file.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(tok_file))
+    return tok_file
+
+
+def _hf_seq2seq(name: str, src: str, cfg: BackboneCfg, task) -> Backbone:
+    """A seq2seq checkpoint (T5, BART, Marian: ``AutoModelForSeq2SeqLM``), or an encoder-only checkpoint warm-started
+    into an encoder-decoder (``edgetl.seq2seq.warm_start``, BERT2BERT). Blocks: the embeddings, then each encoder
+    layer, then each decoder layer; the head is the LM head (tied to the embeddings)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from edgetl.seq2seq import is_seq2seq_checkpoint, seq2seq_module, warm_start
+
+    try:
+        config = AutoConfig.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        if is_seq2seq_checkpoint(config):
+            if cfg.dropout is not None:
+                for key in ("dropout", "dropout_rate"):
+                    if hasattr(config, key):
+                        setattr(config, key, cfg.dropout)
+            auto = AutoModelForSeq2SeqLM
+            model = auto.from_config(config) if cfg.pretrained is False else auto.from_pretrained(src, config=config)
+        else:
+            encoder = AutoModel.from_config(config) if cfg.pretrained is False else AutoModel.from_pretrained(src)
+            start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+            end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+            if start is None or end is None or tokenizer.pad_token_id is None:
+                raise EdgetlError(f"'{name}': its tokenizer has no start / end / pad tokens to generate with")
+            model = warm_start(encoder, start, end, tokenizer.pad_token_id, cfg.dropout)
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e) from None
+    if isinstance(cfg.pretrained, str):
+        _load_into(model, cfg.pretrained)
+    c = model.config
+    task.ids = {"start_id": int(c.decoder_start_token_id), "eos_id": int(c.eos_token_id), "pad_id": int(c.pad_token_id)}
+    wrapper = seq2seq_module()(model, task.generation())
+    import torch
+
+    names = {m: n for n, m in model.named_modules()}
+    embeddings = model.get_input_embeddings()
+    blocks = [[f"model.{names[embeddings]}.{p}" for p, _ in embeddings.named_parameters()]]
+    for part in (model.get_encoder(), model.get_decoder()):
+        layers = next(m for m in part.modules() if isinstance(m, torch.nn.ModuleList))
+        blocks += [[f"model.{names[layer]}.{p}" for p, _ in layer.named_parameters()] for layer in layers]
+    head_name = f"model.{names[model.get_output_embeddings()]}"
+    grouped = {p for g in blocks for p in g}
+    rest = [n for n, _ in wrapper.named_parameters() if n not in grouped and not n.startswith(head_name + ".")]
+    blocks[0] += rest  # positions, embedding LayerNorms, final norms: trained with the embeddings
+    tok_file = _save_tokenizer(tokenizer, name)
+    inputs = ("input_ids", "attention_mask")
+    pre = {
+        "kind": "text",
+        "inputs": list(inputs),
+        "max_length": 128,
+        "pad_id": int(c.pad_token_id),
+        "tokenizer": "tokenizer.json",
+        "generation": task.generation(),
+    }
+    contract = ExportContract(
+        input_names=inputs,
+        output_names=tuple(task.output_names),
+        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in inputs},
+        atol=1e-3,
+        preprocess=pre,
+        exporter="optimum",
+    )
+    return Backbone(wrapper, blocks, head_name, contract, tokenizer_file=tok_file, transformer=False)
 
 
 FAMILIES = {"torchvision": _torchvision, "timm": _timm, "hf": _hf}

@@ -26,8 +26,9 @@ from edgetl.errors import EdgetlError
 class TaskCfg:
     # what the model predicts (edgetl/tasks/): classification (one label per example), token_classification
     # (one tag per word: named-entity recognition, entity F1 with seqeval) or detection (boxes and classes per
-    # image, COCO mAP with pycocotools); seq2seq plugs in the same way
-    kind: Literal["classification", "token_classification", "detection"] = "classification"
+    # image, COCO mAP with pycocotools) or seq2seq (a target text per source text: BLEU with sacrebleu, chrF,
+    # ROUGE-L, exact match; generated greedily with a KV cache, in PyTorch and in the ONNX runtime)
+    kind: Literal["classification", "token_classification", "detection", "seq2seq"] = "classification"
     # token_classification: a CRF over the word tags (pytorch-crf), trained jointly with the encoder (negative
     # log-likelihood); the ONNX graph gives the emissions, the CRF's scores ship in its metadata, Viterbi runs in
     # the runtime (numpy, Node)
@@ -35,6 +36,10 @@ class TaskCfg:
     # detection: ssdlite = torchvision's SSDLite (extra maps + SSDLiteHead + default boxes) over a torchvision
     # backbone's features; box decoding and NMS run after the ONNX graph (numpy, in runner.py)
     detector: Literal["ssdlite"] = "ssdlite"
+    # seq2seq: target texts are truncated to max_target_length tokens for training; generation stops at the end
+    # token or after max_new_tokens (None: max_target_length)
+    max_target_length: int = 64
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class DataCfg:
     text_column: str = "text"  # csv/jsonl: the column with the text
     text_pair_column: str | None = None  # csv/jsonl: a second text column for sentence-pair tasks
     label_column: str = "label"  # csv/jsonl: the column with the class label (token classification: the tag list)
+    target_column: str = "target"  # seq2seq csv/jsonl: the column with the target text (the source: text_column)
     tag_column: int = -1  # conll: the column holding the tag (0 is the word; -1 = the last column)
     tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = "auto"  # tags are read in this scheme and become IOB2
     max_length: int = 128  # tokens per example (longer texts are truncated); batches are padded dynamically
@@ -401,6 +407,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_test": (_at_least(1), ">= 1"),
     "data.batch_size": (_at_least(1), ">= 1"),
     "data.max_length": (_at_least(2), ">= 2"),
+    "task.max_target_length": (_at_least(2), ">= 2"),
+    "task.max_new_tokens": (_at_least(1), ">= 1"),
     "data.augment.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "finetune.epochs": (_at_least(1), ">= 1"),
     "finetune.lr": (lambda v: v > 0, "> 0"),
@@ -479,6 +487,18 @@ def _check_values(recipe: Recipe) -> None:
         )
     if kind != "classification" and recipe.distill is not None and recipe.distill.transfer_size:
         raise EdgetlError(f"recipe key 'distill.transfer_size': not supported for {kind} yet (set 0)")
+    if kind == "seq2seq":
+        if recipe.data.kind not in ("csv", "jsonl"):
+            raise EdgetlError(f"recipe key 'data.kind': seq2seq reads csv or jsonl files, not {recipe.data.kind}")
+        for section in ("prune", "distill"):
+            if getattr(recipe, section) is not None:
+                raise EdgetlError(
+                    f"recipe section '{section}': not implemented for seq2seq yet (remove it; quantize works)"
+                )
+        if recipe.quantize is not None and recipe.quantize.method == "qat":
+            raise EdgetlError("recipe key 'quantize.method': seq2seq quantizes with ORT dynamic INT8: set ptq")
+        if recipe.export.ort_format:
+            raise EdgetlError("recipe key 'export.ort_format': not supported for seq2seq (two ONNX files)")
     boxes = recipe.task.kind == "detection"
     if boxes != (recipe.data.kind in ("coco", "voc", "yolo")):
         raise EdgetlError(

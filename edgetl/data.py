@@ -219,6 +219,26 @@ def _text_pool(rows: list[dict], cfg: DataCfg, where: str) -> tuple[Pool, list[s
     return Pool(items, np.asarray([index[x] for x in labels], np.int64), lambda item: item), classes
 
 
+def _pair_pool(rows: list[dict], cfg: DataCfg, where: str) -> Pool:
+    """seq2seq: source texts (``data.text_column``) with their target texts (``data.target_column``) as targets."""
+    if not rows:
+        raise EdgetlError(f"{where} has no rows")
+    for col in (cfg.text_column, cfg.target_column):
+        if col not in rows[0]:
+            raise EdgetlError(
+                f"{where} has no column '{col}' (columns: {', '.join(map(str, rows[0]))}); "
+                "set data.text_column / data.target_column"
+            )
+    sources, targets = [], []
+    for n, row in enumerate(rows, 1):
+        for col in (cfg.text_column, cfg.target_column):
+            if not isinstance(row.get(col), str) or not row[col].strip():
+                raise EdgetlError(f"{where} row {n}: empty text in column '{col}'")
+        sources.append(row[cfg.text_column])
+        targets.append(row[cfg.target_column])
+    return Pool(sources, np.zeros(len(sources), np.int64), lambda item: item, targets)
+
+
 def _read_text_file(path: Path) -> str:
     if not path.is_file():
         raise EdgetlError(f"data file not found: {path}")
@@ -353,6 +373,8 @@ def open_sources(cfg: DataCfg, task: str = "classification") -> tuple[dict[str, 
         return _tag_pools(cfg)
     if task == "detection":
         return _box_pools(cfg)
+    if task == "seq2seq":
+        return {"pool": _pair_pool(_table(cfg), cfg, str(cfg.path))}, []
     if cfg.kind in TEXT_KINDS:
         where = "Rotten Tomatoes corpus" if cfg.kind == "rotten_tomatoes" else str(cfg.path)
         pool, classes = _text_pool(_table(cfg), cfg, where)

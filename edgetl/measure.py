@@ -114,8 +114,13 @@ def measure_row(task, path, model, batches: list[dict], targets, teacher_pred, t
         "agreement": task.agreement(preds, teacher_pred, targets),
         **task.details(preds, targets),
     }
-    row["params"], row["macs"] = count_params_macs(model, batches[0])
-    row["size_mb"] = path.stat().st_size / 1e6
+    if getattr(task, "generates", False):  # MACs per generated token depend on the output: parameters only
+        row["params"], row["macs"] = sum(p.numel() for p in model.parameters()), None
+    else:
+        row["params"], row["macs"] = count_params_macs(model, batches[0])
+    from edgetl.runner import model_files
+
+    row["size_mb"] = sum(f.stat().st_size for f in model_files(path)) / 1e6  # a seq2seq model: encoder + decoder
     return row
 
 

@@ -3,8 +3,9 @@ what PyTorch computes on real inputs (the task judges closeness: a scale-aware t
 agreement of decoded predictions).
 
 TorchScript exporter (``dynamo=False``: the dynamo exporter fails on torchvision detectors and adds nothing here),
-optimum's exporter for transformers models (its ONNX config names the inputs and axes), ``onnx.checker`` on the
-result, labels and preprocessing in the ONNX metadata so the file alone is enough for an app.
+optimum's exporter for transformers models (its ONNX config names the inputs and axes; a seq2seq model becomes its
+encoder and optimum's merged decoder, ``<name>.decoder.onnx``, with and without past key values), ``onnx.checker``
+on the result, labels and preprocessing in the ONNX metadata so the file alone is enough for an app.
 """
 
 from __future__ import annotations
@@ -92,7 +93,13 @@ def _optimum_export(wrapper, path: Path, opset: int, task: str) -> bool:
                 onnx_export_from_model(wrapper.model, tmp, opset=opset, task=task, do_validation=False)
             except (ValueError, KeyError, NotImplementedError):
                 return False
-            shutil.move(str(Path(tmp) / "model.onnx"), str(path))
+            if (Path(tmp) / "encoder_model.onnx").is_file():  # seq2seq: the encoder, and the merged decoder beside it
+                from edgetl.runner import decoder_path
+
+                shutil.move(str(Path(tmp) / "encoder_model.onnx"), str(path))
+                shutil.move(str(Path(tmp) / "decoder_model_merged.onnx"), str(decoder_path(path)))
+            else:
+                shutil.move(str(Path(tmp) / "model.onnx"), str(path))
     finally:
         log.setLevel(level)
     return True

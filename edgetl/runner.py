@@ -333,13 +333,105 @@ def open_session(model_path: str | Path, threads: int = 1, providers: list[str] 
 
 
 def session(model_path: str | Path, threads: int = 1, providers: list[str] | None = None):
+    """An ORT session on ``model_path``; a seq2seq model (an encoder with its ``.decoder.onnx`` beside it) is a
+    ``Generator``, whose ``run`` generates token ids."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_path), opts, providers=resolve_providers(providers))
+    sess = ort.InferenceSession(str(model_path), opts, providers=resolve_providers(providers))
+    decoder = decoder_path(model_path)
+    if decoder.is_file():
+        meta = sess.get_modelmeta().custom_metadata_map
+        try:
+            generation = json.loads(meta["edgetl.generation"])
+        except (KeyError, ValueError):
+            raise BundleError(f"{model_path} has a decoder beside it but no edgetl.generation metadata") from None
+        dec = ort.InferenceSession(str(decoder), opts, providers=resolve_providers(providers))
+        return Generator(sess, dec, generation)
+    return sess
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seq2seq: an encoder, optimum's merged decoder (one graph with and without past key values) and a greedy loop
+
+
+def decoder_path(model_path: str | Path) -> Path:
+    """The decoder that goes with a seq2seq encoder file: model.onnx -> model.decoder.onnx."""
+    p = Path(model_path)
+    return p.with_name(p.stem + ".decoder.onnx")
+
+
+def model_files(model_path: str | Path) -> list[Path]:
+    """Every file of one model: the file itself, and a seq2seq encoder's decoder."""
+    p = Path(model_path)
+    return [p] + [d for d in [decoder_path(p)] if d.is_file()]
+
+
+class Generator:
+    """Greedy generation with a KV cache on ONNX Runtime, the loop a device runs: the encoder once, then the merged
+    decoder one token at a time (its first call without past key values, ``use_cache_branch`` false; later calls
+    feed back the present keys / values). ``run(None, feed)`` returns ``[ids]``: int64 [batch, max_new_tokens], the
+    tokens after the start token, the end token included, then padding, as transformers' ``generate`` returns them,
+    so it stands wherever an ORT session stands (latency, parity, the golden set)."""
+
+    def __init__(self, encoder, decoder, generation: dict):
+        self.encoder, self.decoder = encoder, decoder
+        self.start, self.eos, self.pad = (int(generation[k]) for k in ("start_id", "eos_id", "pad_id"))
+        self.max_new_tokens = int(generation["max_new_tokens"])
+        self.past = {i.name: i.shape for i in decoder.get_inputs() if i.name.startswith("past_key_values.")}
+        self.outputs = [o.name for o in decoder.get_outputs()]
+        self.steps = 0  # decoder calls of the last run (tokens per second = steps / time)
+
+    def get_inputs(self):
+        return self.encoder.get_inputs()
+
+    def get_providers(self):
+        return self.encoder.get_providers()
+
+    def run(
+        self, output_names, feed: dict, max_new_tokens: int | None = None, stop_at_eos: bool = True
+    ) -> list[np.ndarray]:
+        """Generated ids; ``stop_at_eos`` false: exactly ``max_new_tokens`` decoder steps (benchmarks)."""
+        mask = feed["attention_mask"]
+        hidden = self.encoder.run(None, {k: feed[k] for k in ("input_ids", "attention_mask")})[0]
+        batch = len(mask)
+        past = {}
+        for name, shape in self.past.items():  # empty past for the first call (its branch does not read it)
+            heads, width = shape[1], shape[3]
+            past[name] = np.zeros((batch, heads, 0, width), np.float32)
+        width = max_new_tokens or self.max_new_tokens
+        out = np.full((batch, width), self.pad, np.int64)
+        token = np.full((batch, 1), self.start, np.int64)
+        done = np.zeros(batch, bool)
+        self.steps = 0
+        for step in range(width):
+            res = self.decoder.run(
+                None,
+                {
+                    "input_ids": token,
+                    "encoder_hidden_states": hidden,
+                    "encoder_attention_mask": mask,
+                    "use_cache_branch": np.array([step > 0]),
+                    **past,
+                },
+            )
+            self.steps += 1
+            nxt = res[0][:, -1].argmax(-1)
+            if stop_at_eos:
+                nxt[done] = self.pad
+            out[:, step] = nxt
+            done |= nxt == self.eos
+            if done.all() and stop_at_eos:
+                break
+            for name, value in zip(self.outputs[1:], res[1:], strict=True):
+                key = name.replace("present.", "past_key_values.", 1)
+                if step == 0 or ".decoder." in key:  # the encoder's keys / values are fixed after the first call
+                    past[key] = value
+            token = nxt[:, None].astype(np.int64)
+        return [out]
 
 
 def feed_for(sess, batch: int, seq: int = 128, rng: np.random.Generator | None = None) -> dict:
@@ -547,7 +639,12 @@ class Bundle:
         self.model_verified = listed is not None and model in listed
         self.labels = read_json(self.path / "labels.json", "labels")
         self.preprocess = check_preprocess(read_json(self.path / "preprocess.json", "preprocessing"))
-        if not isinstance(self.labels, list) or not self.labels or not all(isinstance(x, str) for x in self.labels):
+        generates = self.preprocess.get("task") == "seq2seq"  # generates text: no class names
+        if (
+            not isinstance(self.labels, list)
+            or not (self.labels or generates)
+            or not all(isinstance(x, str) for x in self.labels)
+        ):
             raise BundleError("labels.json must be a non-empty list of class names")
         tokenizer = self.preprocess.get("tokenizer", "tokenizer.json")
         needed = [tokenizer] if self.preprocess["kind"] == "text" else []
@@ -577,7 +674,12 @@ class Bundle:
                 f"{self.path} has no {model}" + (" (left out of this copy)" if self.model_verified else "")
             )
         self.session = open_session(model_path, threads, providers)
-        width = self.session.get_outputs()[0].shape[-1]
+        if generates != isinstance(self.session, Generator):
+            raise BundleError(
+                f"{model} is {'not ' if generates else ''}a seq2seq model but preprocess.json says "
+                f"{self.preprocess.get('task')}" + (f" ({decoder_path(model_path).name} missing?)" if generates else "")
+            )
+        width = None if generates else self.session.get_outputs()[0].shape[-1]
         per_class = width - 5 if self.detection is not None else width  # detection: 4 box deltas + background
         if isinstance(width, int) and per_class != len(self.labels):
             raise BundleError(f"labels.json names {len(self.labels)} classes but the model outputs {per_class}")
@@ -608,9 +710,25 @@ class Bundle:
         """Image files or texts, whichever this bundle takes (a token-classification bundle: entity spans)."""
         if self.preprocess.get("task") == "token_classification":
             return self.predict_entities(inputs)
+        if isinstance(self.session, Generator):
+            return self.generate(inputs)
         if self.detection is not None:
             return self.predict_boxes(inputs, min_score)
         return self.predict_texts(inputs, top_k) if self.tokenizer else self.predict_files(inputs, top_k)
+
+    def generate(self, texts: list[str], max_new_tokens: int | None = None) -> list[dict]:
+        """Each text's generated output (greedy, KV cache: ``Generator``), decoded by the bundle's tokenizer."""
+        if any(not t.strip() for t in texts):
+            raise BundleError("empty text")
+        feed = encode_texts(self.tokenizer, list(texts), self.preprocess)
+        ids = self.session.run(None, feed, max_new_tokens=max_new_tokens)[0]
+        outputs = [
+            row[: np.flatnonzero(row == self.session.eos)[0]] if (row == self.session.eos).any() else row for row in ids
+        ]
+        decoded = self.tokenizer.decode_batch(
+            [r[r != self.session.pad].tolist() for r in outputs], skip_special_tokens=True
+        )
+        return [{"text": t, "output": o, "tokens": len(r)} for t, o, r in zip(texts, decoded, outputs, strict=True)]
 
     def predict_entities(self, texts: list[str]) -> list[dict]:
         """Named entities in each text: the text split into words (``split_words``) as the model was trained, the tag
@@ -718,8 +836,12 @@ class Bundle:
         n = len(ref)
         if keep is not None:  # per-token outputs: real tokens only
             got, ref = got[keep], ref[keep]
-        diff = float(np.abs(got - ref).max())
-        agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        if spec.get("compare") == "tokens":  # generated ids: the share of identical outputs, and of differing tokens
+            diff = float((got != ref).mean())
+            agree = float((got == ref).all(-1).mean())
+        else:
+            diff = float(np.abs(got - ref).max())
+            agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
         return {
             "n": int(n),
             "max_abs_diff": diff,
@@ -755,7 +877,14 @@ def format_objects(result: dict) -> str:
     return f"{result['file']}\t{objects or '(no objects)'}"
 
 
+def format_output(result: dict) -> str:
+    """One tab-separated line: the input text, then the generated text."""
+    return f"{result['text']}\t{result['output']}"
+
+
 def format_result(result: dict) -> str:
+    if "output" in result:
+        return format_output(result)
     if "objects" in result:
         return format_objects(result)
     return format_entities(result) if "entities" in result else format_top(result)
@@ -788,6 +917,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--draw", metavar="PATH", help="detection: save each image with its boxes (a .png for one image, else a folder)"
     )
+    g = sub.add_parser("generate", help="seq2seq bundles: the generated text for each input text (greedy, KV cache)")
+    g.add_argument("texts", nargs="+", metavar="TEXT")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=None, help="stop after this many tokens (default: the bundle's)"
+    )
+    g.add_argument("--json", action="store_true", help="print JSON: [{text, output, tokens}]")
     v = sub.add_parser("verify", help="check this machine's outputs against the golden set built into the bundle")
     v.add_argument("--model", default="model.onnx", help="which model to check (default model.onnx)")
     v.add_argument("--json", action="store_true", help="print JSON instead of a line")
@@ -801,13 +936,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--providers", default="cpu", help="comma-separated: cpu, cuda, tensorrt, coreml, nnapi, ...")
     b.add_argument("--json", action="store_true", help="print JSON instead of a line")
     args = ap.parse_args(argv)
-    for name in ("top_k", "batch", "threads", "seq", "runs"):
-        if getattr(args, name, 1) < 1:
+    for name in ("top_k", "batch", "threads", "seq", "runs", "max_new_tokens"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if getattr(args, "warmup", 0) < 0:
         ap.error("--warmup must be >= 0")
     try:
-        if args.cmd == "predict":
+        if args.cmd == "generate":
+            bundle = Bundle(args.bundle)
+            if not isinstance(bundle.session, Generator):
+                raise BundleError("this bundle does not generate text: use predict")
+            results = bundle.generate(args.texts, args.max_new_tokens)
+            print(json.dumps(results, indent=2) if args.json else "\n".join(format_output(r) for r in results))
+        elif args.cmd == "predict":
             results = Bundle(args.bundle).predict(args.images, args.top_k, args.min_score)
             if args.draw and results and "objects" in results[0]:
                 one = len(args.images) == 1 and args.draw.lower().endswith(".png")

@@ -235,3 +235,39 @@ def detection_recipe(annotations: Path, size: int = 64) -> dict:
         "quantize": {"method": "ptq", "calibration_size": 16, "float_leading_convs": 0},
         "verify": {"runs": 5, "warmup": 2},
     }
+
+
+def write_pairs(path: Path, n: int = 320, seed: int = 0) -> Path:
+    """seq2seq pairs: two to four filler and sentiment words, the target the same words sorted (learnable by a tiny
+    encoder-decoder in a few epochs; the tokenizer is make_tiny_bert's)."""
+    rng = np.random.default_rng(seed)
+    words = FILLER + POS + NEG
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["source", "target"])
+        w.writeheader()
+        for _ in range(n):
+            picked = list(rng.choice(words, int(rng.integers(2, 5)), replace=False))
+            w.writerow({"source": " ".join(picked), "target": " ".join(sorted(picked))})
+    return path
+
+
+def seq2seq_recipe(bert: Path, data: Path) -> dict:
+    """The tiny BERT warm-started into an encoder-decoder, fine-tuned to sort words, ORT dynamic INT8."""
+    return {
+        "name": "tiny_seq2seq",
+        "seed": 0,
+        "task": {"kind": "seq2seq", "max_target_length": 8},
+        "backbone": {"name": f"hf:{bert}"},
+        "data": {
+            "kind": "csv",
+            "path": str(data),
+            "text_column": "source",
+            "target_column": "target",
+            "max_length": 8,
+            "batch_size": 16,
+        },
+        "finetune": {"strategy": "full", "epochs": 8, "lr": 0.005, "lr_decay": 1.0, "label_smoothing": 0.0},
+        "quantize": {"method": "ptq"},
+        "export": {"min_agreement": 0.9},
+        "verify": {"runs": 3, "warmup": 1},
+    }

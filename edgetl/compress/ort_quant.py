@@ -36,6 +36,28 @@ def quantize_onnx(
     float_leading: int = 0,
     float_tail: bool = False,
 ) -> Path:
+    """``quantize_file`` of ``src`` into ``dst``; a seq2seq model's decoder beside ``src`` is quantized beside ``dst``
+    (dynamic only: the decoder's activations depend on its own generated tokens, which no calibration set holds)."""
+    from edgetl.runner import decoder_path
+
+    decoder = decoder_path(src)
+    if decoder.is_file():
+        if calib is not None:
+            raise ValueError("static quantization of a seq2seq model: use ORT dynamic quantization (calib None)")
+        quantize_file(decoder, decoder_path(dst), None, cfg, reduce_range, op_types)
+    return quantize_file(src, dst, calib, cfg, reduce_range, op_types, float_leading, float_tail)
+
+
+def quantize_file(
+    src: Path,
+    dst: Path,
+    calib: list[dict] | None,
+    cfg: QuantizeCfg,
+    reduce_range: bool,
+    op_types: tuple[str, ...] | None = None,
+    float_leading: int = 0,
+    float_tail: bool = False,
+) -> Path:
     """ORT static quantization of ``src`` into QDQ ``dst``, calibrated on the ``calib`` feeds, with the first
     ``float_leading`` Convs left FP32 (and with ``float_tail`` everything after the last compute ops: a detector's
     reshapes and concatenation of box deltas and class logits); with ``calib`` None, ORT dynamic quantization (int8
@@ -78,6 +100,7 @@ def quantize_onnx(
                     per_channel=cfg.per_channel,
                     reduce_range=reduce_range,
                     op_types_to_quantize=ops,
+                    extra_options={"EnableSubgraph": True},  # inside If branches too (optimum's merged decoder)
                 )
             else:
                 quantize_static(

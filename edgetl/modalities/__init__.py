@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def modality_for(pre: dict, tokenizer: Any = None, words: bool = False):
-    """The modality of a backbone's preprocessing (``kind`` image or text); ``words``: the task reads word lists."""
+def modality_for(pre: dict, tokenizer: Any = None, words: bool = False, target: Any = None):
+    """The modality of a backbone's preprocessing (``kind`` image or text); ``words``: the task reads word lists;
+    ``target``: a tokenizer for target texts (seq2seq)."""
     if pre.get("kind") == "text":
         from edgetl.modalities.text import Text
 
-        return Text(pre, tokenizer, words)
+        return Text(pre, tokenizer, words, target)
     from edgetl.modalities.image import Image
 
     return Image(pre)

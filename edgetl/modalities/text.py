@@ -1,6 +1,8 @@
 """Texts: tokenized with the backbone's ``tokenizer.json`` through the runner's ``encode`` (the device's own code),
 truncated to ``max_length``, padded per batch to the longest example. With ``words`` (token classification) each
-example is a list of words and its targets are word tags, aligned to the first sub-token of each word."""
+example is a list of words and its targets are word tags, aligned to the first sub-token of each word. With a
+``target`` tokenizer (seq2seq) each example has a target text: training batches carry the decoder's inputs (the
+start token, then the target shifted right) and the target tokens as labels (-100 at padding)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,23 @@ class Text:
     supports_qat = False
     conv_placements = False
 
-    def __init__(self, pre: dict, tokenizer, words: bool = False):
+    def __init__(self, pre: dict, tokenizer, words: bool = False, target=None):
         self.pre = pre
         self.tokenizer = tokenizer
         self.words = words  # examples are word lists with one tag per word
+        self.target = target  # seq2seq: the tokenizer of target texts (truncated to task.max_target_length)
+
+    def labels(self, texts: list[str]) -> np.ndarray:
+        """Target token ids after the decoder's start token (a tokenizer that adds it, as BERT's [CLS], has it
+        dropped), ending with the end token; int64 [batch, longest], -100 at padding."""
+        from edgetl.tagging import IGNORE
+
+        start = self.pre["generation"]["start_id"]
+        rows = [e.ids[1:] if e.ids and e.ids[0] == start else e.ids for e in self.target.encode_batch(list(texts))]
+        out = np.full((len(rows), max(len(r) for r in rows)), IGNORE, np.int64)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
 
     def _encode(self, texts: list, pad_to: int | None = None):
         return encode(self.tokenizer, texts, self.pre, pad_to=pad_to, words=self.words)
@@ -32,6 +47,8 @@ class Text:
     def targets(self, split, batch: int = 64):
         """The targets ``feeds(split, batch)`` predictions are scored against, in the same order: class ids, or
         per-example token labels of each example's real length."""
+        if self.target is not None:
+            return [row for i in range(0, len(split), batch) for row in self.labels(split.targets[i : i + batch])]
         if not self.words:
             return split.labels
         out = []
@@ -110,6 +127,13 @@ class Text:
         def collate(idx: list[int]):
             feed, encs = self._encode([split.texts[i] for i in idx])
             x = {k: torch.from_numpy(v) for k, v in feed.items()}
+            if self.target is not None:
+                from edgetl.seq2seq import shift_right
+
+                y = torch.from_numpy(self.labels([split.targets[i] for i in idx]))
+                gen = self.pre["generation"]
+                x["decoder_input_ids"] = shift_right(y, gen["start_id"], gen["pad_id"])
+                return x, y
             if not self.words:
                 return x, torch.as_tensor(split.labels[idx])
             y = np.full(feed["input_ids"].shape, IGNORE, np.int64)  # token labels, padded like the batch

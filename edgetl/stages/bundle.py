@@ -26,7 +26,7 @@ from edgetl import __version__
 from edgetl.config import Recipe, recipe_to_dict
 from edgetl.measure import onnx_metadata
 from edgetl.report import versions, write_html, write_report
-from edgetl.runner import FORMAT, FORMAT_VERSION, GOLDEN, MANIFEST, sha256
+from edgetl.runner import FORMAT, FORMAT_VERSION, GOLDEN, MANIFEST, decoder_path, model_files, sha256
 from edgetl.state import FLOAT_ROLES, State, shipped_role
 
 GOLDEN_BYTES = 512 * 1024  # the golden set's inputs and outputs stay under this (1 to 32 examples)
@@ -51,7 +51,9 @@ def write_golden(state: State, recipe: Recipe, model: Path, int8: bool) -> dict:
     from edgetl.measure import ort_outputs
 
     arrays, feed = state.modality.golden(state.data.val, 32, GOLDEN_BYTES)
-    outputs = ort_outputs(model, [feed])[0].astype(np.float32)
+    outputs = ort_outputs(model, [feed])[0]
+    tokens = np.issubdtype(outputs.dtype, np.integer)  # generated ids (seq2seq): compared exactly, per output
+    outputs = outputs.astype(np.float32)
     each = (outputs.nbytes + sum(a.nbytes for a in arrays.values())) / len(outputs)
     k = max(1, min(len(outputs), int(GOLDEN_BYTES // each)))  # inputs + outputs under GOLDEN_BYTES
     arrays, outputs = {name: a[:k] for name, a in arrays.items()}, outputs[:k]
@@ -60,6 +62,8 @@ def write_golden(state: State, recipe: Recipe, model: Path, int8: bool) -> dict:
     scale = float(np.abs(outputs if positions is None else outputs[arrays[positions].astype(bool)]).max())
     atol = recipe.export.atol if recipe.export.atol is not None else state.backbone.contract.atol
     tolerance = atol + recipe.export.rtol * scale + (INT8_DEVICE_SLACK * scale if int8 else 0.0)
+    if tokens:  # the share of differing tokens may reach this; the share of identical outputs is the gate
+        tolerance = 1.0 - recipe.export.min_agreement
     layout, blob = {}, b""
     for name, a in [*arrays.items(), ("_outputs", outputs)]:
         a = np.ascontiguousarray(a)
@@ -72,6 +76,7 @@ def write_golden(state: State, recipe: Recipe, model: Path, int8: bool) -> dict:
         "inputs": {name: layout[name] for name in arrays},
         "outputs": layout["_outputs"],  # the shipped model's first output, float32, in golden.bin
         "positions": positions,  # an input whose nonzero entries mark the compared positions (None: all)
+        "compare": "tokens" if tokens else "values",  # token ids: equal or not; values: within the tolerance
         "tolerance": tolerance,
         "min_agreement": recipe.export.min_agreement,
     }
@@ -100,10 +105,13 @@ def run(state: State, recipe: Recipe) -> State:
     onnx = dict(state.onnx)
     shipped = shipped_role(state)
     if shipped is not None:
+        if decoder_path(out / onnx[shipped]).is_file():  # seq2seq: its decoder goes with it
+            os.replace(decoder_path(out / onnx[shipped]), decoder_path(out / "model.onnx"))
         os.replace(out / onnx[shipped], out / "model.onnx")
         for role, name in onnx.items():
             if role not in (shipped, "fp32"):
-                (out / name).unlink(missing_ok=True)
+                for f in model_files(out / name):
+                    f.unlink(missing_ok=True)
         for row in state.rows:
             row["in_bundle"] = row["stage"] in (shipped, "fp32")
             if row["stage"] == shipped:

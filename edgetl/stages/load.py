@@ -29,12 +29,19 @@ def run(state: State, recipe: Recipe) -> State:
 
         pre["max_length"] = recipe.data.max_length
         tokenizer = load_tokenizer(backbone.tokenizer_file, recipe.data.max_length)
-    modality = modality_for(pre, tokenizer, words=getattr(task, "words", False))
+    if getattr(task, "generates", False):  # seq2seq: target texts are tokenized too, and decoded for the metric
+        from edgetl.runner import load_tokenizer
+
+        task.tokenizer = load_tokenizer(backbone.tokenizer_file, recipe.task.max_target_length)
+    modality = modality_for(
+        pre, tokenizer, words=getattr(task, "words", False), target=getattr(task, "tokenizer", None)
+    )
     data = load_data(recipe.data, modality, recipe.seed, sources)
     if transfer > 0 and not data.n_spare:  # now, not after fine-tuning
         raise EdgetlError(NO_SPARE)
     print(
-        f"  {recipe.backbone.name}: {task.name}, {len(data.classes)} classes, "
+        f"  {recipe.backbone.name}: {task.name}, "
+        f"{f'{len(data.classes)} classes, ' if data.classes else ''}"
         f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}, {modality.describe()}"
     )
     return state.replace(task=task, modality=modality, data=data, backbone=backbone, tokenizer=tokenizer)

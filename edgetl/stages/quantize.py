@@ -165,7 +165,9 @@ def run(state: State, recipe: Recipe) -> State:
     candidates = {"ptq": score(ort_metric(task, ptq, *val))}
     history = None
     static = None
-    if not mod.static_int8 and cfg.try_static:  # dynamic vs static, measured here: the faster at no metric cost
+    if (
+        not mod.static_int8 and cfg.try_static and not getattr(task, "generates", False)
+    ):  # dynamic vs static, measured here: the faster at no metric cost
         static, static_path = _text_static(state, src, ptq, cfg, reduce_range, val, candidates["ptq"], feed1, threads)
         notes.append(static["note"])
         if static_path:

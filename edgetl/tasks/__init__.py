@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edgetl.errors import EdgetlError
 
-KINDS = ("classification", "token_classification", "detection")  # seq2seq follows the same protocol
+KINDS = ("classification", "token_classification", "detection", "seq2seq")
 
 
 def create_task(kind: str, classes: list[str], cfg=None):
@@ -21,6 +21,10 @@ def create_task(kind: str, classes: list[str], cfg=None):
         from edgetl.tasks.detection import Detection
 
         return Detection(classes, detector=getattr(cfg, "detector", "ssdlite"))
+    if kind == "seq2seq":
+        from edgetl.tasks.seq2seq import Seq2Seq
+
+        return Seq2Seq(getattr(cfg, "max_target_length", 64), getattr(cfg, "max_new_tokens", None))
     raise EdgetlError(f"task.kind '{kind}' is not implemented (known: {', '.join(KINDS)})")
 
 

@@ -1,0 +1,163 @@
+"""seq2seq: the warm start, the task's metrics, the data and recipe errors, and one tiny build end to end (fine-tune
+-> encoder + merged decoder ONNX -> dynamic INT8 of both -> verify -> bundle -> runner.py generate / verify)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgetl.config import recipe_from_dict
+from edgetl.errors import EdgetlError
+from tests.tiny import make_tiny_bert, seq2seq_recipe, write_pairs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("seq2seq")
+    return make_tiny_bert(d / "bert"), write_pairs(d / "pairs.csv")
+
+
+@pytest.fixture(scope="module")
+def built(tiny, tmp_path_factory):
+    from edgetl.pipeline import build
+
+    out = tmp_path_factory.mktemp("s2s_out") / "bundle"
+    state = build(recipe_from_dict(seq2seq_recipe(*tiny)), out)
+    return state, out
+
+
+def test_warm_start_encoder_computes_what_the_bert_encoder_computes(tiny):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from edgetl.seq2seq import warm_start
+
+    bert = AutoModel.from_pretrained(tiny[0]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny[0])
+    model = warm_start(bert, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id).eval()
+    enc = tok(["the movie was good", "bad"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = bert(**enc).last_hidden_state
+        got = model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    real = enc["attention_mask"].bool()
+    assert torch.allclose(got[real], want[real], atol=1e-3)  # LayerNorm epsilon 1e-5 vs BERT's 1e-12
+    # the decoder starts from the same layers; the LM head is the word embedding
+    assert torch.equal(model.model.decoder.layers[0].fc1.weight, bert.encoder.layer[0].intermediate.dense.weight)
+    assert model.lm_head.weight.data_ptr() == model.model.shared.weight.data_ptr()
+
+
+def test_metrics_come_from_sacrebleu_and_rouge(tiny):
+    from edgetl.runner import load_tokenizer
+    from edgetl.tasks.seq2seq import Seq2Seq
+
+    task = Seq2Seq(8)
+    task.tokenizer = load_tokenizer(tiny[0] / "tokenizer.json", 8)
+    task.ids = {"start_id": 2, "eos_id": 3, "pad_id": 0}
+    good = task.tokenizer.encode("the movie was good", add_special_tokens=False).ids
+    bad = task.tokenizer.encode("the film is bad", add_special_tokens=False).ids
+    ref = [np.array(good + [3]), np.array(bad + [3, 0, 0])]
+    assert task.score(ref, ref).value == pytest.approx(100.0)
+    wrong = [np.array(bad + [3]), np.array(bad + [3])]
+    half = task.details(wrong, ref)
+    assert half["exact_match"] == pytest.approx(50.0)
+    assert 0 < task.score(wrong, ref).value < 100
+    assert task.agreement(wrong, [np.array(bad), np.array(bad)]) == pytest.approx(100.0)  # ids cut at the end token
+
+
+def test_bad_data_and_recipes_are_one_line_errors(tiny, tmp_path):
+    from edgetl.pipeline import build
+
+    recipe = seq2seq_recipe(*tiny)
+    no_target = tmp_path / "x.csv"
+    no_target.write_text("source,answer\na,b\n")
+    with pytest.raises(EdgetlError, match="no column 'target'"):
+        build(recipe_from_dict({**recipe, "data": {**recipe["data"], "path": str(no_target)}}), tmp_path / "o1")
+    empty = tmp_path / "y.csv"
+    empty.write_text("source,target\na,b\nc,\n")
+    with pytest.raises(EdgetlError, match="row 2: empty text in column 'target'"):
+        build(recipe_from_dict({**recipe, "data": {**recipe["data"], "path": str(empty)}}), tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    with pytest.raises(EdgetlError, match="section 'prune': not implemented for seq2seq"):
+        recipe_from_dict({**recipe, "prune": {"ratio": 0.5}})
+    with pytest.raises(EdgetlError, match="seq2seq reads csv or jsonl"):
+        recipe_from_dict({**recipe, "data": {**recipe["data"], "kind": "rotten_tomatoes"}})
+
+
+def test_runtime_greedy_loop_equals_transformers_generate(built):
+    """runner.Generator (encoder + merged decoder, KV cache, numpy) gives transformers' greedy ids, token for
+    token, on the test texts; the INT8 decoder is really quantized."""
+    import onnx
+    import torch
+
+    from edgetl.measure import model_inputs
+    from edgetl.runner import Generator, session
+
+    state, out = built
+    feed = model_inputs(state.modality.feeds(state.data.test, batch=16)[0])
+    want = state.models["fp32"](*(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))).numpy()
+    gen = session(out / "model.fp32.onnx")
+    assert isinstance(gen, Generator)
+    assert (want != gen.pad).any()  # it generates something
+    np.testing.assert_array_equal(gen.run(None, feed)[0], want)
+    ops = {n.op_type for n in onnx.load(str(out / "model.decoder.onnx")).graph.node}
+    sub = {
+        n.op_type
+        for node in onnx.load(str(out / "model.decoder.onnx")).graph.node
+        for a in node.attribute
+        if a.g is not None
+        for n in a.g.node
+    }
+    assert "MatMulInteger" in ops | sub or "DynamicQuantizeLinear" in ops | sub
+
+
+def test_bundle_generates_and_verifies_on_the_device(built):
+    state, out = built
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"model.onnx", "model.decoder.onnx", "generation.json", "tokenizer.json"} <= set(manifest["files"])
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert rows["ptq"]["shipped"] and {"chrf", "rougeL", "exact_match"} <= set(rows["ptq"])
+    assert rows["ptq"]["size_mb"] < rows["fp32"]["size_mb"]  # encoder + decoder, both INT8
+    # the device path (tokenize, generate, detokenize) gives what the build decodes from the same model's ids; one
+    # text at a time: dynamic INT8 quantizes activations per batch, so padding in a batch may change a token
+    from edgetl.runner import session
+
+    text = state.data.test.texts[0]
+    feed = state.modality.feeds(state.data.test, batch=1, limit=1)[0]
+    want = state.task.texts(state.task.decode(session(out / "model.onnx").run(None, feed)[0]))
+    run = subprocess.run(
+        [sys.executable, str(out / "runner.py"), str(out), "generate", text, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = json.loads(run.stdout)
+    assert [g["output"] for g in got] == want and got[0]["text"] == text
+    assert len(report["metrics"]["verify"]["examples"]) == state.task.n_examples
+    ok = subprocess.run([sys.executable, str(out / "runner.py"), str(out), "verify"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout
+
+
+def test_golden_tokens_are_compared_exactly(built, tmp_path):
+    import shutil
+
+    from edgetl.runner import Bundle
+
+    _, out = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    spec = json.loads((copy / "golden.json").read_text())
+    assert spec["compare"] == "tokens"
+    blob = bytearray((copy / "golden.bin").read_bytes())
+    o = spec["outputs"]
+    ids = np.frombuffer(bytes(blob), np.float32, int(np.prod(o["shape"])), o["offset"]).reshape(o["shape"]).copy()
+    ids[:, 0] += 1  # every golden output's first token changed
+    blob[o["offset"] : o["offset"] + ids.nbytes] = ids.tobytes()
+    (copy / "golden.bin").write_bytes(bytes(blob))
+    result = Bundle(copy, check=False).verify_golden()
+    assert not result["passed"] and result["top1_agreement"] == 0.0
