@@ -269,17 +269,6 @@ def bench_text(runs: int, quick: bool, bundle: Path | None = None, key: str = "m
     return out
 
 
-class FixedGeneration:
-    """A seq2seq model's generation timed as one call: exactly ``tokens`` decoder steps (no early stop at the end
-    token, so every variant does the same work); ``tokens`` 1 is the time to the first token."""
-
-    def __init__(self, generator, tokens: int):
-        self.generator, self.tokens = generator, tokens
-
-    def run(self, _outputs, feed):
-        return self.generator.run(None, feed, max_new_tokens=self.tokens, stop_at_eos=False)
-
-
 def bench_seq2seq(runs: int, bundle: Path, tokens: int = 32) -> list[dict]:
     """seq2seq rows on the seq2seq demo's bundle: ORT FP32 | optimum ORTQuantizer dynamic INT8 of the encoder and
     the merged decoder (one file at a time, its defaults) | edgetl's shipped INT8; BLEU on the bundle's test split
@@ -328,7 +317,7 @@ def bench_seq2seq(runs: int, bundle: Path, tokens: int = 32) -> list[dict]:
     for label, n in (("first token", 1), (f"{tokens} tokens", tokens)):
         lat = {}
         for threads in (1, 2):
-            sessions = {name: FixedGeneration(session(p, threads=threads), n) for name, p in variants.items()}
+            sessions = {name: session(p, threads=threads).fixed(n) for name, p in variants.items()}
             lat[threads] = interleaved_latency(sessions, feed, runs=runs, warmup=3)
         for name, r in rows.items():
             out.append(

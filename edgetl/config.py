@@ -40,6 +40,10 @@ class TaskCfg:
     # token or after max_new_tokens (None: max_target_length)
     max_target_length: int = 64
     max_new_tokens: int | None = None
+    num_beams: int = 1  # seq2seq: 1 = greedy; more = beam search (transformers' semantics, in the runtime too)
+    # seq2seq: the metric the gates and early stopping use (all four are in the report): corpus BLEU or chrF
+    # (sacrebleu), ROUGE-L F (rouge-score), exact match (percent of outputs equal to the reference)
+    metric: Literal["bleu", "chrf", "rougeL", "exact_match"] = "bleu"
 
 
 @dataclass(frozen=True)
@@ -409,6 +413,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_length": (_at_least(2), ">= 2"),
     "task.max_target_length": (_at_least(2), ">= 2"),
     "task.max_new_tokens": (_at_least(1), ">= 1"),
+    "task.num_beams": (lambda v: 1 <= v <= 16, "between 1 and 16"),
     "data.augment.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "finetune.epochs": (_at_least(1), ">= 1"),
     "finetune.lr": (lambda v: v > 0, "> 0"),

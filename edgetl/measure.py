@@ -120,13 +120,16 @@ def measure_row(task, path, model, batches: list[dict], targets, teacher_pred, t
         row["params"], row["macs"] = count_params_macs(model, batches[0])
     from edgetl.runner import model_files
 
-    row["size_mb"] = sum(f.stat().st_size for f in model_files(path)) / 1e6  # a seq2seq model: encoder + decoder
+    files = model_files(path)  # a seq2seq model: encoder + decoder
+    row["size_mb"] = sum(f.stat().st_size for f in files) / 1e6
+    if len(files) > 1:
+        row["component_mb"] = {"encoder": files[0].stat().st_size / 1e6, "decoder": files[1].stat().st_size / 1e6}
     return row
 
 
 def add_latency(rows: list[dict], workdir, feed: dict, threads: int, runs: int, warmup: int) -> None:
     """Batch-1 ORT latency of every row, all models measured interleaved so noise hits them alike."""
-    from edgetl.runner import interleaved_latency, session
+    from edgetl.runner import Generator, interleaved_latency, session
 
     sessions = {r["stage"]: session(workdir / r["file"], threads=threads) for r in rows}
     lat = interleaved_latency(sessions, feed, runs=runs, warmup=warmup)
@@ -135,6 +138,17 @@ def add_latency(rows: list[dict], workdir, feed: dict, threads: int, runs: int, 
         r.update(p50_ms=lat[r["stage"]]["p50_ms"], p90_ms=lat[r["stage"]]["p90_ms"], threads=threads)
         if fp32:
             r["speedup_vs_fp32"] = fp32["p50_ms"] / r["p50_ms"]
+    if all(isinstance(s, Generator) for s in sessions.values()):  # seq2seq: time to first token, tokens per second
+        n = GENERATED_TOKENS
+        first = interleaved_latency({k: s.fixed(1) for k, s in sessions.items()}, feed, runs=runs, warmup=2)
+        full = interleaved_latency({k: s.fixed(n) for k, s in sessions.items()}, feed, runs=max(runs // 4, 3), warmup=1)
+        for r in rows:
+            r["ttft_ms"] = first[r["stage"]]["p50_ms"]
+            r["tokens_per_s"] = n * 1e3 / full[r["stage"]]["p50_ms"]
+            r["generated_tokens"] = n
+
+
+GENERATED_TOKENS = 32  # seq2seq tokens per second: the time of this many decoder steps at batch 1
 
 
 def speedup(fp32, int8, feed: dict, runs: int = 60, threads: int = 1) -> float:

@@ -28,6 +28,8 @@ COLUMNS = {
     "p50_ms": "p50 ms",
     "p90_ms": "p90 ms",
     "speedup_vs_fp32": "speed-up vs fp32",
+    "ttft_ms": "first token ms",
+    "tokens_per_s": "tokens / s",
     "shipped": "ships",
 }
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}

@@ -371,19 +371,23 @@ def model_files(model_path: str | Path) -> list[Path]:
 
 
 class Generator:
-    """Greedy generation with a KV cache on ONNX Runtime, the loop a device runs: the encoder once, then the merged
-    decoder one token at a time (its first call without past key values, ``use_cache_branch`` false; later calls
-    feed back the present keys / values). ``run(None, feed)`` returns ``[ids]``: int64 [batch, max_new_tokens], the
-    tokens after the start token, the end token included, then padding, as transformers' ``generate`` returns them,
-    so it stands wherever an ORT session stands (latency, parity, the golden set)."""
+    """Generation with a KV cache on ONNX Runtime, the loop a device runs: the encoder once, then the merged decoder
+    one token at a time (its first call without past key values, ``use_cache_branch`` false; later calls feed back
+    the present keys / values). Greedy, or beam search with ``num_beams`` > 1 (transformers' beam search: the top
+    2 x beams continuations per step, finished hypotheses scored by log-probability / length ** length_penalty,
+    early stopping once every beam has finished; the cache reordered with the beams). ``run(None, feed)`` returns
+    ``[ids]``: int64 [batch, max_new_tokens], the tokens after the start token, the end token included, then padding,
+    as transformers' ``generate`` returns them, so it stands wherever an ORT session stands (latency, parity, the
+    golden set)."""
 
     def __init__(self, encoder, decoder, generation: dict):
         self.encoder, self.decoder = encoder, decoder
         self.start, self.eos, self.pad = (int(generation[k]) for k in ("start_id", "eos_id", "pad_id"))
         self.max_new_tokens = int(generation["max_new_tokens"])
+        self.num_beams = int(generation.get("num_beams", 1))
+        self.length_penalty = float(generation.get("length_penalty", 1.0))
         self.past = {i.name: i.shape for i in decoder.get_inputs() if i.name.startswith("past_key_values.")}
         self.outputs = [o.name for o in decoder.get_outputs()]
-        self.steps = 0  # decoder calls of the last run (tokens per second = steps / time)
 
     def get_inputs(self):
         return self.encoder.get_inputs()
@@ -391,47 +395,115 @@ class Generator:
     def get_providers(self):
         return self.encoder.get_providers()
 
-    def run(
-        self, output_names, feed: dict, max_new_tokens: int | None = None, stop_at_eos: bool = True
-    ) -> list[np.ndarray]:
-        """Generated ids; ``stop_at_eos`` false: exactly ``max_new_tokens`` decoder steps (benchmarks)."""
+    def fixed(self, tokens: int):
+        """This generator as a session whose ``run`` makes exactly ``tokens`` greedy decoder steps (no early stop at
+        the end token: every model timed does the same work); 1 times the first token (encoder + one decoder step)."""
+        gen = self
+
+        class Fixed:
+            def run(self, output_names, feed):
+                return gen.run(output_names, feed, max_new_tokens=tokens, stop_at_eos=False, num_beams=1)
+
+        return Fixed()
+
+    def _start(self, feed: dict, repeat: int):
+        """Encoder states and attention mask (each row ``repeat`` times, for beams) and an empty past."""
         mask = feed["attention_mask"]
         hidden = self.encoder.run(None, {k: feed[k] for k in ("input_ids", "attention_mask")})[0]
-        batch = len(mask)
-        past = {}
-        for name, shape in self.past.items():  # empty past for the first call (its branch does not read it)
-            heads, width = shape[1], shape[3]
-            past[name] = np.zeros((batch, heads, 0, width), np.float32)
+        hidden, mask = np.repeat(hidden, repeat, axis=0), np.repeat(mask, repeat, axis=0)
+        past = {n: np.zeros((len(mask), shape[1], 0, shape[3]), np.float32) for n, shape in self.past.items()}
+        return hidden, mask, past
+
+    def _step(self, token: np.ndarray, hidden, mask, past: dict, step: int) -> np.ndarray:
+        """One decoder call: the last position's logits; ``past`` updated in place with the present keys / values."""
+        res = self.decoder.run(
+            None,
+            {
+                "input_ids": token,
+                "encoder_hidden_states": hidden,
+                "encoder_attention_mask": mask,
+                "use_cache_branch": np.array([step > 0]),
+                **past,
+            },
+        )
+        for name, value in zip(self.outputs[1:], res[1:], strict=True):
+            key = name.replace("present.", "past_key_values.", 1)
+            if step == 0 or ".decoder." in key:  # the encoder's keys / values are fixed after the first call
+                past[key] = value
+        return res[0][:, -1].astype(np.float32)
+
+    def run(
+        self,
+        output_names,
+        feed: dict,
+        max_new_tokens: int | None = None,
+        stop_at_eos: bool = True,
+        num_beams: int | None = None,
+    ) -> list[np.ndarray]:
+        """Generated ids; ``stop_at_eos`` false: exactly ``max_new_tokens`` greedy decoder steps (benchmarks)."""
         width = max_new_tokens or self.max_new_tokens
+        beams = self.num_beams if num_beams is None else num_beams
+        if beams > 1:
+            return [self._beam_search(feed, width, beams)]
+        hidden, mask, past = self._start(feed, 1)
+        batch = len(mask)
         out = np.full((batch, width), self.pad, np.int64)
         token = np.full((batch, 1), self.start, np.int64)
         done = np.zeros(batch, bool)
-        self.steps = 0
         for step in range(width):
-            res = self.decoder.run(
-                None,
-                {
-                    "input_ids": token,
-                    "encoder_hidden_states": hidden,
-                    "encoder_attention_mask": mask,
-                    "use_cache_branch": np.array([step > 0]),
-                    **past,
-                },
-            )
-            self.steps += 1
-            nxt = res[0][:, -1].argmax(-1)
+            nxt = self._step(token, hidden, mask, past, step).argmax(-1)
             if stop_at_eos:
                 nxt[done] = self.pad
             out[:, step] = nxt
             done |= nxt == self.eos
             if done.all() and stop_at_eos:
                 break
-            for name, value in zip(self.outputs[1:], res[1:], strict=True):
-                key = name.replace("present.", "past_key_values.", 1)
-                if step == 0 or ".decoder." in key:  # the encoder's keys / values are fixed after the first call
-                    past[key] = value
             token = nxt[:, None].astype(np.int64)
         return [out]
+
+    def _beam_search(self, feed: dict, width: int, k: int) -> np.ndarray:
+        """transformers' beam search (``_beam_search``, early_stopping true), step for step, in numpy."""
+        hidden, mask, past = self._start(feed, k)
+        batch, keep, length = len(mask) // k, 2 * k, width + 1  # 1: the start token
+        running = np.full((batch, k, length), self.pad, np.int64)
+        running[:, :, 0] = self.start
+        best = running.copy()
+        run_scores = np.zeros((batch, k), np.float32)
+        run_scores[:, 1:] = -1e9
+        scores = np.full((batch, k), -1e9, np.float32)
+        finished = np.zeros((batch, k), bool)
+        open_ = np.ones((batch, 1), bool)  # the early-stop heuristic: a running beam may still beat a finished one
+        first_k = np.arange(keep) < k
+        rows = np.arange(batch)[:, None]
+        for cur in range(1, length):
+            logits = self._step(running[:, :, cur - 1].reshape(-1, 1), hidden, mask, past, cur - 1)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            vocab = logp.shape[-1]
+            total = (logp.reshape(batch, k, vocab) + run_scores[:, :, None]).reshape(batch, k * vocab)
+            top = np.argsort(-total, axis=1, kind="stable")[:, :keep]
+            top_lp, top_beam, top_ids = total[rows, top], top // vocab, top % vocab
+            top_seqs = running[rows, top_beam].copy()
+            top_seqs[:, :, cur] = top_ids
+            hits = (top_ids == self.eos) | (cur + 1 >= length)
+            alive = top_lp + hits * np.float32(-1e9)
+            nxt = np.argsort(-alive, axis=1, kind="stable")[:, :k]
+            running, run_scores, source = top_seqs[rows, nxt], alive[rows, nxt], top_beam[rows, nxt]
+            norm = top_lp / np.float32(cur**self.length_penalty)
+            norm = norm + (finished.all(1, keepdims=True) | ~open_ | ~(hits & first_k)) * np.float32(-1e9)
+            merged = np.concatenate([scores, norm], 1)
+            pick = np.argsort(-merged, axis=1, kind="stable")[:, :k]
+            best = np.concatenate([best, top_seqs], 1)[rows, pick]
+            scores = merged[rows, pick]
+            finished = np.concatenate([finished, hits & first_k], 1)[rows, pick]
+            order = (source + np.arange(batch)[:, None] * k).reshape(-1)  # the cache follows the beams
+            for name in past:
+                past[name] = past[name][order]
+            worst = np.where(finished, scores.min(1, keepdims=True), np.float32(-1e9))
+            open_ &= (run_scores[:, :1] / np.float32(cur**self.length_penalty) > worst).any(-1, keepdims=True)
+            if not open_.any() or finished.all() or hits.all():
+                break
+        return best[:, 0, 1:]
 
 
 def feed_for(sess, batch: int, seq: int = 128, rng: np.random.Generator | None = None) -> dict:
@@ -716,12 +788,13 @@ class Bundle:
             return self.predict_boxes(inputs, min_score)
         return self.predict_texts(inputs, top_k) if self.tokenizer else self.predict_files(inputs, top_k)
 
-    def generate(self, texts: list[str], max_new_tokens: int | None = None) -> list[dict]:
-        """Each text's generated output (greedy, KV cache: ``Generator``), decoded by the bundle's tokenizer."""
+    def generate(self, texts: list[str], max_new_tokens: int | None = None, num_beams: int | None = None) -> list[dict]:
+        """Each text's generated output (greedy or beam search, KV cache: ``Generator``), decoded by the bundle's
+        tokenizer."""
         if any(not t.strip() for t in texts):
             raise BundleError("empty text")
         feed = encode_texts(self.tokenizer, list(texts), self.preprocess)
-        ids = self.session.run(None, feed, max_new_tokens=max_new_tokens)[0]
+        ids = self.session.run(None, feed, max_new_tokens=max_new_tokens, num_beams=num_beams)[0]
         outputs = [
             row[: np.flatnonzero(row == self.session.eos)[0]] if (row == self.session.eos).any() else row for row in ids
         ]
@@ -922,6 +995,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--max-new-tokens", type=int, default=None, help="stop after this many tokens (default: the bundle's)"
     )
+    g.add_argument("--num-beams", type=int, default=None, help="beam search width (default: the bundle's; 1 = greedy)")
     g.add_argument("--json", action="store_true", help="print JSON: [{text, output, tokens}]")
     v = sub.add_parser("verify", help="check this machine's outputs against the golden set built into the bundle")
     v.add_argument("--model", default="model.onnx", help="which model to check (default model.onnx)")
@@ -936,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--providers", default="cpu", help="comma-separated: cpu, cuda, tensorrt, coreml, nnapi, ...")
     b.add_argument("--json", action="store_true", help="print JSON instead of a line")
     args = ap.parse_args(argv)
-    for name in ("top_k", "batch", "threads", "seq", "runs", "max_new_tokens"):
+    for name in ("top_k", "batch", "threads", "seq", "runs", "max_new_tokens", "num_beams"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if getattr(args, "warmup", 0) < 0:
@@ -946,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
             bundle = Bundle(args.bundle)
             if not isinstance(bundle.session, Generator):
                 raise BundleError("this bundle does not generate text: use predict")
-            results = bundle.generate(args.texts, args.max_new_tokens)
+            results = bundle.generate(args.texts, args.max_new_tokens, args.num_beams)
             print(json.dumps(results, indent=2) if args.json else "\n".join(format_output(r) for r in results))
         elif args.cmd == "predict":
             results = Bundle(args.bundle).predict(args.images, args.top_k, args.min_score)

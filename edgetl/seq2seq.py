@@ -2,13 +2,15 @@
 a pretrained BERT-family encoder into one when no seq2seq checkpoint is at hand.
 
 Warm start (Rothe et al. 2020, "Leveraging Pre-trained Checkpoints for Sequence Generation Tasks", BERT2BERT): encoder
-and decoder both start from the encoder's weights, the decoder's cross-attention is new, the LM head is tied to the
-word embeddings. transformers' ``EncoderDecoderModel`` builds exactly that, but optimum's exporter refuses a BERT
-decoder with past key values (no KV cache on the device), so the same weights are placed in transformers'
-``BartForConditionalGeneration``: BERT and BART layers are the same post-LayerNorm blocks (q / k / v / output
-projection, LayerNorm, GELU FFN, LayerNorm), BART's learned positions start at offset 2 and BERT's token-type-0
-embedding folds into them. The encoder then computes what the BERT encoder computes (up to LayerNorm's epsilon:
-BERT 1e-12, BART 1e-5; tested), and optimum exports it with a KV cache (``text2text-generation-with-past``).
+and decoder both start from the encoder's weights, the LM head is tied to the word embeddings. BERT2BERT starts the
+cross-attention random; here it starts as a copy of the same layer's self-attention (query / key / value / output and
+its LayerNorm), a query-key map that already attends by content, which on CPU budgets leaves the loss plateau of a
+randomly attending decoder sooner (docs/benchmarks.md). transformers' ``EncoderDecoderModel`` builds BERT2BERT, but
+optimum's exporter refuses a BERT decoder with past key values (no KV cache on the device), so the weights are placed
+in transformers' ``BartForConditionalGeneration``: BERT and BART layers are the same post-LayerNorm blocks (q / k / v /
+output projection, LayerNorm, GELU FFN, LayerNorm), BART's learned positions start at offset 2 and BERT's token-type-0
+embedding folds into them. The encoder then computes what the BERT encoder computes (up to LayerNorm's epsilon: BERT
+1e-12, BART 1e-5; tested), and optimum exports it with a KV cache (``text2text-generation-with-past``).
 
 ``Seq2Seq`` is what the pipeline trains and exports: ``forward(input_ids, attention_mask, decoder_input_ids)`` gives
 teacher-forced logits (the one ``fit`` loop trains it like any other model); without ``decoder_input_ids`` it
@@ -39,7 +41,8 @@ def is_seq2seq_checkpoint(config) -> bool:
 
 def warm_start(encoder, bos_id: int, eos_id: int, pad_id: int, dropout: float | None = None):
     """A ``BartForConditionalGeneration`` whose encoder and decoder both carry ``encoder``'s (a BERT-family
-    ``PreTrainedModel``) weights; cross-attention freshly initialised, LM head tied to the word embeddings."""
+    ``PreTrainedModel``) weights, the decoder's cross-attention a copy of its self-attention (BERT2BERT starts it
+    random), the LM head tied to the word embeddings."""
     import torch
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -96,6 +99,12 @@ def warm_start(encoder, bos_id: int, eos_id: int, pad_id: int, dropout: float | 
             for src, dst in _LAYER.items():
                 for w in ("weight", "bias"):
                     mapped[f"model.{side}.layers.{i}.{dst}.{w}"] = bert[f"{prefix}encoder.layer.{i}.{src}.{w}"]
+        for i in range(c.num_hidden_layers) if side == "decoder" else ():
+            for src, dst in _LAYER.items():  # cross-attention starts as a copy of the layer's self-attention
+                if dst.startswith("self_attn"):
+                    cross = dst.replace("self_attn", "encoder_attn")
+                    for w in ("weight", "bias"):
+                        mapped[f"model.decoder.layers.{i}.{cross}.{w}"] = bert[f"{prefix}encoder.layer.{i}.{src}.{w}"]
     for key, value in mapped.items():
         if new[key].shape != value.shape:
             raise EdgetlError(
@@ -139,7 +148,7 @@ def seq2seq_module():
                     num_beams=opts.get("num_beams", 1),
                     do_sample=False,
                     early_stopping=True,
-                    length_penalty=1.0,
+                    length_penalty=opts.get("length_penalty", 1.0),
                     no_repeat_ngram_size=0,
                     min_length=0,
                     decoder_start_token_id=cfg.decoder_start_token_id,
@@ -151,7 +160,9 @@ def seq2seq_module():
             width = opts["max_new_tokens"]
             padded = torch.full((out.shape[0], width), cfg.pad_token_id, dtype=torch.int64)
             padded[:, : out.shape[1]] = out[:, :width]
-            return padded
+            # after the end token: padding (beam search fills with the end token where the pad id is 0)
+            after = (padded == cfg.eos_token_id).int().cumsum(1) - (padded == cfg.eos_token_id).int() > 0
+            return padded.masked_fill(after, cfg.pad_token_id)
 
     return Seq2Seq
 

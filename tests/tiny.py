@@ -267,7 +267,9 @@ def seq2seq_recipe(bert: Path, data: Path) -> dict:
             "batch_size": 16,
         },
         "finetune": {"strategy": "full", "epochs": 8, "lr": 0.005, "lr_decay": 1.0, "label_smoothing": 0.0},
-        "quantize": {"method": "ptq"},
+        # INT8 ships whatever its speed: on a model this small it is about as fast as FP32, and the test must not
+        # depend on timing noise
+        "quantize": {"method": "ptq", "require_speedup": False},
         "export": {"min_agreement": 0.9},
         "verify": {"runs": 3, "warmup": 1},
     }

@@ -99,7 +99,8 @@ def run(state: State, recipe: Recipe) -> State:
         print(
             f"  {r['stage']:>9}: {r['metric']} torch {r['metric_torch']:.2f} ort {r['metric_ort']:.2f}  "
             f"agree {r['agreement']:.1f}%  p50 {r['p50_ms']:.2f} ms  {r['size_mb']:.2f} MB"
-            f"{'  <- ships' if r['shipped'] else ''}"
+            + (f"  first token {r['ttft_ms']:.2f} ms  {r['tokens_per_s']:.0f} tokens/s" if "ttft_ms" in r else "")
+            + f"{'  <- ships' if r['shipped'] else ''}"
         )
     for p in providers:
         print(f"  {p['provider']}: p50 {p['p50_ms']:.2f} ms, agreement with CPU {p['agreement_vs_cpu']:.1f}%")

@@ -24,7 +24,12 @@ def create_task(kind: str, classes: list[str], cfg=None):
     if kind == "seq2seq":
         from edgetl.tasks.seq2seq import Seq2Seq
 
-        return Seq2Seq(getattr(cfg, "max_target_length", 64), getattr(cfg, "max_new_tokens", None))
+        return Seq2Seq(
+            getattr(cfg, "max_target_length", 64),
+            getattr(cfg, "max_new_tokens", None),
+            getattr(cfg, "num_beams", 1),
+            getattr(cfg, "metric", "bleu"),
+        )
     raise EdgetlError(f"task.kind '{kind}' is not implemented (known: {', '.join(KINDS)})")
 
 

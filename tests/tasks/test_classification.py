@@ -65,8 +65,10 @@ def test_head_losses_and_output_check(task):
 
 
 def test_registry_and_report_sections():
-    with pytest.raises(EdgetlError, match="task.kind 'seq2seq' is not implemented"):
-        create_task("seq2seq", [])
+    with pytest.raises(EdgetlError, match="task.kind 'ranking' is not implemented"):
+        create_task("ranking", [])
+    assert create_task("seq2seq", []).metric_name == "BLEU"
+    assert [t for t, _ in report_sections("seq2seq")][0] == "Generation metrics"
     assert [t for t, _ in report_sections("detection")][0] == "Average precision per class"
     titles = [t for t, _ in report_sections("classification")]
     assert "Confusion matrix (shipped model)" in titles

@@ -48,6 +48,8 @@ def test_warm_start_encoder_computes_what_the_bert_encoder_computes(tiny):
     # the decoder starts from the same layers; the LM head is the word embedding
     assert torch.equal(model.model.decoder.layers[0].fc1.weight, bert.encoder.layer[0].intermediate.dense.weight)
     assert model.lm_head.weight.data_ptr() == model.model.shared.weight.data_ptr()
+    cross, own = model.model.decoder.layers[1].encoder_attn, bert.encoder.layer[1].attention.self
+    assert torch.equal(cross.k_proj.weight, own.key.weight)  # cross-attention starts as the self-attention
 
 
 def test_metrics_come_from_sacrebleu_and_rouge(tiny):
@@ -66,6 +68,9 @@ def test_metrics_come_from_sacrebleu_and_rouge(tiny):
     assert half["exact_match"] == pytest.approx(50.0)
     assert 0 < task.score(wrong, ref).value < 100
     assert task.agreement(wrong, [np.array(bad), np.array(bad)]) == pytest.approx(100.0)  # ids cut at the end token
+    em = Seq2Seq(8, metric="exact_match")
+    em.tokenizer, em.ids = task.tokenizer, task.ids
+    assert em.metric_name == "exact match" and em.score(wrong, ref).value == pytest.approx(50.0)
 
 
 def test_bad_data_and_recipes_are_one_line_errors(tiny, tmp_path):
@@ -114,6 +119,23 @@ def test_runtime_greedy_loop_equals_transformers_generate(built):
     assert "MatMulInteger" in ops | sub or "DynamicQuantizeLinear" in ops | sub
 
 
+def test_runtime_beam_search_equals_transformers_beam_search(built):
+    """num_beams 3: the runtime's numpy beam search (cache reordered with the beams) gives transformers' output."""
+    import torch
+
+    from edgetl.measure import model_inputs
+    from edgetl.runner import session
+
+    state, out = built
+    feed = model_inputs(state.modality.feeds(state.data.test, batch=16)[0])
+    ids, mask = (torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
+    want = state.models["fp32"].generate(ids, mask, num_beams=3).numpy()
+    got = session(out / "model.fp32.onnx").run(None, feed, num_beams=3)[0]
+    np.testing.assert_array_equal(got, want)
+    greedy = state.models["fp32"](ids, mask).numpy()
+    assert not np.array_equal(want, greedy)  # the beams found other outputs than greedy search on some inputs
+
+
 def test_bundle_generates_and_verifies_on_the_device(built):
     state, out = built
     manifest = json.loads((out / "manifest.json").read_text())
@@ -122,6 +144,9 @@ def test_bundle_generates_and_verifies_on_the_device(built):
     rows = {r["stage"]: r for r in report["rows"]}
     assert rows["ptq"]["shipped"] and {"chrf", "rougeL", "exact_match"} <= set(rows["ptq"])
     assert rows["ptq"]["size_mb"] < rows["fp32"]["size_mb"]  # encoder + decoder, both INT8
+    for part in ("encoder", "decoder"):
+        assert rows["ptq"]["component_mb"][part] < rows["fp32"]["component_mb"][part]
+    assert rows["ptq"]["tokens_per_s"] > 0 and rows["ptq"]["ttft_ms"] > 0
     # the device path (tokenize, generate, detokenize) gives what the build decodes from the same model's ids; one
     # text at a time: dynamic INT8 quantizes activations per batch, so padding in a batch may change a token
     from edgetl.runner import session
