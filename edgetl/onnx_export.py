@@ -76,6 +76,7 @@ def _torch_export(model, contract, path: Path, sample: dict, opset: int) -> None
 def _optimum_export(wrapper, path: Path, opset: int, task: str) -> bool:
     """optimum's exporter for the wrapped transformers model; False where optimum is missing or has no config for
     the architecture, so torch.onnx.export takes over."""
+    import copy
     import shutil
     import tempfile
 
@@ -90,7 +91,10 @@ def _optimum_export(wrapper, path: Path, opset: int, task: str) -> bool:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                onnx_export_from_model(wrapper.model, tmp, opset=opset, task=task, do_validation=False)
+                # a copy: optimum's seq2seq export leaves the model's configs changed (T5's encoder then refuses
+                # generate's use_cache)
+                model = copy.deepcopy(wrapper.model) if task.startswith("text2text") else wrapper.model
+                onnx_export_from_model(model, tmp, opset=opset, task=task, do_validation=False)
             except (ValueError, KeyError, NotImplementedError):
                 return False
             if (Path(tmp) / "encoder_model.onnx").is_file():  # seq2seq: the encoder, and the merged decoder beside it

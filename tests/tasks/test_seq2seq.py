@@ -186,3 +186,39 @@ def test_golden_tokens_are_compared_exactly(built, tmp_path):
     (copy / "golden.bin").write_bytes(bytes(blob))
     result = Bundle(copy, check=False).verify_golden()
     assert not result["passed"] and result["top1_agreement"] == 0.0
+
+
+def test_a_t5_checkpoint_builds_and_its_runtime_loop_equals_generate(tiny, tmp_path):
+    """The seq2seq-checkpoint path (AutoModelForSeq2SeqLM; T5: decoder start = pad, relative positions), offline: a
+    randomly initialised 2-layer T5 with the tiny BERT's tokenizer, built end to end; its exported encoder + merged
+    decoder generate what transformers generates."""
+    import torch
+    from transformers import BertTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    from edgetl.measure import model_inputs
+    from edgetl.pipeline import build
+    from edgetl.runner import session
+
+    tok = BertTokenizerFast.from_pretrained(tiny[0])
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=tok.vocab_size,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    recipe = seq2seq_recipe(tmp_path / "t5", tiny[1])
+    recipe["finetune"]["epochs"] = 2
+    state = build(recipe_from_dict(recipe), tmp_path / "out")
+    assert (tmp_path / "out" / "model.decoder.onnx").is_file()
+    assert json.loads((tmp_path / "out" / "generation.json").read_text())["start_id"] == tok.pad_token_id
+    feed = model_inputs(state.modality.feeds(state.data.test, batch=16)[0])
+    want = state.models["fp32"](*(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))).numpy()
+    np.testing.assert_array_equal(session(tmp_path / "out" / "model.fp32.onnx").run(None, feed)[0], want)
