@@ -113,7 +113,8 @@ async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx'
     }
   }
   const labels = read('labels.json');
-  if (!Array.isArray(labels) || !labels.length || !labels.every((x) => typeof x === 'string')) {
+  const generates = preprocess.task === 'seq2seq'; // generates text: no class names
+  if (!Array.isArray(labels) || !(labels.length || generates) || !labels.every((x) => typeof x === 'string')) {
     throw new BundleError('labels.json must be a non-empty list of class names');
   }
   if (manifest && preprocess.kind === 'text' && !(preprocess.tokenizer in manifest.files)) {
@@ -122,9 +123,21 @@ async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx'
   if ((preprocess.layout || 'NCHW') !== 'NCHW' || (preprocess.channels || 3) !== 3) {
     throw new BundleError(`unsupported preprocess layout ${preprocess.layout} / channels ${preprocess.channels}`);
   }
-  const session = await ort.InferenceSession.create(safeName(dir, model), {
+  const options = {
     executionProviders: ['cpu'], intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'all',
-  });
+  };
+  const session = await ort.InferenceSession.create(safeName(dir, model), options);
+  let [decoder, generation] = [null, null]; // seq2seq: the merged decoder beside the encoder, and its token ids
+  if (generates) {
+    const name = model.replace(/\.onnx$/, '.decoder.onnx');
+    for (const file of [name, preprocess.generation]) {
+      if (manifest && !(file in manifest.files)) {
+        throw new BundleError(`manifest.json does not list ${file}: incomplete or tampered bundle`);
+      }
+    }
+    decoder = await ort.InferenceSession.create(safeName(dir, name), options);
+    generation = readJson(safeName(dir, preprocess.generation), 'generation settings');
+  }
   const tokenizer = preprocess.kind === 'text' ? loadTokenizer(path.join(dir, preprocess.tokenizer), preprocess) : null;
   let crf = null; // token classification with a CRF: its scores, for Viterbi decoding (runner.py does the same)
   if (preprocess.crf) {
@@ -140,7 +153,7 @@ async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx'
     }
     detection = readJson(safeName(dir, preprocess.detection), 'detection settings');
   }
-  return { dir, labels, preprocess, session, ort, tokenizer, crf, detection };
+  return { dir, labels, preprocess, session, ort, tokenizer, crf, detection, decoder, generation };
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -581,8 +594,71 @@ async function predictBoxes(bundle, files, minScore = 0.3) {
 }
 
 /** Image files or texts, whichever this bundle takes (token-classification bundles: entity spans). */
+// ------------------------------------------------------------------------------------------------------------
+// seq2seq: the encoder once, then optimum's merged decoder one token at a time with its KV cache, greedy
+// (runner.py Generator)
+
+/** Generated ids per example for int64 input_ids / attention_mask arrays of shape `dims`: `width` columns, the end
+ * token included, then padding (runner.py Generator.run). */
+async function generateIds(bundle, inputIds, attentionMask, dims, width) {
+  const { ort, session, decoder, generation: g } = bundle;
+  const [batch] = dims;
+  const mask = new ort.Tensor('int64', attentionMask, dims);
+  const enc = await session.run({ input_ids: new ort.Tensor('int64', inputIds, dims), attention_mask: mask });
+  const hidden = enc[session.outputNames[0]];
+  const past = {}; // empty for the first call (its branch does not read it)
+  for (const m of decoder.inputMetadata) {
+    if (m.name.startsWith('past_key_values.')) {
+      past[m.name] = new ort.Tensor('float32', new Float32Array(0), [batch, m.shape[1], 0, m.shape[3]]);
+    }
+  }
+  const out = Array.from({ length: batch }, () => new Array(width).fill(g.pad_id));
+  const done = new Array(batch).fill(false);
+  let token = new BigInt64Array(batch).fill(BigInt(g.start_id));
+  for (let step = 0; step < width; step++) {
+    const res = await decoder.run({
+      input_ids: new ort.Tensor('int64', token, [batch, 1]),
+      encoder_hidden_states: hidden,
+      encoder_attention_mask: mask,
+      use_cache_branch: new ort.Tensor('bool', [step > 0], [1]),
+      ...past,
+    });
+    const logits = res[decoder.outputNames[0]];
+    const [, steps, vocab] = logits.dims;
+    token = new BigInt64Array(batch);
+    for (let b = 0; b < batch; b++) {
+      const o = (b * steps + steps - 1) * vocab;
+      let best = 0;
+      for (let v = 1; v < vocab; v++) if (logits.data[o + v] > logits.data[o + best]) best = v;
+      if (done[b]) best = g.pad_id;
+      out[b][step] = best;
+      token[b] = BigInt(best);
+      if (best === g.eos_id) done[b] = true;
+    }
+    if (done.every(Boolean)) break;
+    for (const name of decoder.outputNames.slice(1)) {
+      const key = name.replace('present.', 'past_key_values.');
+      if (step === 0 || key.includes('.decoder.')) past[key] = res[name]; // encoder keys / values: first call's
+    }
+  }
+  return out;
+}
+
+/** Each text's generated text (greedy), decoded by the bundle's tokenizer (runner.py Bundle.generate). */
+async function generate(bundle, texts, maxNewTokens = null) {
+  if (texts.some((t) => !t.trim())) throw new BundleError('empty text');
+  const { arrays, dims } = await encodeTexts(bundle.tokenizer, texts, bundle.preprocess);
+  const rows = await generateIds(bundle, arrays.input_ids, arrays.attention_mask, dims,
+    maxNewTokens || bundle.generation.max_new_tokens);
+  const g = bundle.generation;
+  const cut = rows.map((r) => { const e = r.indexOf(g.eos_id); return (e < 0 ? r : r.slice(0, e)).filter((x) => x !== g.pad_id); });
+  const decoded = await Promise.all(cut.map((ids) => bundle.tokenizer.decode(ids, true)));
+  return texts.map((t, i) => ({ text: t, output: decoded[i], tokens: cut[i].length }));
+}
+
 async function predict(bundle, inputs, topK = 3) {
   if (bundle.preprocess.task === 'token_classification') return predictEntities(bundle, inputs);
+  if (bundle.decoder) return generate(bundle, inputs);
   if (bundle.detection) return predictBoxes(bundle, inputs);
   return bundle.tokenizer ? predictTexts(bundle, inputs, topK) : predictFiles(bundle, inputs, topK);
 }
@@ -616,6 +692,21 @@ async function verifyGolden(bundle) {
     const rows = await logits(bundle, imgs);
     got = new Float32Array(rows.reduce((k, r) => k + r.length, 0));
     rows.forEach((r, i) => got.set(r, i * r.length));
+  } else if (spec.compare === 'tokens') { // generated ids: identical outputs, and the share of differing tokens
+    const width = ref.shape[1];
+    const rows = await generateIds(bundle, arrays.input_ids.data, arrays.attention_mask.data, arrays.input_ids.shape, width);
+    let [same, differ] = [0, 0];
+    rows.forEach((r, i) => {
+      const d = r.filter((x, j) => x !== ref.data[i * width + j]).length;
+      differ += d;
+      if (d === 0) same += 1;
+    });
+    const [agree, diff] = [same / rows.length, differ / ref.data.length];
+    return {
+      n: rows.length, max_abs_diff: diff, tolerance: spec.tolerance, top1_agreement: agree,
+      min_agreement: spec.min_agreement, passed: diff <= spec.tolerance && agree >= spec.min_agreement,
+      model: spec.model,
+    };
   } else {
     const feeds = Object.fromEntries(Object.entries(arrays).map(([k, v]) => [k, new bundle.ort.Tensor('int64', v.data, v.shape)]));
     got = (await bundle.session.run(feeds))[bundle.session.outputNames[0]].data;
@@ -673,7 +764,7 @@ async function main(argv) {
 module.exports = {
   BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
   loadTokenizer, encodeTexts, textLogits, predictTexts, predictEntities, predict, verifyGolden, viterbi, splitWords,
-  nms, decodeDetections, predictBoxes,
+  nms, decodeDetections, predictBoxes, generateIds, generate,
 };
 
 if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

@@ -32,9 +32,11 @@ from tests.tiny import (  # noqa: E402
     make_tiny_ner_bert,
     ner_recipe,
     ner_sentences,
+    seq2seq_recipe,
     text_recipe,
     write_conll,
     write_digit_boxes,
+    write_pairs,
     write_reviews,
 )
 
@@ -118,6 +120,15 @@ def ner_cases(bundle: Path) -> dict:
     }
 
 
+S2S_TEXTS = ["good movie the", "film bad", "the excellent lovely was fun", "zebra"]
+
+
+def seq2seq_cases(bundle: Path) -> dict:
+    """The Python runner's greedy generation (encoder + merged decoder, KV cache) for S2S_TEXTS, in one batch."""
+    model = load_runner(bundle).Bundle(bundle)
+    return {"bundle": str(bundle), "texts": S2S_TEXTS, "results": model.generate(S2S_TEXTS)}
+
+
 def detection_cases(bundle: Path, out: Path) -> dict:
     """The Python runner's boxes (all of them: min score 0) for a few PNGs of other sizes than the model's."""
     from PIL import Image
@@ -187,6 +198,11 @@ def main() -> None:
     det_bundle = build_bundle(
         args.out, detection_recipe(write_digit_boxes(args.out / "det_data", n=48)), "det_bundle"
     ).resolve()
+    s2s_bundle = build_bundle(
+        args.out,
+        seq2seq_recipe(make_tiny_bert(args.out / "s2s_bert"), write_pairs(args.out / "pairs.csv")),
+        "s2s_bundle",
+    ).resolve()
     runner = load_runner(bundle)
     model = runner.Bundle(bundle)
 
@@ -224,6 +240,7 @@ def main() -> None:
         "text": text_cases(text_bundle.resolve()),
         "ner": ner_cases(ner_bundle.resolve()),
         "detection": detection_cases(det_bundle, args.out),
+        "seq2seq": seq2seq_cases(s2s_bundle),
     }
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=2))
     print(

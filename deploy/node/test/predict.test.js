@@ -269,3 +269,16 @@ test('NMS keeps the highest-scoring box of each overlapping group (runner.py nms
   assert.deepEqual(edgetl.nms(boxes, [0.9, 0.95, 0.5, 0.2], 0.5), [1, 2]);
   assert.deepEqual(edgetl.nms(boxes, [0.9, 0.95, 0.5, 0.2], 0.5, 1), [1]);
 });
+
+test('seq2seq: greedy generation (encoder + merged decoder, KV cache) equals the Python runner\'s; verify passes',
+  { skip }, async () => {
+    const bundle = await edgetl.loadBundle(fx.seq2seq.bundle);
+    const got = await edgetl.generate(bundle, fx.seq2seq.texts);
+    assert.deepEqual(got, fx.seq2seq.results);
+    const r = cli([fx.seq2seq.bundle, ...fx.seq2seq.texts]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.deepEqual(JSON.parse(r.stdout), fx.seq2seq.results);
+    const v = cli([fx.seq2seq.bundle, '--verify']);
+    assert.equal(v.status, 0, v.stdout + v.stderr);
+    assert.equal(JSON.parse(v.stdout).top1_agreement, 1);
+  });
