@@ -64,6 +64,7 @@ def main() -> None:
       edgetl bench artifacts/NAME/model.onnx --threads 1    # ORT latency p50/p90/p99
       edgetl verify artifacts/NAME                          # golden-set parity on this machine
       edgetl advise RECIPE.yaml                             # the fine-tuning strategy for this data
+      edgetl cache ls                                       # cached stages (a rebuild reruns only what changed)
     """
 
 
@@ -82,8 +83,13 @@ def main() -> None:
     default=None,
     help="Bundle directory [default: artifacts/<recipe name>]. Written to a temp dir, renamed when done.",
 )
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Run every stage and save nothing (default: reuse stages whose inputs are unchanged; see edgetl cache).",
+)
 @friendly
-def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
+def build(recipe: str, overrides: tuple[str, ...], out: str | None, no_cache: bool) -> None:
     """Run the recipe's pipeline and write a verified bundle.
 
     \b
@@ -98,6 +104,9 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
       ort_format  model.ort for ONNX Runtime Mobile (export.ort_format: true)
       bundle      model.onnx (+ model.fp32.onnx), labels, preprocessing, recipe.lock.yaml, report, manifest
     A failed stage or gate leaves no bundle behind (a failed gate keeps its report beside the output).
+    Every completed stage is cached: a rebuild reruns only the stages whose recipe sections, data, code or
+    libraries changed (a changed quantize section reruns quantize, verify and bundle), and a killed build
+    resumes after its last completed stage. --no-cache runs everything; `edgetl cache ls|clear` manages it.
     Example: edgetl build models/mobilenet_v2_fmnist.yaml --set prune.target_macs=0.3 --set quantize.method=ptq
     """
     import signal
@@ -108,8 +117,55 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None) -> None:
     # a terminated build unwinds like Ctrl-C (its temporary directory is removed too) and says so
     signal.signal(signal.SIGTERM, _terminated)
     cfg = load_recipe(recipe, overrides)
-    state = run_build(cfg, out)
+    state = run_build(cfg, out, cache=not no_cache)
     click.echo(summary(state))
+
+
+@main.group("cache")
+def cache_cmd() -> None:
+    """The stage cache: every completed stage of a build, keyed by what it depends on.
+
+    \b
+    Where:  $EDGETL_CACHE_DIR, else $XDG_CACHE_HOME/edgetl, else ~/.cache/edgetl (mode 0700: it holds pickled
+            models, so edgetl refuses a directory another user owns or group / others may write)
+    Size:   $EDGETL_CACHE_MAX_GB (default 10); least recently used entries of other builds go first
+    Key:    edgetl's code, library versions, the seed / backbone / data / task sections, a hash of the loaded
+            data and the stamps of its files, then per stage its own sections (quantize and verify: the CPU too)
+    """
+
+
+@cache_cmd.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def cache_ls(as_json: bool) -> None:
+    """List cached stages, most recently used first."""
+    import datetime
+    import json
+
+    from edgetl.cache import open_cache
+
+    store = open_cache()
+    entries = store.entries()
+    if as_json:
+        click.echo(json.dumps({"dir": str(store.root), "bytes": store.size(), "entries": entries}, indent=1))
+        return
+    click.echo(f"{store.root}: {len(entries)} stages, {store.size() / 1e6:.1f} MB (limit {store.limit / 1e9:g} GB)")
+    if entries:
+        click.echo(f"{'key':<14}{'recipe':<24}{'stage':<12}{'MB':>9}  last used")
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{e['key'][:12]:<14}{e['recipe'][:22]:<24}{e['stage']:<12}{e['bytes'] / 1e6:>9.1f}  {used}")
+
+
+@cache_cmd.command("clear")
+@friendly
+def cache_clear() -> None:
+    """Remove every cached stage (the next build runs them all)."""
+    from edgetl.cache import open_cache
+
+    store = open_cache()
+    n, size = store.clear()
+    click.echo(f"removed {n} cached stages ({size / 1e6:.1f} MB) from {store.root}")
 
 
 @main.command("advise")
@@ -175,6 +231,10 @@ def summary(state) -> str:
         lines.append(f"note: {note}")
     for g in state.metrics.get("verify", {}).get("gates", []):
         lines.append(f"gate {g['gate']}: {g['value']:.3g} vs {g['limit']:g} {'PASS' if g['passed'] else 'FAIL'}")
+    cache = state.metrics.get("cache", {})
+    cached = [s for s, how in cache.get("stages", {}).items() if how == "cached"]
+    if cached:
+        lines.append(f"cache: {', '.join(cached)} restored from {cache['dir']} (--no-cache reruns them)")
     return "\n".join(lines)
 
 

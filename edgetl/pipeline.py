@@ -14,40 +14,56 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from edgetl.config import Recipe
 from edgetl.errors import EdgetlError, GateFailed
 from edgetl.state import State
 
 
-def _stages() -> list[tuple[str, Callable[[State, Recipe], State], Callable[[Recipe], bool]]]:
-    """The one ordered list of stages, each with the recipe condition under which it runs."""
+class Stage(NamedTuple):
+    name: str
+    run: Callable[[State, Recipe], State]
+    wanted: Callable[[Recipe], bool]  # the recipe condition under which it runs
+    # what its output depends on besides the upstream stages' outputs: recipe paths ("quantize", "verify.threads")
+    # and "machine" (the CPU, for stages that measure speed); None: never cached (load always runs: the data, task
+    # and tokenizer come from it; bundle is seconds and reads the whole recipe)
+    deps: tuple[str, ...] | None
+
+
+def _stages() -> list[Stage]:
+    """The one ordered list of stages."""
     from edgetl.stages import bundle, distill, export, finetune, load, ort_format, prune, quantize, verify
 
     return [  # the export section is always present (the recipe loader refuses export: null)
-        ("load", load.run, lambda r: True),
-        ("finetune", finetune.run, lambda r: r.finetune is not None),
-        ("prune", prune.run, lambda r: r.prune is not None),
-        ("distill", distill.run, lambda r: r.distill is not None),
-        ("export", export.run, lambda r: True),
-        ("quantize", quantize.run, lambda r: r.quantize is not None),
-        ("verify", verify.run, lambda r: r.verify is not None),
-        ("ort_format", ort_format.run, lambda r: r.export.ort_format),
-        ("bundle", bundle.run, lambda r: True),
+        Stage("load", load.run, lambda r: True, None),
+        Stage("finetune", finetune.run, lambda r: r.finetune is not None, ("finetune",)),
+        Stage("prune", prune.run, lambda r: r.prune is not None, ("prune",)),
+        Stage("distill", distill.run, lambda r: r.distill is not None, ("distill",)),
+        Stage("export", export.run, lambda r: True, ("export", "name")),  # the name is in the ONNX metadata
+        Stage("quantize", quantize.run, lambda r: r.quantize is not None, ("quantize", "verify.threads", "machine")),
+        Stage("verify", verify.run, lambda r: r.verify is not None, ("verify", "machine")),
+        Stage("ort_format", ort_format.run, lambda r: r.export.ort_format, ()),
+        Stage("bundle", bundle.run, lambda r: True, None),
     ]
 
 
-def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], None] = print) -> State:
-    """Run every stage the recipe asks for and publish the bundle at ``out`` (default artifacts/<name>)."""
+def build(
+    recipe: Recipe, out: str | Path | None = None, log: Callable[[str], None] = print, cache: bool = True
+) -> State:
+    """Run every stage the recipe asks for and publish the bundle at ``out`` (default artifacts/<name>); with
+    ``cache`` (edgetl.cache) stages whose inputs are unchanged since an earlier build are restored, not rerun."""
     import errno
 
     import torch
 
+    from edgetl.cache import open_cache
     from edgetl.measure import verify_providers
 
     out = check_output(out, recipe.name)  # before the first stage, not after an hour of training
     if recipe.verify is not None:  # a provider this onnxruntime lacks fails now, not after training
         verify_providers(recipe.verify)
+    store = open_cache() if cache else None  # a refused cache directory fails now too
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _clean_leftovers(out)
@@ -56,14 +72,19 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
         raise EdgetlError(f"cannot write the bundle next to {out}: {e.strerror or type(e).__name__}") from None
     torch.manual_seed(recipe.seed)
     state = State(recipe=recipe, workdir=tmp)
+    stages = [s for s in _stages() if s.wanted(recipe)]
     try:
-        for name, run, wanted in _stages():
-            if not wanted(recipe):
-                continue
-            log(f"[{name}]")
-            t0 = time.perf_counter()
-            state = run(state, recipe)
-            state = state.replace(timings={**state.timings, name: round(time.perf_counter() - t0, 2)})
+        state = _run(stages[0], state, recipe, log)  # load
+        start, keys, status = 1, {}, {s.name: "off" for s in stages if s.deps is not None}
+        if store is not None:
+            keys = stage_keys_for(recipe, state, stages)
+            state, start = _resume(store, keys, stages, state, log)
+            status = {s.name: ("cached" if i < start else "run") for i, s in enumerate(stages) if s.name in keys}
+        state = state.replace(metrics={**state.metrics, "cache": _cache_report(store, keys, status, stages, start)})
+        for stage in stages[start:]:
+            state = _run(stage, state, recipe, log)
+            if store is not None and stage.name in keys:
+                store.save(keys[stage.name], stage.name, state, set(keys.values()), log)
         _publish(tmp, out)
     except GateFailed as e:  # keep what was measured, publish no bundle
         kept = _keep_failed_report(tmp, out)
@@ -79,6 +100,52 @@ def build(recipe: Recipe, out: str | Path | None = None, log: Callable[[str], No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone once published (renamed); removed on any failure
     return state.replace(workdir=out)
+
+
+def _run(stage: Stage, state: State, recipe: Recipe, log: Callable[[str], None]) -> State:
+    log(f"[{stage.name}]")
+    t0 = time.perf_counter()
+    state = stage.run(state, recipe)
+    return state.replace(timings={**state.timings, stage.name: round(time.perf_counter() - t0, 2)})
+
+
+def stage_keys_for(recipe: Recipe, state: State, stages: list[Stage]) -> dict[str, str]:
+    """The cache key of every cached stage that runs (``load`` has run: the data fingerprint is part of them)."""
+    from edgetl.cache import stage_keys
+
+    return stage_keys(recipe, state.data, [(s.name, s.deps) for s in stages if s.deps is not None])
+
+
+def _resume(store, keys: dict[str, str], stages: list[Stage], state: State, log) -> tuple[State, int]:
+    """Restore the latest stage that has a cache entry (all before it are implied); returns (state, next index)."""
+    import datetime
+
+    for i in range(len(stages) - 1, 0, -1):
+        key = keys.get(stages[i].name)
+        if key is None or store.entry(key) is None:
+            continue
+        try:
+            restored, entry = store.restore(key, state)
+        except Exception as e:  # noqa: BLE001 - a damaged entry is a miss, not a failed build
+            log(f"  cache: entry {key[:12]} of {stages[i].name} unusable ({type(e).__name__}); running it")
+            for p in state.workdir.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            continue
+        saved = datetime.datetime.fromtimestamp(entry["created"]).strftime("%Y-%m-%d %H:%M")
+        for s in stages[1 : i + 1]:
+            if s.name in keys:
+                log(f"[{s.name}] cached ({keys[s.name][:12]}, saved {saved})")
+        return restored, i + 1
+    return state, 1
+
+
+def _cache_report(store, keys, status, stages, start) -> dict:
+    return {
+        "dir": str(store.root) if store is not None else None,
+        "resumed_after": stages[start - 1].name if store is not None and start > 1 else None,
+        "stages": status,
+        "keys": {k: v[:16] for k, v in keys.items()},
+    }
 
 
 def check_output(out: str | Path | None, name: str) -> Path:

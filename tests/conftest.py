@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from tests.tiny import TINY
+
+# every build saves its stages (so the tests exercise the cache) into a directory of this run, never ~/.cache;
+# each test gets its own below, so a test's build never reuses another test's stages
+os.environ["EDGETL_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgetl-test-cache.")
+atexit.register(shutil.rmtree, os.environ["EDGETL_CACHE_DIR"], True)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETL_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.fixture

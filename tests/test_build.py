@@ -271,7 +271,7 @@ def test_help_teaches():
     assert "gradual_unfreeze" in result.output and "--set" in result.output
     from edgetl.pipeline import _stages
 
-    assert all(f"  {name} " in result.output for name, _, _ in _stages())  # every stage is explained
+    assert all(f"  {name} " in result.output for name, *_ in _stages())  # every stage is explained
 
 
 def test_export_parity_gate_fails_the_build(tmp_path, tiny_raw):
