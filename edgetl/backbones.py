@@ -17,6 +17,7 @@ from typing import Any
 
 from edgetl.config import BackboneCfg
 from edgetl.errors import EdgetlError
+from edgetl.lazy import lazy_classes, picklable
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ def encoder_layer_names(model) -> list[str]:
     return []
 
 
+@picklable
 def _hf_wrapper():
     import torch
 
@@ -432,3 +434,7 @@ def build_backbone(cfg: BackboneCfg, task) -> Backbone:
             "(e.g. torchvision:mobilenet_v2, timm:tf_efficientnet_lite0, hf:distilbert-base-uncased)"
         )
     return FAMILIES[family](name, cfg, task)
+
+
+# unpickling a cached model finds its class
+__getattr__ = lazy_classes(__name__, {"HFModel": _hf_wrapper})

@@ -15,8 +15,9 @@ onwards; one that changes nothing restores verify's results and rewrites the bun
 any point (``kill -9`` included: every write is a temp file renamed into place) resumes after its last completed
 stage. Restored builds end with the same metrics as uninterrupted ones (the RNG states are part of an entry).
 
-Layout: ``$EDGETL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/edgetl``, else ``~/.cache/edgetl``) holds
-``stages/<key>.json`` entries and content-addressed ``blobs/<sha256>`` (files two entries share are stored once).
+Layout: ``$EDGETL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/edgetl/stage-cache``, else ``~/.cache/edgetl/stage-cache``)
+holds ``stages/<key>.json`` entries and content-addressed ``blobs/<sha256>`` (files two entries share are stored
+once).
 The size is bounded by ``$EDGETL_CACHE_MAX_GB`` (default 10): after each save the least recently used entries of
 other builds go first. The directory holds pickled models that the build loads, so it must belong to the user and
 must not be writable by group or others; edgetl creates it with mode 0700 and refuses one that is not.
@@ -50,7 +51,7 @@ def default_dir() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "edgetl"
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "edgetl" / "stage-cache"
 
 
 def max_bytes() -> int:
@@ -269,9 +270,9 @@ class Cache:
         except OSError:
             pass
 
-    def save(self, key: str, stage: str, state, keep: set[str], log: Callable[[str], None]) -> None:
+    def save(self, key: str, stage: str, state, keep: set[str], log: Callable[[str], None]) -> str | None:
         """Save what ``stage`` produced under ``key``; a failure (disk full, an unpicklable model) is one log line
-        and the build goes on without it."""
+        and the build goes on without it: returns why, or None when saved."""
         import random
 
         import numpy as np
@@ -316,11 +317,12 @@ class Cache:
         except Exception as e:  # noqa: BLE001 - the cache is an optimisation: the build itself must not fail on it
             reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e)[:120]}"
             log(f"  cache: {stage} not saved ({reason})")
-            return
+            return reason
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
         self.evict(keep, log)
+        return None
 
     # -- bounding ------------------------------------------------------------------------------------------------
 

@@ -116,9 +116,68 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None, no_cache: bo
 
     # a terminated build unwinds like Ctrl-C (its temporary directory is removed too) and says so
     signal.signal(signal.SIGTERM, _terminated)
+    from edgetl.errors import GateFailed
+
     cfg = load_recipe(recipe, overrides)
-    state = run_build(cfg, out, cache=not no_cache)
+    try:
+        state = run_build(cfg, out, cache=not no_cache)
+    except GateFailed as e:  # say where a passing model might be found
+        sets = "".join(f" --set {o}" for o in overrides)
+        e.args = (f"{e.args[0]}; to search for a model inside the gates: edgetl search {recipe}{sets}",)
+        raise
     click.echo(summary(state))
+
+
+@main.command("search")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1), help="Trials in this run.")
+@click.option("--timeout", "timeout_min", type=click.FloatRange(min=0, min_open=True), help="Stop after MINUTES.")
+@click.option(
+    "--storage",
+    metavar="URL",
+    help="Optuna storage [default: sqlite:///<out>.search.db beside the bundle]; postgresql://... or mysql://... "
+    "lets several machines work on one study.",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="Bundle directory [default: artifacts/<name>]."
+)
+@friendly
+def search_cmd(
+    recipe: str,
+    overrides: tuple[str, ...],
+    trials: int,
+    timeout_min: float | None,
+    storage: str | None,
+    out: str | None,
+) -> None:
+    """Find the fastest model inside the recipe's gates, then build it.
+
+    \b
+    Optuna (multi-objective TPE) maximises the validation metric and the speed-up over the fine-tuned FP32 ONNX
+    model (ORT, batch 1, verify.threads) over:
+      prune.target_macs 0.1-0.9   prune.importance   prune.round_to (images)   distill.epochs (0 = none)
+      quantize.method qat | ptq (images)
+    subject to verify.max_metric_drop (or max_accuracy_drop, against the fine-tuned model on validation),
+    min_metric, min_speedup and max_size_mb. The fine-tune runs once (the stage cache); trials see validation only.
+    The fastest trial of the feasible Pareto front is built as a normal bundle and measured once on test; its
+    report.html shows every trial, the front and the budget. The study is stored beside the bundle and resumes:
+    run the command again for more trials.
+    Example: edgetl search models/mobilenet_v2_fmnist.yaml --set verify.max_accuracy_drop=1 --trials 30
+    """
+    from edgetl.config import load_recipe
+    from edgetl.search import as_overrides, describe, search
+
+    cfg = load_recipe(recipe, overrides)
+    state, result = search(cfg, out, trials, timeout_min, storage)
+    click.echo(summary(state))
+    chosen = result["chosen_params"]
+    click.echo(
+        f"search: trial {result['chosen']} ({describe(chosen)}) of {len(result['trials'])}, study {result['study']}"
+    )
+    click.echo(
+        f"the same build: edgetl build {recipe}" + "".join(f" --set {o}" for o in (*overrides, *as_overrides(chosen)))
+    )
 
 
 @main.group("cache")
@@ -126,8 +185,9 @@ def cache_cmd() -> None:
     """The stage cache: every completed stage of a build, keyed by what it depends on.
 
     \b
-    Where:  $EDGETL_CACHE_DIR, else $XDG_CACHE_HOME/edgetl, else ~/.cache/edgetl (mode 0700: it holds pickled
-            models, so edgetl refuses a directory another user owns or group / others may write)
+    Where:  $EDGETL_CACHE_DIR, else $XDG_CACHE_HOME/edgetl/stage-cache, else ~/.cache/edgetl/stage-cache
+            (mode 0700: it holds pickled models, so edgetl refuses a directory another user owns or group / others
+            may write)
     Size:   $EDGETL_CACHE_MAX_GB (default 10); least recently used entries of other builds go first
     Key:    edgetl's code, library versions, the seed / backbone / data / task sections, a hash of the loaded
             data and the stamps of its files, then per stage its own sections (quantize and verify: the CPU too)

@@ -16,11 +16,13 @@ from functools import partial
 from types import SimpleNamespace
 
 from edgetl.errors import EdgetlError
+from edgetl.lazy import lazy_classes, picklable
 from edgetl.runner import BOX_WEIGHTS  # the device decodes with the weights the loss encodes with
 
 DETECTORS = ("ssdlite",)
 
 
+@picklable
 def _modules():
     import torch
     from torch import nn
@@ -165,3 +167,7 @@ def loss_helper():
         nms_thresh=0.55,
         detections_per_img=100,
     )
+
+
+# unpickling a cached model finds its class
+__getattr__ = lazy_classes(__name__, {"SSDLite": _modules, "TorchvisionSSD": _modules})

@@ -49,13 +49,16 @@ def _stages() -> list[Stage]:
 
 
 def build(
-    recipe: Recipe, out: str | Path | None = None, log: Callable[[str], None] = print, cache: bool = True
+    recipe: Recipe,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    cache: bool = True,
+    metrics: dict | None = None,
 ) -> State:
     """Run every stage the recipe asks for and publish the bundle at ``out`` (default artifacts/<name>); with
-    ``cache`` (edgetl.cache) stages whose inputs are unchanged since an earlier build are restored, not rerun."""
+    ``cache`` (edgetl.cache) stages whose inputs are unchanged since an earlier build are restored, not rerun.
+    ``metrics``: extra report sections (``edgetl search``'s trials), added before the bundle is written."""
     import errno
-
-    import torch
 
     from edgetl.cache import open_cache
     from edgetl.measure import verify_providers
@@ -70,21 +73,8 @@ def build(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     except OSError as e:
         raise EdgetlError(f"cannot write the bundle next to {out}: {e.strerror or type(e).__name__}") from None
-    torch.manual_seed(recipe.seed)
-    state = State(recipe=recipe, workdir=tmp)
-    stages = [s for s in _stages() if s.wanted(recipe)]
     try:
-        state = _run(stages[0], state, recipe, log)  # load
-        start, keys, status = 1, {}, {s.name: "off" for s in stages if s.deps is not None}
-        if store is not None:
-            keys = stage_keys_for(recipe, state, stages)
-            state, start = _resume(store, keys, stages, state, log)
-            status = {s.name: ("cached" if i < start else "run") for i, s in enumerate(stages) if s.name in keys}
-        state = state.replace(metrics={**state.metrics, "cache": _cache_report(store, keys, status, stages, start)})
-        for stage in stages[start:]:
-            state = _run(stage, state, recipe, log)
-            if store is not None and stage.name in keys:
-                store.save(keys[stage.name], stage.name, state, set(keys.values()), log)
+        state = run_stages(recipe, tmp, store, log, metrics=metrics)
         _publish(tmp, out)
     except GateFailed as e:  # keep what was measured, publish no bundle
         kept = _keep_failed_report(tmp, out)
@@ -100,6 +90,42 @@ def build(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone once published (renamed); removed on any failure
     return state.replace(workdir=out)
+
+
+def run_stages(
+    recipe: Recipe,
+    workdir: Path,
+    store,
+    log: Callable[[str], None] = print,
+    until: str | None = None,
+    metrics: dict | None = None,
+) -> State:
+    """Run the recipe's stages in ``workdir`` (every one, or up to and including ``until``), restoring what the
+    cache ``store`` (an ``edgetl.cache.Cache`` or None) holds and saving what runs."""
+    import torch
+
+    torch.manual_seed(recipe.seed)
+    state = State(recipe=recipe, workdir=workdir)
+    stages = [s for s in _stages() if s.wanted(recipe)]
+    if until is not None:
+        stages = stages[: [s.name for s in stages].index(until) + 1]
+    state = _run(stages[0], state, recipe, log)  # load
+    start, keys, status = 1, {}, {s.name: "off" for s in stages if s.deps is not None}
+    if store is not None:
+        keys = stage_keys_for(recipe, state, stages)
+        state, start = _resume(store, keys, stages, state, log)
+        status = {s.name: ("cached" if i < start else "run") for i, s in enumerate(stages) if s.name in keys}
+    cache_info = _cache_report(store, keys, status, stages, start)
+    state = state.replace(metrics={**state.metrics, **(metrics or {}), "cache": cache_info})
+    for stage in stages[start:]:
+        state = _run(stage, state, recipe, log)
+        if store is not None and stage.name in keys:
+            why = store.save(keys[stage.name], stage.name, state, set(keys.values()), log)
+            if why is not None:  # in the report: a build that can never resume should say so
+                info = state.metrics["cache"]
+                info = {**info, "unsaved": {**info.get("unsaved", {}), stage.name: why}}
+                state = state.replace(metrics={**state.metrics, "cache": info})
+    return state
 
 
 def _run(stage: Stage, state: State, recipe: Recipe, log: Callable[[str], None]) -> State:

@@ -259,6 +259,78 @@ def tradeoff_plot(report: dict) -> str:
     return _png(fig)
 
 
+def search_section(report: dict) -> str:
+    """edgetl search: every trial (validation metric vs speed-up, size as marker), the feasible Pareto front, the
+    budget line and the shipped trial; a table of the front."""
+    found = (report.get("metrics") or {}).get("search")
+    if not found:
+        return ""
+    done = [t for t in found["trials"] if t.get("state") == "COMPLETE"]
+    metric = _metric_name(report)
+    fig, ax = _figure(7, 4.2)
+    biggest = max((t["size_mb"] for t in done), default=1.0) or 1.0
+    front = [t for t in done if t["number"] in found["front"]]
+    for group, color, label in (
+        ([t for t in done if not t["feasible"]], "#bbbbbb", "over budget"),
+        ([t for t in done if t["feasible"] and t not in front], "#6aa0d8", "within budget"),
+        (front, "#1f5fa8", "feasible Pareto front"),
+    ):
+        if group:
+            ax.scatter(
+                [t["speedup"] for t in group],
+                [t["val_metric"] for t in group],
+                s=[30 + 300 * t["size_mb"] / biggest for t in group],
+                c=color,
+                alpha=0.8,
+                label=label,
+            )
+    line = sorted(front, key=lambda t: t["speedup"])
+    if len(line) > 1:
+        ax.plot([t["speedup"] for t in line], [t["val_metric"] for t in line], c="#1f5fa8", lw=1)
+    chosen = next((t for t in done if t["number"] == found["chosen"]), None)
+    if chosen:
+        ax.scatter([chosen["speedup"]], [chosen["val_metric"]], marker="*", s=350, c="#d62728", label="shipped")
+    if done and "max_metric_drop" in found["budget"]:
+        sign = 1 if done[0]["higher_is_better"] else -1
+        ax.axhline(
+            done[0]["val_metric_fp32"] - sign * found["budget"]["max_metric_drop"],
+            ls="--",
+            c="#d62728",
+            lw=1,
+            label="budget (max drop)",
+        )
+    if "min_speedup" in found["budget"]:
+        ax.axvline(found["budget"]["min_speedup"], ls=":", c="#d62728", lw=1, label="budget (min speed-up)")
+    ax.set(
+        xlabel=f"speed-up over FP32 ONNX (ORT p50, {found.get('threads', 1)} thread(s))",
+        ylabel=f"validation {metric}, ORT",
+        title=f"{len(found['trials'])} trials (marker area ~ model size)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    rows = [
+        [
+            t["number"],
+            escape(" ".join(f"{k.split('.')[1]}={v}" for k, v in t["params"].items())),
+            f"{t['val_metric']:.2f}",
+            f"{-t['val_drop']:+.2f}",
+            f"{t['speedup']:.2f}x",
+            f"{t['size_mb']:.2f}",
+            "ships" if t["number"] == found["chosen"] else "",
+        ]
+        for t in sorted(front, key=lambda t: -t["speedup"])
+    ]
+    table = _table(["trial", "settings", f"val {metric}", "vs fine-tuned", "speed-up", "MB", ""], rows)
+    failed = sum(t.get("state") == "FAIL" for t in found["trials"])
+    note = (
+        f"<p>Study <code>{escape(found['study'])}</code> in <code>{escape(found['storage'])}</code>; budget "
+        f"{escape(str(found['budget'] or 'none'))}; {len(done)} trials measured"
+        + (f", {failed} failed" if failed else "")
+        + ". Trials are judged on validation; the shipped model's test rows are above.</p>"
+    )
+    return note + _png(fig) + "<p>The feasible Pareto front:</p>" + table
+
+
 def training_curves(report: dict) -> str:
     history = {k: v for k, v in (report.get("history") or {}).items() if v}
     if not history:
@@ -348,6 +420,7 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [  # the task's sections go 
     ("", header),
     ("Models", models_table),
     ("Metric vs latency", tradeoff_plot),
+    ("Compression search", search_section),
     ("Training curves", training_curves),
     ("Export parity (ONNX Runtime vs PyTorch)", parity),
     ("Gates", gates),

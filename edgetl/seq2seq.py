@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgetl.lazy import lazy_classes, picklable
+
 # BERT parameter names -> BART's, per layer (the decoder's self-attention and FFN take the same weights)
 _LAYER = {
     "attention.self.query": "self_attn.q_proj",
@@ -116,6 +118,7 @@ def warm_start(encoder, bos_id: int, eos_id: int, pad_id: int, dropout: float | 
     return model
 
 
+@picklable
 def seq2seq_module():
     import torch
 
@@ -176,3 +179,7 @@ def shift_right(labels, start_id: int, pad_id: int):
     out[:, 1:] = labels[:, :-1]
     out[:, 0] = start_id
     return out.masked_fill(out == -100, pad_id)
+
+
+# unpickling a cached model finds its class
+__getattr__ = lazy_classes(__name__, {"Seq2Seq": seq2seq_module})

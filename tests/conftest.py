@@ -17,6 +17,27 @@ from tests.tiny import TINY
 # each test gets its own below, so a test's build never reuses another test's stages
 os.environ["EDGETL_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgetl-test-cache.")
 atexit.register(shutil.rmtree, os.environ["EDGETL_CACHE_DIR"], True)
+SESSION_CACHE = os.environ["EDGETL_CACHE_DIR"]  # what session- and module-scoped fixtures build into
+
+
+def rebuilt_from_cache(recipe, out) -> str:
+    """Rebuild ``recipe`` in a fresh interpreter against the fixtures' cache, where no model class was defined
+    yet: every stage a fixture built must come back from the cache (unpickled). Returns the build's output."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgetl.cli", "build", str(recipe), "--out", str(out)],
+        env={**os.environ, "EDGETL_CACHE_DIR": SESSION_CACHE},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("finetune", "export", "verify"):
+        assert f"[{stage}] cached (" in proc.stdout, proc.stdout[-3000:]
+    assert "not saved" not in proc.stdout
+    return proc.stdout
 
 
 @pytest.fixture(autouse=True)

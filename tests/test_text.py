@@ -12,7 +12,7 @@ from edgetl.cli import main
 from edgetl.config import DataCfg
 from edgetl.data import load_data
 from edgetl.errors import EdgetlError
-from tests.conftest import write_recipe
+from tests.conftest import rebuilt_from_cache, write_recipe
 from tests.tiny import make_tiny_bert, sentences, text_recipe, write_reviews
 
 PRE = {"kind": "text", "inputs": ["input_ids", "attention_mask", "token_type_ids"], "max_length": 16}
@@ -113,6 +113,7 @@ def text_bundle(tiny_bert, tmp_path_factory):
 
 def test_text_bundle_is_verified_and_int8(text_bundle):
     out, report = text_bundle
+    assert "unsaved" not in report["metrics"]["cache"]  # every stage's models pickle: a rebuild resumes
     assert {"model.onnx", "model.fp32.onnx", "tokenizer.json", "manifest.json"} <= {p.name for p in out.iterdir()}
     rows = {r["stage"]: r for r in report["rows"]}
     assert rows["fp32"]["metric_ort"] > 80  # the label words are easy: well above 50% chance
@@ -349,3 +350,7 @@ def test_sentence_pair_bundle_predicts_tab_separated_pairs(tiny_bert, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(main, ["predict", str(out), "the movie was\tgreat"])
     assert result.exit_code == 2 and "does not list tokenizer.json" in result.stderr
+
+
+def test_a_rebuild_in_a_fresh_process_restores_every_stage(text_bundle, tmp_path):
+    rebuilt_from_cache(text_bundle[0].parent / "t.yaml", tmp_path / "again")

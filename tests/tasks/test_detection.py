@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from edgetl.cli import main
 from edgetl.tasks import create_task
-from tests.conftest import write_recipe
+from tests.conftest import rebuilt_from_cache, write_recipe
 from tests.tiny import detection_recipe, write_digit_boxes
 
 CLASSES = ["a", "b", "c"]
@@ -186,6 +186,7 @@ def det_bundle(tmp_path_factory):
 
 def test_detection_bundle_is_fine_tuned_pruned_distilled_and_int8(det_bundle):
     out, report = det_bundle
+    assert "unsaved" not in report["metrics"]["cache"]  # every stage's models pickle: a rebuild resumes
     rows = {r["stage"]: r for r in report["rows"]}
     assert report["task"] == "detection" and report["metric"]["name"] == "mAP"
     assert {"fp32", "pruned", "distilled", "ptq", "qat"} <= set(rows) and any(r["shipped"] for r in report["rows"])
@@ -322,3 +323,7 @@ def test_torchvisions_own_ssdlite_fine_tunes_with_a_new_class_head(tmp_path):
     raw["data"] = {"kind": "digits"}
     result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "c.yaml", raw), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "is a detector: set task.kind: detection" in result.output
+
+
+def test_a_rebuild_in_a_fresh_process_restores_every_stage(det_bundle, tmp_path):
+    rebuilt_from_cache(det_bundle[0].parent / "r.yaml", tmp_path / "again")

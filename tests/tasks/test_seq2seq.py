@@ -12,6 +12,7 @@ import pytest
 
 from edgetl.config import recipe_from_dict
 from edgetl.errors import EdgetlError
+from tests.conftest import rebuilt_from_cache, write_recipe
 from tests.tiny import make_tiny_bert, seq2seq_recipe, write_pairs
 
 
@@ -141,6 +142,7 @@ def test_bundle_generates_and_verifies_on_the_device(built):
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"model.onnx", "model.decoder.onnx", "generation.json", "tokenizer.json"} <= set(manifest["files"])
     report = json.loads((out / "report.json").read_text())
+    assert "unsaved" not in report["metrics"]["cache"]  # every stage's models pickle: a rebuild resumes
     rows = {r["stage"]: r for r in report["rows"]}
     assert rows["ptq"]["shipped"] and {"chrf", "rougeL", "exact_match"} <= set(rows["ptq"])
     assert rows["ptq"]["size_mb"] < rows["fp32"]["size_mb"]  # encoder + decoder, both INT8
@@ -222,3 +224,7 @@ def test_a_t5_checkpoint_builds_and_its_runtime_loop_equals_generate(tiny, tmp_p
     feed = model_inputs(state.modality.feeds(state.data.test, batch=16)[0])
     want = state.models["fp32"](*(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))).numpy()
     np.testing.assert_array_equal(session(tmp_path / "out" / "model.fp32.onnx").run(None, feed)[0], want)
+
+
+def test_a_rebuild_in_a_fresh_process_restores_every_stage(tiny, tmp_path, built):
+    rebuilt_from_cache(write_recipe(tmp_path / "r.yaml", seq2seq_recipe(*tiny)), tmp_path / "again")

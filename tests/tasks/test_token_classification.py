@@ -16,7 +16,7 @@ from edgetl import tagging
 from edgetl.cli import main
 from edgetl.errors import EdgetlError
 from edgetl.tasks import create_task
-from tests.conftest import write_recipe
+from tests.conftest import rebuilt_from_cache, write_recipe
 from tests.tiny import make_tiny_ner_bert, ner_recipe, ner_sentences, write_conll
 
 
@@ -115,6 +115,7 @@ def ner_bundle(tmp_path_factory):
 
 def test_ner_bundle_is_fine_tuned_pruned_distilled_and_int8(ner_bundle):
     out, report, output = ner_bundle
+    assert "unsaved" not in report["metrics"]["cache"]  # every stage's models pickle: a rebuild resumes
     rows = {r["stage"]: r for r in report["rows"]}
     assert report["task"] == "token_classification" and report["metric"]["name"] == "entity F1"
     assert rows["fp32"]["metric_ort"] > 80  # names and places from small lists: easy to learn
@@ -306,3 +307,7 @@ def test_a_crf_bundle_decodes_with_viterbi_on_the_device(tmp_path):
     assert proc.returncode == 0, proc.stderr
     ents = json.loads(proc.stdout)[0]["entities"]
     assert [(e["label"], e["text"]) for e in ents] == [("PER", "alicia"), ("LOC", "new york")]
+
+
+def test_a_rebuild_in_a_fresh_process_restores_every_stage(ner_bundle, tmp_path):
+    rebuilt_from_cache(ner_bundle[0].parent / "r.yaml", tmp_path / "again")

@@ -1,0 +1,272 @@
+"""``edgetl search``: the fastest model inside the recipe's budget, found by Optuna over the compression settings.
+
+Every trial is the recipe with a point of the search space (prune depth ``prune.target_macs``, ``prune.round_to``
+and ``prune.importance``, the distillation epochs, ``quantize.method``), run up to quantize through the stage
+cache, so the fine-tune (whose key does not depend on those settings) runs once and every trial starts from it.
+Trials are judged on the validation split only: the shipped model's metric under ONNX Runtime, its speed-up over
+the fine-tuned FP32 ONNX model (batch 1, at ``verify.threads``, measured interleaved), and its size. The budget is
+the recipe's gates, as Optuna constraints: ``max_metric_drop`` (/ ``max_accuracy_drop``) against the fine-tuned
+model's validation metric, ``min_metric``, ``min_speedup``, ``max_size_mb``. Optuna's multi-objective sampler
+(TPE) maximises the metric and the speed-up; of the feasible Pareto front the fastest trial is then built as a
+normal bundle, measured once on test (its gates apply) with the search in its report.
+
+The study lives in an Optuna storage, by default ``<out>.search.db`` (SQLite) beside the output, so a search
+resumes after an interruption; an RDB URL (``postgresql://...``) lets several machines work on one study.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from edgetl.config import Recipe, recipe_from_dict, recipe_to_dict
+from edgetl.errors import EdgetlError
+
+SEARCHED = ("prune.target_macs", "prune.round_to", "prune.importance", "distill.epochs", "quantize.method")
+MACS_RANGE = (0.1, 0.9, 0.05)  # prune.target_macs: low, high, step (a repeated point is a cache hit)
+
+
+def space(recipe: Recipe) -> dict:
+    """The search space for this recipe: {recipe key: (kind, choices or (low, high, step))}."""
+    image = not recipe.backbone.name.startswith("hf:")  # transformer encoders prune heads / neurons
+    d = recipe.distill.epochs if recipe.distill else 2
+    out = {
+        "prune.target_macs": ("float", MACS_RANGE),
+        "prune.importance": ("categorical", ("magnitude", "taylor", "lamp") if image else ("magnitude", "taylor")),
+        "distill.epochs": ("int", (0, max(d, 1), 1)),  # 0: no distillation
+    }
+    if image:
+        out["prune.round_to"] = ("categorical", (8, 16))
+        out["quantize.method"] = ("categorical", ("qat", "ptq"))
+    return out
+
+
+def trial_recipe(recipe: Recipe, params: dict) -> Recipe:
+    """The recipe with one point of the space (prune / distill / quantize sections added with their defaults when
+    the recipe has none)."""
+    raw = recipe_to_dict(recipe)
+    for key, value in params.items():
+        section, field = key.split(".")
+        if key == "distill.epochs" and value == 0:
+            raw["distill"] = None
+            continue
+        raw[section] = {**(raw.get(section) or {}), field: value}
+    if raw.get("quantize") is None:  # INT8 is part of every point (text: ORT dynamic / static, chosen on val)
+        raw["quantize"] = {}
+    return recipe_from_dict(raw)
+
+
+def budget(recipe: Recipe) -> dict:
+    """The recipe's gates that a trial must meet (None: not set)."""
+    v = recipe.verify
+    if v is None:
+        return {}
+    drop = v.max_accuracy_drop if v.max_accuracy_drop is not None else v.max_metric_drop
+    least = v.min_accuracy if v.min_accuracy is not None else v.min_metric
+    out = {"max_metric_drop": drop, "min_metric": least, "min_speedup": v.min_speedup, "max_size_mb": v.max_size_mb}
+    return {k: x for k, x in out.items() if x is not None}
+
+
+def judge(state, threads: int, runs: int, warmup: int) -> dict:
+    """The shipped model of a trial on validation: metric (ORT), the fine-tuned FP32 model's, speed-up, size."""
+    from edgetl.measure import add_latency, ort_metric
+    from edgetl.runner import model_files
+    from edgetl.state import shipped_role
+
+    mod, task, val = state.modality, state.task, state.data.val
+    batches, targets = mod.feeds(val, annotate=True), mod.targets(val)
+    role = shipped_role(state)
+    fp32 = ort_metric(task, state.workdir / state.onnx["fp32"], batches, targets)
+    got = ort_metric(task, state.workdir / state.onnx[role], batches, targets)
+    rows = [{"stage": "fp32", "file": state.onnx["fp32"]}, {"stage": "shipped", "file": state.onnx[role]}]
+    add_latency(rows, state.workdir, mod.latency_feed(val), threads, runs, warmup)
+    size = sum(f.stat().st_size for f in model_files(state.workdir / state.onnx[role])) / 1e6
+    return {
+        "metric": got.name,
+        "higher_is_better": got.higher_is_better,
+        "val_metric": got.value,
+        "val_metric_fp32": fp32.value,
+        "val_drop": got.drop_from(fp32),
+        "speedup": rows[0]["p50_ms"] / rows[1]["p50_ms"],
+        "p50_ms": rows[1]["p50_ms"],
+        "size_mb": size,
+        "shipped": role,
+    }
+
+
+def constraints(measured: dict, limits: dict) -> dict:
+    """Optuna constraint values (feasible when <= 0) of one trial."""
+    sign = 1 if measured["higher_is_better"] else -1
+    out = {}
+    if "max_metric_drop" in limits:
+        out["max_metric_drop"] = measured["val_drop"] - limits["max_metric_drop"]
+    if "min_metric" in limits:
+        out["min_metric"] = sign * (limits["min_metric"] - measured["val_metric"])
+    if "min_speedup" in limits:
+        out["min_speedup"] = limits["min_speedup"] - measured["speedup"]
+    if "max_size_mb" in limits:
+        out["max_size_mb"] = measured["size_mb"] - limits["max_size_mb"]
+    return out
+
+
+def study_name(recipe: Recipe) -> str:
+    """The recipe name and a hash of everything but the searched keys: a changed recipe starts a new study."""
+    from edgetl.cache import _digest
+
+    raw = recipe_to_dict(recipe)
+    for key in SEARCHED:
+        section, field = key.split(".")
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(field, None)
+    raw.pop("verify", None)  # the budget filters trials; their measurements stay valid when it changes
+    return f"{recipe.name}-{_digest(raw)[:10]}"
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{out.with_name(out.name + '.search.db').resolve()}"
+
+
+def _suggest(trial, sp: dict) -> dict:
+    params = {}
+    for key, (kind, arg) in sp.items():
+        if kind == "float":
+            params[key] = round(trial.suggest_float(key, arg[0], arg[1], step=arg[2]), 4)
+        elif kind == "int":
+            params[key] = trial.suggest_int(key, arg[0], arg[1], step=arg[2])
+        else:
+            params[key] = trial.suggest_categorical(key, list(arg))
+    return params
+
+
+def describe(params: dict) -> str:
+    return " ".join(f"{k.split('.')[1]}={v}" for k, v in params.items())
+
+
+def trial_rows(study) -> list[dict]:
+    """Every finished trial as a report row."""
+    import optuna
+
+    rows = []
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            error = t.user_attrs.get("error")
+            rows.append({"number": t.number, "state": t.state.name, "params": t.params, "error": error})
+            continue
+        cons = t.constraints or {}
+        cons = list(cons.values()) if isinstance(cons, dict) else list(cons)
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "params": t.params,
+                **t.user_attrs["measured"],
+                "feasible": all(c <= 0 for c in cons),
+            }
+        )
+    return rows
+
+
+def search(
+    recipe: Recipe,
+    out: str | Path | None,
+    trials: int,
+    timeout_min: float | None = None,
+    storage: str | None = None,
+    log: Callable[[str], None] = print,
+):
+    """Run (or resume) the study, then build the chosen trial as the bundle at ``out``; returns the build's state."""
+    import optuna
+
+    from edgetl.cache import open_cache
+    from edgetl.pipeline import build, check_output, run_stages
+
+    if recipe.finetune is None:
+        raise EdgetlError("edgetl search needs a finetune section: every trial starts from the one fine-tuned model")
+    out = check_output(out, recipe.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(out)
+    store = open_cache()  # the shared fine-tune is the point: the search always uses the cache
+    sp, limits = space(recipe), budget(recipe)
+    threads = recipe.verify.threads if recipe.verify else 1
+    runs, warmup = (recipe.verify.runs, recipe.verify.warmup) if recipe.verify else (100, 10)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name(recipe),
+            directions=["maximize", "maximize"],  # the task metric (sign-adjusted), the speed-up
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=recipe.seed, n_startup_trials=min(10, max(trials // 2, 1))),
+        )
+    except Exception as e:  # noqa: BLE001 - a bad URL / unreachable database: one line
+        raise EdgetlError(f"cannot open the search storage {storage}: {type(e).__name__}: {str(e)[:200]}") from None
+    study.sampler = optuna.samplers.TPESampler(  # a resumed study does not redraw the first session's points
+        seed=recipe.seed + len(study.trials), n_startup_trials=min(10, max(trials // 2, 1))
+    )
+    log(f"search: study {study.study_name} in {storage}, {len(study.trials)} earlier trials; budget {limits or 'none'}")
+
+    def objective(trial):
+        params = _suggest(trial, sp)
+        log(f"[trial {trial.number}] {describe(params)}")
+        try:
+            r = trial_recipe(recipe, params)
+        except EdgetlError as e:
+            trial.set_user_attr("error", str(e))
+            raise
+        with tempfile.TemporaryDirectory(prefix=".edgetl-trial.", dir=out.parent) as tmp:
+            try:
+                state = run_stages(r, Path(tmp), store, log=lambda line: None, until="quantize")
+            except EdgetlError as e:
+                trial.set_user_attr("error", str(e))
+                raise
+            m = judge(state, threads, runs, warmup)
+        trial.set_user_attr("measured", m)
+        for key, value in constraints(m, limits).items():
+            trial.set_constraint(key, value)
+        ok = all(c <= 0 for c in constraints(m, limits).values())
+        log(
+            f"  val {m['metric']} {m['val_metric']:.2f} ({-m['val_drop']:+.2f} vs fine-tuned), "
+            f"{m['speedup']:.2f}x FP32, {m['size_mb']:.2f} MB  {'within budget' if ok else 'over budget'}"
+        )
+        sign = 1 if m["higher_is_better"] else -1
+        return sign * m["val_metric"], m["speedup"]
+
+    study.optimize(objective, n_trials=trials, timeout=timeout_min * 60 if timeout_min else None, catch=(EdgetlError,))
+    front = [t for t in study.best_trials if t.user_attrs.get("measured")]
+    rows = trial_rows(study)
+    if not front:
+        done = [r for r in rows if r["state"] == "COMPLETE"]
+        closest = min(done, key=lambda r: max(constraints(r, limits).values() or [0]), default=None)
+        hint = f"; closest: trial {closest['number']} ({describe(closest['params'])})" if closest else ""
+        raise EdgetlError(
+            f"no trial of {len(rows)} met the budget {limits}{hint}; run more trials (the study resumes) or "
+            "relax the gates"
+        )
+    best = max(front, key=lambda t: (t.user_attrs["measured"]["speedup"], t.values[0]))
+    params = dict(best.params)
+    log(f"search: {len(rows)} trials, {len(front)} on the feasible front; building trial {best.number}")
+    summary = {
+        "study": study.study_name,
+        "storage": storage,
+        "space": {k: list(v[1]) for k, v in sp.items()},
+        "budget": limits,
+        "threads": threads,
+        "trials": rows,
+        "front": sorted(t.number for t in front),
+        "chosen": best.number,
+        "chosen_params": params,
+    }
+    state = build(trial_recipe(recipe, params), out, log=log, metrics={"search": summary})
+    return state, summary
+
+
+def as_overrides(params: dict) -> list[str]:
+    """The chosen point as --set arguments for edgetl build."""
+    out = []
+    for k, v in params.items():
+        if k == "distill.epochs" and v == 0:
+            out.append("distill=null")
+        else:
+            out.append(f"{k}={v}")
+    return out

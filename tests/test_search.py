@@ -1,0 +1,88 @@
+"""edgetl search (issue 19, part 2): Optuna over the compression settings, one shared fine-tune, validation-only
+trials, the fastest feasible trial shipped as a normal bundle, a resumable study, an unreachable budget refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgetl.cli import main
+from edgetl.config import recipe_from_dict
+from tests.conftest import write_recipe
+
+
+@pytest.fixture
+def searchable(tiny_raw):
+    """The digits recipe with the searched sections cheap: one recovery epoch, one QAT epoch."""
+    return {
+        **tiny_raw,
+        "prune": {"steps": 1, "recovery_epochs": 1},
+        "quantize": {"epochs": 1, "calibration_size": 64, "require_speedup": False},
+        "verify": {**tiny_raw["verify"], "max_accuracy_drop": 50.0},
+    }
+
+
+def test_search_fine_tunes_once_and_ships_the_fastest_trial_inside_the_budget(searchable, tmp_path, monkeypatch):
+    import edgetl.stages.finetune as finetune
+    from edgetl.search import search, space
+
+    runs = []
+    original = finetune.run
+    monkeypatch.setattr(finetune, "run", lambda state, recipe: runs.append(1) or original(state, recipe))
+    out = tmp_path / "out"
+    recipe = recipe_from_dict(searchable)
+    state, result = search(recipe, out, trials=3)
+    assert len(runs) == 1  # every trial and the final build start from the one cached fine-tune
+
+    trials = result["trials"]
+    assert len(trials) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+    assert set(trials[0]["params"]) == set(space(recipe))
+    assert all(0 < t["speedup"] and t["size_mb"] > 0 and t["feasible"] == (t["val_drop"] <= 50.0) for t in trials)
+    chosen = next(t for t in trials if t["number"] == result["chosen"])
+    assert chosen["number"] in result["front"] and chosen["feasible"]
+    assert chosen["speedup"] == max(t["speedup"] for t in trials if t["number"] in result["front"])
+    p = chosen["params"]  # the bundle is that trial's recipe, measured on test by verify
+    assert state.recipe.prune.target_macs == p["prune.target_macs"]
+    assert state.recipe.prune.importance == p["prune.importance"]
+    assert state.recipe.quantize.method == p["quantize.method"]
+    assert (state.recipe.distill.epochs if state.recipe.distill else 0) == p["distill.epochs"]
+    assert state.metrics["cache"]["stages"]["finetune"] == "cached"
+    assert state.metrics["cache"]["stages"]["verify"] == "run"
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["search"]["chosen"] == result["chosen"] and report["rows"]
+    html = (out / "report.html").read_text()
+    assert "Compression search" in html and "feasible Pareto front" in html and "not rendered" not in html
+    assert (tmp_path / "out.search.db").is_file()
+
+    # the study resumes: one more trial joins the three, still without a second fine-tune
+    result = CliRunner().invoke(
+        main, ["search", write_recipe(tmp_path / "r.yaml", searchable), "--out", str(out), "--trials", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 earlier trials" in result.output and "of 4, study tiny-" in result.output
+    assert "the same build: edgetl build " in result.output and "--set prune.target_macs=" in result.output
+    assert len(runs) == 1
+
+
+def test_a_budget_no_trial_meets_is_one_line_and_no_bundle(searchable, tmp_path):
+    searchable["verify"]["max_size_mb"] = 1e-6
+    recipe = write_recipe(tmp_path / "r.yaml", searchable)
+    result = CliRunner().invoke(main, ["search", recipe, "--out", str(tmp_path / "out"), "--trials", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no trial of 1 met the budget"), result.stderr
+    assert "closest: trial 0" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_search_needs_a_finetune_and_a_reachable_storage(searchable, tmp_path):
+    del searchable["finetune"]
+    recipe = write_recipe(tmp_path / "r.yaml", searchable)
+    result = CliRunner().invoke(main, ["search", recipe, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "needs a finetune section" in result.stderr
+    searchable["finetune"] = {"epochs": 1}
+    recipe = write_recipe(tmp_path / "r.yaml", searchable)
+    result = CliRunner().invoke(main, ["search", recipe, "--out", str(tmp_path / "o"), "--storage", "nosuch://x"])
+    assert result.exit_code == 2 and "cannot open the search storage nosuch://x" in result.stderr
