@@ -156,7 +156,7 @@ def search_cmd(
     \b
     Optuna (multi-objective TPE) maximises the validation metric and the speed-up over the fine-tuned FP32 ONNX
     model (ORT, batch 1, verify.threads) over:
-      prune.target_macs 0.1-0.9   prune.importance   prune.round_to (images)   distill.epochs (0 = none)
+      prune.target_macs 0.1-1 (1: none)   prune.importance   prune.round_to (images)   distill.epochs (0 = none)
       quantize.method qat | ptq (images)
     subject to verify.max_metric_drop (or max_accuracy_drop, against the fine-tuned model on validation),
     min_metric, min_speedup and max_size_mb. The fine-tune runs once (the stage cache); trials see validation only.
@@ -165,9 +165,12 @@ def search_cmd(
     run the command again for more trials.
     Example: edgetl search models/mobilenet_v2_fmnist.yaml --set verify.max_accuracy_drop=1 --trials 30
     """
+    import signal
+
     from edgetl.config import load_recipe
     from edgetl.search import as_overrides, describe, search
 
+    signal.signal(signal.SIGTERM, _terminated)  # a terminated search removes its trial's work directory too
     cfg = load_recipe(recipe, overrides)
     state, result = search(cfg, out, trials, timeout_min, storage)
     click.echo(summary(state))

@@ -157,9 +157,10 @@ def _resume(store, keys: dict[str, str], stages: list[Stage], state: State, log)
             for p in state.workdir.iterdir():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
             continue
-        saved = datetime.datetime.fromtimestamp(entry["created"]).strftime("%Y-%m-%d %H:%M")
         for s in stages[1 : i + 1]:
-            if s.name in keys:
+            if s.name in keys:  # each stage's own entry when it has one (it may have been saved by another build)
+                created = (store.entry(keys[s.name]) or entry)["created"]
+                saved = datetime.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M")
                 log(f"[{s.name}] cached ({keys[s.name][:12]}, saved {saved})")
         return restored, i + 1
     return state, 1

@@ -16,15 +16,16 @@ resumes after an interruption; an RDB URL (``postgresql://...``) lets several ma
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from edgetl.config import Recipe, recipe_from_dict, recipe_to_dict
-from edgetl.errors import EdgetlError
+from edgetl.errors import EdgetlError, GateFailed
 
 SEARCHED = ("prune.target_macs", "prune.round_to", "prune.importance", "distill.epochs", "quantize.method")
-MACS_RANGE = (0.1, 0.9, 0.05)  # prune.target_macs: low, high, step (a repeated point is a cache hit)
+MACS_RANGE = (0.2, 1.0, 0.05)  # prune.target_macs: low, high, step (a repeated point is a cache hit); 1.0: no pruning
 
 
 def space(recipe: Recipe) -> dict:
@@ -32,7 +33,7 @@ def space(recipe: Recipe) -> dict:
     image = not recipe.backbone.name.startswith("hf:")  # transformer encoders prune heads / neurons
     d = recipe.distill.epochs if recipe.distill else 2
     out = {
-        "prune.target_macs": ("float", MACS_RANGE),
+        "prune.target_macs": ("float", MACS_RANGE),  # the top of the range, 1.0, is "no pruning"
         "prune.importance": ("categorical", ("magnitude", "taylor", "lamp") if image else ("magnitude", "taylor")),
         "distill.epochs": ("int", (0, max(d, 1), 1)),  # 0: no distillation
     }
@@ -48,10 +49,12 @@ def trial_recipe(recipe: Recipe, params: dict) -> Recipe:
     raw = recipe_to_dict(recipe)
     for key, value in params.items():
         section, field = key.split(".")
-        if key == "distill.epochs" and value == 0:
-            raw["distill"] = None
-            continue
-        raw[section] = {**(raw.get(section) or {}), field: value}
+        if (key == "distill.epochs" and value == 0) or (key == "prune.target_macs" and value >= 1.0):
+            raw[section] = None
+        elif key.startswith("prune.") and "prune.target_macs" in params and params["prune.target_macs"] >= 1.0:
+            continue  # no pruning: its other settings are moot
+        else:
+            raw[section] = {**(raw.get(section) or {}), field: value}
     if raw.get("quantize") is None:  # INT8 is part of every point (text: ORT dynamic / static, chosen on val)
         raw["quantize"] = {}
     return recipe_from_dict(raw)
@@ -92,6 +95,7 @@ def judge(state, threads: int, runs: int, warmup: int) -> dict:
         "p50_ms": rows[1]["p50_ms"],
         "size_mb": size,
         "shipped": role,
+        "val_size": len(val),
     }
 
 
@@ -111,7 +115,8 @@ def constraints(measured: dict, limits: dict) -> dict:
 
 
 def study_name(recipe: Recipe) -> str:
-    """The recipe name and a hash of everything but the searched keys: a changed recipe starts a new study."""
+    """The recipe name and a hash of everything but the searched keys: a changed recipe or budget (the gates are the
+    trials' constraints) starts a new study; the stage cache keeps repeated points cheap."""
     from edgetl.cache import _digest
 
     raw = recipe_to_dict(recipe)
@@ -119,7 +124,6 @@ def study_name(recipe: Recipe) -> str:
         section, field = key.split(".")
         if isinstance(raw.get(section), dict):
             raw[section].pop(field, None)
-    raw.pop("verify", None)  # the budget filters trials; their measurements stay valid when it changes
     return f"{recipe.name}-{_digest(raw)[:10]}"
 
 
@@ -131,16 +135,22 @@ def _suggest(trial, sp: dict) -> dict:
     params = {}
     for key, (kind, arg) in sp.items():
         if kind == "float":
-            params[key] = round(trial.suggest_float(key, arg[0], arg[1], step=arg[2]), 4)
+            params[key] = trial.suggest_float(key, arg[0], arg[1], step=arg[2])
         elif kind == "int":
             params[key] = trial.suggest_int(key, arg[0], arg[1], step=arg[2])
         else:
             params[key] = trial.suggest_categorical(key, list(arg))
-    return params
+    return tidy(params)
+
+
+def tidy(params: dict) -> dict:
+    """Optuna's stepped floats (0.45000000000000007) rounded, so a trial's recipe, its cache keys and the final
+    build's are the same."""
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in params.items()}
 
 
 def describe(params: dict) -> str:
-    return " ".join(f"{k.split('.')[1]}={v}" for k, v in params.items())
+    return " ".join(f"{k.split('.')[1]}={v}" for k, v in tidy(params).items())
 
 
 def trial_rows(study) -> list[dict]:
@@ -151,7 +161,7 @@ def trial_rows(study) -> list[dict]:
     for t in study.trials:
         if t.state != optuna.trial.TrialState.COMPLETE:
             error = t.user_attrs.get("error")
-            rows.append({"number": t.number, "state": t.state.name, "params": t.params, "error": error})
+            rows.append({"number": t.number, "state": t.state.name, "params": tidy(t.params), "error": error})
             continue
         cons = t.constraints or {}
         cons = list(cons.values()) if isinstance(cons, dict) else list(cons)
@@ -159,12 +169,27 @@ def trial_rows(study) -> list[dict]:
             {
                 "number": t.number,
                 "state": t.state.name,
-                "params": t.params,
+                "params": tidy(t.params),
                 **t.user_attrs["measured"],
                 "feasible": all(c <= 0 for c in cons),
             }
         )
     return rows
+
+
+def _clean_trial_dirs(parent: Path) -> None:
+    """Work directories of trials whose search was killed (their pid is gone)."""
+    import shutil
+
+    from edgetl.cache import _alive
+
+    for d in parent.glob(".edgetl-trial.*"):
+        try:
+            pid = int(d.name.split(".")[2])
+        except (IndexError, ValueError):
+            continue
+        if d.is_dir() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def search(
@@ -185,12 +210,13 @@ def search(
         raise EdgetlError("edgetl search needs a finetune section: every trial starts from the one fine-tuned model")
     out = check_output(out, recipe.name)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_trial_dirs(out.parent)
     storage = storage or default_storage(out)
     store = open_cache()  # the shared fine-tune is the point: the search always uses the cache
     sp, limits = space(recipe), budget(recipe)
     threads = recipe.verify.threads if recipe.verify else 1
     runs, warmup = (recipe.verify.runs, recipe.verify.warmup) if recipe.verify else (100, 10)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, not a traceback
     try:
         study = optuna.create_study(
             storage=storage,
@@ -214,11 +240,12 @@ def search(
         except EdgetlError as e:
             trial.set_user_attr("error", str(e))
             raise
-        with tempfile.TemporaryDirectory(prefix=".edgetl-trial.", dir=out.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".edgetl-trial.{os.getpid()}.", dir=out.parent) as tmp:
             try:
                 state = run_stages(r, Path(tmp), store, log=lambda line: None, until="quantize")
             except EdgetlError as e:
                 trial.set_user_attr("error", str(e))
+                log(f"  failed: {e}")
                 raise
             m = judge(state, threads, runs, warmup)
         trial.set_user_attr("measured", m)
@@ -244,7 +271,7 @@ def search(
             "relax the gates"
         )
     best = max(front, key=lambda t: (t.user_attrs["measured"]["speedup"], t.values[0]))
-    params = dict(best.params)
+    params = tidy(best.params)
     log(f"search: {len(rows)} trials, {len(front)} on the feasible front; building trial {best.number}")
     summary = {
         "study": study.study_name,
@@ -257,7 +284,16 @@ def search(
         "chosen": best.number,
         "chosen_params": params,
     }
-    state = build(trial_recipe(recipe, params), out, log=log, metrics={"search": summary})
+    try:
+        state = build(trial_recipe(recipe, params), out, log=log, metrics={"search": summary})
+    except GateFailed as e:  # judged on validation, measured once on test: say which split disagreed
+        m = best.user_attrs["measured"]
+        e.args = (
+            f"{e.args[0]}; trial {best.number} was inside the budget on validation ({m['metric']} "
+            f"{-m['val_drop']:+.2f} vs the fine-tuned model on {m['val_size']} examples) but not on test: judge trials "
+            "on more validation examples (data.max_val, data.val_fraction) or keep a margin below the gate",
+        )
+        raise
     return state, summary
 
 
@@ -265,8 +301,8 @@ def as_overrides(params: dict) -> list[str]:
     """The chosen point as --set arguments for edgetl build."""
     out = []
     for k, v in params.items():
-        if k == "distill.epochs" and v == 0:
-            out.append("distill=null")
-        else:
+        if (k == "distill.epochs" and v == 0) or (k == "prune.target_macs" and v >= 1.0):
+            out.append(f"{k.split('.')[0]}=null")
+        elif not (k.startswith("prune.") and params.get("prune.target_macs", 0) >= 1.0):
             out.append(f"{k}={v}")
     return out

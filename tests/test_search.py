@@ -44,8 +44,11 @@ def test_search_fine_tunes_once_and_ships_the_fastest_trial_inside_the_budget(se
     assert chosen["number"] in result["front"] and chosen["feasible"]
     assert chosen["speedup"] == max(t["speedup"] for t in trials if t["number"] in result["front"])
     p = chosen["params"]  # the bundle is that trial's recipe, measured on test by verify
-    assert state.recipe.prune.target_macs == p["prune.target_macs"]
-    assert state.recipe.prune.importance == p["prune.importance"]
+    if p["prune.target_macs"] < 1.0:
+        assert state.recipe.prune.target_macs == p["prune.target_macs"]
+        assert state.recipe.prune.importance == p["prune.importance"]
+    else:  # the top of the range: no pruning
+        assert state.recipe.prune is None
     assert state.recipe.quantize.method == p["quantize.method"]
     assert (state.recipe.distill.epochs if state.recipe.distill else 0) == p["distill.epochs"]
     assert state.metrics["cache"]["stages"]["finetune"] == "cached"
@@ -86,3 +89,20 @@ def test_search_needs_a_finetune_and_a_reachable_storage(searchable, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", searchable)
     result = CliRunner().invoke(main, ["search", recipe, "--out", str(tmp_path / "o"), "--storage", "nosuch://x"])
     assert result.exit_code == 2 and "cannot open the search storage nosuch://x" in result.stderr
+
+
+def test_a_point_of_the_space_is_a_valid_recipe_and_the_budget_names_the_study(searchable):
+    from edgetl.search import as_overrides, study_name, trial_recipe
+
+    recipe = recipe_from_dict(searchable)
+    point = {"prune.target_macs": 1.0, "prune.importance": "lamp", "distill.epochs": 0, "quantize.method": "ptq"}
+    r = trial_recipe(recipe, point)  # the top of the MACs range is "no pruning"; 0 epochs is "no distillation"
+    assert r.prune is None and r.distill is None and r.quantize.method == "ptq"
+    assert as_overrides(point) == ["prune=null", "distill=null", "quantize.method=ptq"]
+    r = trial_recipe(recipe, {**point, "prune.target_macs": 0.35, "distill.epochs": 2})
+    assert (r.prune.target_macs, r.prune.importance, r.distill.epochs) == (0.35, "lamp", 2)
+    assert r.prune.steps == 1  # the recipe's own prune settings stay
+    searched = recipe_from_dict(searchable, ["prune.target_macs=0.5", "quantize.method=qat"])
+    assert study_name(searched) == study_name(recipe)  # the searched keys are the study's variables, not its name
+    tighter = recipe_from_dict(searchable, ["verify.max_accuracy_drop=1"])
+    assert study_name(tighter) != study_name(recipe)  # stored constraints are relative to the budget
