@@ -216,8 +216,9 @@ def test_failed_gate_fails_the_build_but_keeps_the_measurements(tmp_path, tiny_r
     )
     assert result.exit_code == 2
     assert "gate min_accuracy failed" in result.output
-    assert "to search for a model inside the gates: edgetl search " in result.output  # with the same --set
-    assert result.output.rstrip().endswith("--set finetune.epochs=1")
+    error = result.stderr.strip().splitlines()[-1]  # with the same --set
+    assert "to search for a model inside the gates: edgetl search " in error
+    assert error.endswith("--set finetune.epochs=1")
     assert not out.exists()
     assert (tmp_path / "out.failed-report.html").is_file()
     report = json.loads((tmp_path / "out.failed-report.json").read_text())
