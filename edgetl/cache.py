@@ -183,7 +183,8 @@ def stage_keys(recipe, data, stages: list[tuple[str, tuple[str, ...]]]) -> dict[
 # the store
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (the owner of a temp file or directory a killed run would leave)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -340,7 +341,7 @@ class Cache:
                     pid = int(p.name.split(".")[2])
                 except (IndexError, ValueError):
                     continue
-                if not _alive(pid):
+                if not pid_alive(pid):
                     p.unlink(missing_ok=True)
 
     def _gc(self) -> None:

@@ -232,14 +232,12 @@ def _check_replaceable(out: Path) -> None:
 
 def _owner_alive(tmp: Path) -> bool:
     """Whether the build that made ``.<name>.<pid>.<random>.partial`` still runs (a killed one left it)."""
+    from edgetl.cache import pid_alive
+
     try:
-        pid = int(tmp.name.split(".")[-3])
-        os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
+        return pid_alive(int(tmp.name.split(".")[-3]))
+    except (ValueError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _clean_leftovers(out: Path) -> None:

@@ -181,14 +181,14 @@ def _clean_trial_dirs(parent: Path) -> None:
     """Work directories of trials whose search was killed (their pid is gone)."""
     import shutil
 
-    from edgetl.cache import _alive
+    from edgetl.cache import pid_alive
 
     for d in parent.glob(".edgetl-trial.*"):
         try:
             pid = int(d.name.split(".")[2])
         except (IndexError, ValueError):
             continue
-        if d.is_dir() and not _alive(pid):
+        if d.is_dir() and not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
 
 
