@@ -43,7 +43,7 @@ from edgetl.errors import EdgetlError
 CACHE_ENV = "EDGETL_CACHE_DIR"
 MAX_ENV = "EDGETL_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 10.0
-BASE_SECTIONS = ("seed", "backbone", "data", "task")  # what every stage's output depends on
+BASE_SECTIONS = ("seed", "backbone", "data", "task", "train")  # what every stage's output depends on
 MACHINE = "machine"  # a dependency that is not a recipe path: the CPU and runtime (stages that measure speed)
 _STAMP_LIMIT = 100_000  # files stat'ed per data / weights path
 
@@ -162,6 +162,7 @@ def _section(recipe, path: str) -> Any:
 
 def stage_keys(recipe, data, stages: list[tuple[str, tuple[str, ...]]]) -> dict[str, str]:
     """The key of every stage that runs, given the loaded data (``load`` has run) and each stage's dependencies."""
+    from edgetl.distributed import world_size
     from edgetl.report import versions
 
     d = recipe.data
@@ -169,6 +170,7 @@ def stage_keys(recipe, data, stages: list[tuple[str, tuple[str, ...]]]) -> dict[
         "edgetl-cache-1",
         _source_hash(),
         versions(),
+        world_size(),  # N processes train on N shards with N times the batch: another model
         {s: _section(recipe, s) for s in BASE_SECTIONS},
         (data.train, data.val, data.test, data.classes, data.n_spare),
         (_stamp(d.path), _stamp(d.unlabelled_path), _stamp(recipe.backbone.name), _stamp(recipe.backbone.pretrained)),

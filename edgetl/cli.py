@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -116,8 +117,11 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None, no_cache: bo
 
     # a terminated build unwinds like Ctrl-C (its temporary directory is removed too) and says so
     signal.signal(signal.SIGTERM, _terminated)
+    from edgetl import distributed
     from edgetl.errors import GateFailed
 
+    if not distributed.is_main():  # under torchrun / accelerate launch the main process prints; the others fail loud
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
     cfg = load_recipe(recipe, overrides)
     try:
         state = run_build(cfg, out, cache=not no_cache)
@@ -125,7 +129,8 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None, no_cache: bo
         sets = "".join(f" --set {o}" for o in overrides)
         e.args = (f"{e.args[0]}; to search for a model inside the gates: edgetl search {recipe}{sets}",)
         raise
-    click.echo(summary(state))
+    if state is not None:  # None: a process other than the main one of a distributed build
+        click.echo(summary(state))
 
 
 @main.command("search")

@@ -111,6 +111,18 @@ class FinetuneCfg:
 
 
 @dataclass(frozen=True)
+class TrainCfg:
+    # how every training loop runs (fine-tune, pruning recovery, distillation, QAT), on Hugging Face Accelerate.
+    # Launched under torchrun or accelerate launch (-m edgetl build ...), fine-tune, prune and distill train in
+    # every process (DDP: gloo on CPU, NCCL on GPUs), each on its share of the batches; the rest runs on rank 0
+    device: Literal["auto", "cpu"] = "auto"  # auto: a CUDA GPU where there is one (each process its own), else CPU
+    # autocast in training: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling); the exported model is FP32 either way
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32: no autocast
+    # one optimizer step every N batches: the effective batch is N * data.batch_size * processes
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass(frozen=True)
 class PruneCfg:
     ratio: float = 0.3  # fraction of channels removed from every prunable layer (Torch-Pruning, DepGraph)
     # instead of ratio: the ratio is searched (bisection on copies) so the pruned model's MACs land at or just under
@@ -204,6 +216,7 @@ class Recipe:
     data: DataCfg
     task: TaskCfg = field(default_factory=TaskCfg)
     seed: int = 0
+    train: TrainCfg = field(default_factory=TrainCfg)
     finetune: FinetuneCfg | None = None
     prune: PruneCfg | None = None
     distill: DistillCfg | None = None
@@ -415,6 +428,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task.max_new_tokens": (_at_least(1), ">= 1"),
     "task.num_beams": (lambda v: 1 <= v <= 16, "between 1 and 16"),
     "data.augment.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.gradient_accumulation_steps": (_at_least(1), ">= 1"),
     "finetune.epochs": (_at_least(1), ">= 1"),
     "finetune.lr": (lambda v: v > 0, "> 0"),
     "finetune.warmup_epochs": (_at_least(0), ">= 0"),

@@ -4,10 +4,14 @@ stages import no other stage, only the library modules).
 A stage whose recipe section is absent is skipped. ``build`` runs them in a temporary directory next to the
 output and renames it into place only when every stage (gates included) passed, so a failed build never
 leaves a half-written bundle.
+
+Under torchrun / ``accelerate launch`` every process runs ``build``: the training stages run in all of them
+(``edgetl.distributed``), and only the main process (rank 0) runs the rest, writes the bundle and uses the cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -54,18 +58,23 @@ def build(
     log: Callable[[str], None] = print,
     cache: bool = True,
     metrics: dict | None = None,
-) -> State:
+) -> State | None:
     """Run every stage the recipe asks for and publish the bundle at ``out`` (default artifacts/<name>); with
     ``cache`` (edgetl.cache) stages whose inputs are unchanged since an earlier build are restored, not rerun.
-    ``metrics``: extra report sections (``edgetl search``'s trials), added before the bundle is written."""
+    ``metrics``: extra report sections (``edgetl search``'s trials), added before the bundle is written.
+    In a process other than the main one of a distributed build: its share of the training, then None."""
     import errno
 
+    from edgetl import distributed
     from edgetl.cache import open_cache
     from edgetl.measure import verify_providers
 
     out = check_output(out, recipe.name)  # before the first stage, not after an hour of training
     if recipe.verify is not None:  # a provider this onnxruntime lacks fails now, not after training
         verify_providers(recipe.verify)
+    distributed.check(recipe.train)
+    if not distributed.is_main():
+        return _follow(recipe)
     store = open_cache() if cache else None  # a refused cache directory fails now too
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +98,21 @@ def build(
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone once published (renamed); removed on any failure
+        distributed.finish()
     return state.replace(workdir=out)
+
+
+def _follow(recipe: Recipe) -> None:
+    """A process other than the main one: the training stages with the others, in a private temp dir (the main
+    process writes the bundle and the cache, and prints)."""
+    from edgetl import distributed
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"edgetl-rank{distributed.rank()}."))
+    try:
+        run_stages(recipe, tmp, None, lambda line: None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        distributed.finish()
 
 
 def run_stages(
@@ -104,6 +127,11 @@ def run_stages(
     cache ``store`` (an ``edgetl.cache.Cache`` or None) holds and saving what runs."""
     import torch
 
+    from edgetl import distributed
+
+    distributed.set_alone(False)
+    if distributed.distributed():  # the process group, on the recipe's device, before anything talks across it
+        distributed.accelerator(recipe.train)
     torch.manual_seed(recipe.seed)
     state = State(recipe=recipe, workdir=workdir)
     stages = [s for s in _stages() if s.wanted(recipe)]
@@ -115,9 +143,20 @@ def run_stages(
         keys = stage_keys_for(recipe, state, stages)
         state, start = _resume(store, keys, stages, state, log)
         status = {s.name: ("cached" if i < start else "run") for i, s in enumerate(stages) if s.name in keys}
+    if distributed.distributed():  # every process goes on from where the main one resumed
+        state, start = _share_resume(state, start, stages)
     cache_info = _cache_report(store, keys, status, stages, start)
-    state = state.replace(metrics={**state.metrics, **(metrics or {}), "cache": cache_info})
+    train = {
+        **dataclasses.asdict(recipe.train),
+        "device": distributed.device_name(recipe.train),
+        "processes": distributed.world_size(),
+    }
+    state = state.replace(metrics={**state.metrics, **(metrics or {}), "cache": cache_info, "train": train})
     for stage in stages[start:]:
+        if distributed.distributed() and stage.name not in distributed.TRAINING_STAGES:
+            if not distributed.is_main():
+                break  # this process's part is done
+            distributed.set_alone(True)
         state = _run(stage, state, recipe, log)
         if store is not None and stage.name in keys:
             why = store.save(keys[stage.name], stage.name, state, set(keys.values()), log)
@@ -126,6 +165,26 @@ def run_stages(
                 info = {**info, "unsaved": {**info.get("unsaved", {}), stage.name: why}}
                 state = state.replace(metrics={**state.metrics, "cache": info})
     return state
+
+
+_RESTORED = ("teacher", "reference", "history", "rows", "onnx", "models", "metrics", "timings")
+
+
+def _share_resume(state: State, start: int, stages: list[Stage]) -> tuple[State, int]:
+    """The main process's resume point, and what it restored when the other processes still have training to do."""
+    import torch
+
+    from edgetl import distributed
+
+    restored = None
+    if distributed.is_main() and 1 < start < len(stages) and stages[start].name in distributed.TRAINING_STAGES:
+        restored = {"model": state.backbone.model, "rng": torch.get_rng_state()}
+        restored.update({f: getattr(state, f) for f in _RESTORED})
+    start, restored = distributed.share((start, restored))
+    if not distributed.is_main() and restored is not None:
+        torch.set_rng_state(restored.pop("rng"))
+        state = state.replace(backbone=dataclasses.replace(state.backbone, model=restored.pop("model")), **restored)
+    return state, start
 
 
 def _run(stage: Stage, state: State, recipe: Recipe, log: Callable[[str], None]) -> State:

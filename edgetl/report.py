@@ -210,10 +210,24 @@ def header(report: dict) -> str:
         ("classes", f"{len(classes)} ({names})" if classes else None),
         ("train / val / test", " / ".join(_fmt(splits.get(s)) for s in ("train", "val", "test")) if splits else None),
         ("would ship" if failed else "ships", f"{shipped} ({ship.get('file')})" if ship else shipped),
+        ("training", _training(m.get("train"))),
     ]
     lines = "".join(f"<li><b>{escape(k)}</b>: {escape(str(v))}</li>" for k, v in items if v is not None)
     banner = "<p class='fail'>BUILD FAILED: a gate was not met, nothing was shipped</p>" if failed else ""
     return f"<h1>{escape(str(report.get('name', '')))}</h1>{banner}<ul>{lines}</ul>"
+
+
+def _training(train: dict | None) -> str | None:
+    """How the training stages ran: processes, device, precision, accumulation (older reports have none)."""
+    if not train:
+        return None
+    n = train.get("processes", 1)
+    parts = [f"{n} processes (DDP)" if n > 1 else "1 process", f"device {train.get('device', 'auto')}"]
+    if train.get("mixed_precision", "fp32") != "fp32":
+        parts.append(f"{train['mixed_precision']} mixed precision")
+    if train.get("gradient_accumulation_steps", 1) > 1:
+        parts.append(f"a step every {train['gradient_accumulation_steps']} batches")
+    return ", ".join(parts)
 
 
 def models_table(report: dict) -> str:

@@ -5,6 +5,11 @@ An objective (timm's training-task idea) turns a batch into a loss: ``TaskLoss``
 itself: AdamW over the given parameter groups (each with its own peak LR), linear warm-up then cosine decay, early
 stopping on the task's validation metric (in the direction the task says is better), best weights restored at the
 end; a progress bar on a terminal, one line per epoch otherwise (CI logs, ``| tee``).
+
+It runs on Hugging Face Accelerate (``edgetl.distributed``): the device (a GPU where there is one), mixed precision
+(autocast, fp16 loss scaling), and under torchrun / ``accelerate launch`` DDP with each process on its shard of the
+batches; gradient accumulation skips DDP's all-reduce (``no_sync``) on the batches between optimizer steps. The
+model comes back on the CPU, where export and pruning expect it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,17 @@ def call(model, x):
     return model(**x) if isinstance(x, dict) else model(x)
 
 
+def unwrap(model):
+    """The model inside a DDP wrapper (the task's loss reads its attributes: a CRF, the default boxes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
 @dataclass
 class TaskLoss:
     """The task's own loss on the labels."""
@@ -32,11 +48,12 @@ class TaskLoss:
     label_smoothing: float = 0.0
 
     def setup(self, model, loader) -> list:
-        """Called once before training; returns extra parameters to train (none)."""
+        """Called once before training, with the model on its training device; returns extra parameters to train
+        (none)."""
         return []
 
     def __call__(self, model, x, y):
-        return self.task.loss(call(model, x), y, self.label_smoothing, model=model)
+        return self.task.loss(call(model, x), y, self.label_smoothing, model=unwrap(model))
 
     def close(self) -> None:
         pass
@@ -84,7 +101,7 @@ class FeatureKD:
         for name, t in self.feats["t"].items():
             s, t = _rows(self.feats["s"][name]), _rows(t)
             if s.shape[-1] != t.shape[-1]:
-                self.projections[name] = torch.nn.Linear(s.shape[-1], t.shape[-1], bias=False)
+                self.projections[name] = torch.nn.Linear(s.shape[-1], t.shape[-1], bias=False).to(s.device)
                 params += list(self.projections[name].parameters())
             elif s.shape != t.shape:
                 raise EdgetlError(
@@ -127,13 +144,15 @@ class Distill:
 
     def setup(self, model, loader) -> list:
         import torch
+        from accelerate.utils import send_to_device
 
-        self.teacher.eval()
+        self.teacher.eval().to(device_of(model))
         if not (self.feature_weight > 0 and self.feature_layers):
             return []
         self.features = FeatureKD(model, self.teacher, self.feature_layers, self.head)
         with torch.no_grad():  # one forward of each model fixes the feature widths (and any projections)
             x0, _ = next(iter(loader))
+            x0 = send_to_device(x0, device_of(model))
             model.eval(), self.teacher.eval()
             call(model, x0), call(self.teacher, x0)
         return self.features.make_projections()
@@ -144,12 +163,15 @@ class Distill:
         out = call(model, x)
         with torch.no_grad():
             t_out = call(self.teacher, x)
-        loss = self.task.distill_loss(out, t_out, y, self.alpha, self.temperature, self.label_smoothing, model=model)
+        loss = self.task.distill_loss(
+            out, t_out, y, self.alpha, self.temperature, self.label_smoothing, model=unwrap(model)
+        )
         if self.features is not None:
             loss = loss + self.feature_weight * self.features.loss()
         return loss
 
     def close(self) -> None:
+        self.teacher.to("cpu")
         if self.features is not None:
             self.features.remove()
 
@@ -167,21 +189,23 @@ def evaluate(model, loader, task) -> dict:
     """The task's metric (a ``Metric``) and mean task loss over ``loader``."""
     import numpy as np
     import torch
+    from accelerate.utils import send_to_device
 
     from edgetl.measure import flatten
 
     model.eval()
+    dev = device_of(model)
     params = task.decode_params(model=model)
     loss, total, preds, targets = 0.0, 0, [], []
     with torch.inference_mode():
         for x, y in loader:
-            out = call(model, x)
+            out = call(model, send_to_device(x, dev))
             feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"input": x.numpy()}
             ys = y.numpy() if hasattr(y, "numpy") else y  # a tensor, or per-example targets (boxes)
             feed.update(task.eval_extras(ys))
-            loss += float(task.loss(out, y, model=model)) * len(y)
+            loss += float(task.loss(out, send_to_device(y, dev), model=model)) * len(y)
             total += len(y)
-            preds.append(task.decode(out.numpy(), feed, params))
+            preds.append(task.decode(out.cpu().numpy(), feed, params))
             targets.append(task.batch_targets(ys, feed))
     metric = task.score(flatten(preds), flatten(targets)) if preds else task.score(np.zeros(0), np.zeros(0))
     return {"metric": metric, "loss": loss / max(total, 1)}
@@ -208,28 +232,47 @@ def fit(
     patience: int | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
     desc: str = "train",
+    train: Any = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``objective`` (default: the task's loss) and return one history row per epoch.
 
     ``param_groups`` are AdamW groups, each with its own ``lr`` (default: every trainable parameter at ``lr``).
     Parameters with ``requires_grad=False`` simply receive no update, so ``on_epoch_start`` may unfreeze
-    more of the model as training goes (gradual unfreezing) without rebuilding the optimizer.
+    more of the model as training goes (gradual unfreezing) without rebuilding the optimizer (under DDP the model
+    is wrapped again when the trainable set changes: DDP averages only what was trainable when it was built).
+    ``train``: the recipe's ``config.TrainCfg`` (device, mixed precision, gradient accumulation).
     """
+    import contextlib
+
     import torch
+    from accelerate.utils import send_to_device
     from tqdm.auto import tqdm
+
+    from edgetl import distributed
 
     if epochs < 1:
         raise EdgetlError(f"{desc}: epochs must be at least 1")
+    acc = distributed.accelerator(train)
+    accumulate = train.gradient_accumulation_steps if train is not None else 1
+    ddp = distributed.distributed()
+    model.to(acc.device)
     objective = objective or TaskLoss(task)
     if param_groups is None:
         param_groups = [{"params": [p for p in model.parameters()], "lr": lr}]
     extra = objective.setup(model, train_loader)
     if extra:
         param_groups = [*param_groups, {"params": extra, "lr": lr}]
+        if ddp:  # the feature projections live outside DDP: every process starts from the main one's
+            for p in extra:
+                torch.distributed.broadcast(p.data, 0)
+    if ddp:  # this process's share of the batches (the same shuffled order everywhere: the same seed)
+        train_loader = acc.prepare_data_loader(train_loader)
     for g in param_groups:
         g["initial_lr"] = g.get("lr", lr)
     opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(len(train_loader), 1)
+    opt.zero_grad(set_to_none=True)  # gradients a pruning importance left behind
+    batches = max(len(train_loader), 1)
+    steps_per_epoch = math.ceil(batches / accumulate)
     total = epochs * steps_per_epoch
     warm = int(warmup_epochs * steps_per_epoch)
 
@@ -245,47 +288,74 @@ def fit(
         model.to(memory_format=torch.channels_last)
     history: list[dict] = []
     best_metric, best_state, stale = None, None, 0
-    interactive = sys.stderr.isatty()
+    interactive = sys.stderr.isatty() and acc.is_main_process
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True, disable=not interactive)
+    wrapped, trainable = model, None
     try:
         for epoch in range(epochs):
             if on_epoch_start:
                 on_epoch_start(epoch)
+            now = tuple(p.requires_grad for p in model.parameters())
+            if ddp and now != trainable:  # DDP also makes every process start from the main one's weights
+                wrapped = distributed.wrap(acc, model)
+            trainable = now
             model.train()
             freeze_frozen_batchnorm(model)
-            run_loss, seen = 0.0, 0
-            for x, y in train_loader:
+            run_loss, seen, n_batches, n_steps = 0.0, 0, 0, 0
+            for i, (x, y) in enumerate(train_loader):
+                x, y = send_to_device((x, y), acc.device)
                 if channels_last and not isinstance(x, dict) and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                loss = objective(model, x, y)
-                if not torch.isfinite(loss):
-                    raise EdgetlError(
-                        f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                step = (i + 1) % accumulate == 0 or i + 1 == batches
+                with contextlib.nullcontext() if step else acc.no_sync(wrapped):
+                    with acc.autocast():
+                        loss = objective(wrapped, x, y)
+                    if not torch.isfinite(loss):
+                        raise EdgetlError(
+                            f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate"
+                        )
+                    acc.backward(loss / accumulate)
+                if step:
+                    if ddp:
+                        for p in extra:
+                            if p.grad is not None:
+                                p.grad = acc.reduce(p.grad, reduction="mean")
+                    if acc.scaler is not None:  # fp16: unscale, skip a step whose gradients overflowed
+                        acc.scaler.step(opt)
+                        acc.scaler.update()
+                    else:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    n_steps += 1
+                    bar.update(1)
                 run_loss += loss.item() * len(y)
                 seen += len(y)
-                bar.update(1)
+                n_batches += 1
                 bar.set_postfix(
                     epoch=f"{epoch + 1}/{epochs}",
                     loss=f"{run_loss / seen:.3f}",
                     val=f"{history[-1]['val_metric']:.1f}" if history else "-",
                 )
+            if ddp:  # the same model everywhere before evaluating it; the epoch's loss over every process
+                distributed.sync_buffers(model)
+                sums = acc.reduce(torch.tensor([run_loss, seen], dtype=torch.float64, device=acc.device))
+                run_loss, seen = float(sums[0]), int(sums[1])
             val = evaluate(model, val_loader, task)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": run_loss / max(seen, 1),
                 "val_loss": val["loss"],
                 "val_metric": val["metric"].value,
+                "batches": n_batches,  # in this process: its share when several train
+                "steps": n_steps,  # optimizer steps (batches / train.gradient_accumulation_steps)
+                "processes": acc.num_processes if ddp else 1,
             }
             history.append(row)
             bar.set_postfix(
                 epoch=f"{epoch + 1}/{epochs}", loss=f"{row['train_loss']:.3f}", val=f"{row['val_metric']:.1f}"
             )
-            if not interactive:  # one line per epoch in logs instead of a bar redrawn per step
+            if not interactive and acc.is_main_process:  # one line per epoch in logs, not a bar redrawn per step
                 print(
                     f"  {desc} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, val loss "
                     f"{row['val_loss']:.4f}, val {val['metric']}",
@@ -304,5 +374,8 @@ def fit(
         model.to(memory_format=torch.contiguous_format)
     if best_state is not None:
         model.load_state_dict(best_state)
+    if ddp:
+        distributed.check_same(model, desc)
+    model.to("cpu")
     model.eval()
     return history

@@ -123,6 +123,7 @@ def qat(state, recipe, cfg, reduce_range: bool):
         lr=cfg.lr,
         warmup_epochs=0.0,
         desc="qat",
+        train=recipe.train,
     )
     detach_fake_quant(model, handles)
     return model.eval(), history

@@ -101,6 +101,7 @@ def run(state: State, recipe: Recipe) -> State:
         warmup_epochs=0.0,
         patience=cfg.patience,
         desc="distill",
+        train=recipe.train,
     )
     after = best(history, task)
     print(f"  distillation: val {task.metric_name} {before:.2f} -> {after:.2f}")

@@ -95,6 +95,7 @@ def _linear_probe(state: State, cfg: FinetuneCfg, bs: int) -> list[dict]:
         warmup_epochs=cfg.warmup_epochs,
         patience=cfg.patience,
         desc="finetune (linear probe)",
+        train=state.recipe.train,
     )
 
 
@@ -129,6 +130,7 @@ def run(state: State, recipe: Recipe) -> State:
             patience=cfg.patience,
             on_epoch_start=hook,
             desc=f"finetune ({cfg.strategy})",
+            train=recipe.train,
         )
     for p in model.parameters():
         p.requires_grad_(True)

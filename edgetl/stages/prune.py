@@ -75,6 +75,7 @@ def run(state: State, recipe: Recipe) -> State:
                 lr=cfg.lr,
                 warmup_epochs=0.0,
                 desc=f"prune recovery {step + 1}/{cfg.steps}",
+                train=recipe.train,
             )
     model.eval()
     with torch.no_grad():
