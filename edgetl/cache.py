@@ -106,6 +106,8 @@ def _feed(h, x: Any) -> None:
         h.update(b")")
     elif x is None or isinstance(x, (bool, int, float, str, bytes, Path)):
         h.update(f"{type(x).__name__}:{x!r};".encode())
+    elif hasattr(x, "fingerprint"):  # images decoded on demand (edgetl.modalities.stored): items, not pixels
+        _feed(h, x.fingerprint())
     elif callable(x):  # Data.spare: its output is covered by the data section, the seed and the file stamps
         h.update(b"callable;")
     else:
@@ -127,7 +129,7 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
-def _stamp(text: str | None) -> list:
+def stamp(text: str | None) -> list:
     """(relative path, size, mtime) of every file under a local path named in the recipe; [] for other names."""
     if not text or not isinstance(text, str):
         return []
@@ -173,7 +175,7 @@ def stage_keys(recipe, data, stages: list[tuple[str, tuple[str, ...]]]) -> dict[
         world_size(),  # N processes train on N shards with N times the batch: another model
         {s: _section(recipe, s) for s in BASE_SECTIONS},
         (data.train, data.val, data.test, data.classes, data.n_spare),
-        (_stamp(d.path), _stamp(d.unlabelled_path), _stamp(recipe.backbone.name), _stamp(recipe.backbone.pretrained)),
+        (stamp(d.path), stamp(d.unlabelled_path), stamp(recipe.backbone.name), stamp(recipe.backbone.pretrained)),
     )
     keys, prev = {}, base
     for name, deps in stages:
@@ -374,11 +376,14 @@ class Cache:
             log(f"  cache: clean-up failed ({e.strerror or type(e).__name__})")
 
     def clear(self) -> tuple[int, int]:
-        """Remove every entry and blob; returns (entries, bytes) removed."""
+        """Remove every entry and blob, and the images data.decode: disk decoded; returns (entries, bytes) removed."""
+        decoded = self.root / "decoded"
         n, size = len(list(self.stages.glob("*.json"))), self.size()
+        size += sum(p.stat().st_size for p in decoded.glob("*") if p.is_file())
         for d in (self.stages, self.blobs):
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(mode=0o700)
+        shutil.rmtree(decoded, ignore_errors=True)
         return n, size
 
 

@@ -69,8 +69,21 @@ class DataCfg:
     # (a list of words in text_column, a list of tags in label_column)
     # detection: coco (a COCO JSON file, images beside it or in images/), voc (Annotations/*.xml + JPEGImages/) or
     # yolo (images/ + labels/*.txt + classes.txt or data.yaml)
+    # hf_dataset: a Hugging Face datasets directory (save_to_disk: Arrow, memory-mapped), a DatasetDict with train
+    # [validation] [test] splits or one Dataset; images in image_column (or texts in text_column), a ClassLabel or
+    # string label in label_column
     kind: Literal[
-        "folder", "fashion_mnist", "digits", "csv", "jsonl", "rotten_tomatoes", "conll", "coco", "voc", "yolo"
+        "folder",
+        "fashion_mnist",
+        "digits",
+        "csv",
+        "jsonl",
+        "rotten_tomatoes",
+        "conll",
+        "coco",
+        "voc",
+        "yolo",
+        "hf_dataset",
     ] = "folder"
     path: str | None = None  # folder root (class sub-folders, or train/ val/ test/ splits) or idx directory
     val_fraction: float = 0.1  # of the training pool, stratified, when no val split is given
@@ -78,7 +91,14 @@ class DataCfg:
     max_train: int | None = None  # stratified subsample of the training split (keeps CPU runs short)
     max_val: int | None = None  # same for validation
     max_test: int | None = None  # same for test
-    batch_size: int = 64
+    batch_size: int = 64  # per process (see train)
+    # images: memory = decoded once into RAM before training (the fastest; refused when it cannot fit); lazy =
+    # decoded from the files per batch, by DataLoader workers (memory of a few batches, whatever the data size);
+    # disk = decoded once into a file under the cache directory ($EDGETL_CACHE_DIR/decoded), reused by later builds,
+    # read a batch at a time. The same prepare as the device runner in all three (texts are tokenized per batch)
+    decode: Literal["memory", "lazy", "disk"] = "memory"
+    workers: int | None = None  # DataLoader processes per loader; None = 0 (memory), min(4, CPUs) otherwise
+    image_column: str = "image"  # hf_dataset: the column with the images
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     text_column: str = "text"  # csv/jsonl: the column with the text
     text_pair_column: str | None = None  # csv/jsonl: a second text column for sentence-pair tasks
@@ -423,6 +443,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_val": (_at_least(1), ">= 1"),
     "data.max_test": (_at_least(1), ">= 1"),
     "data.batch_size": (_at_least(1), ">= 1"),
+    "data.workers": (_at_least(0), ">= 0"),
     "data.max_length": (_at_least(2), ">= 2"),
     "task.max_target_length": (_at_least(2), ">= 2"),
     "task.max_new_tokens": (_at_least(1), ">= 1"),
@@ -531,7 +552,9 @@ def _check_values(recipe: Recipe) -> None:
             "(torchvision:mobilenet_v2, torchvision:mobilenet_v3_large ...)"
         )
     text_backbone = recipe.backbone.name.startswith("hf:")
-    if text_data != text_backbone:  # now, not after a minute of network retries for the wrong kind of weights
+    # now, not after a minute of network retries for the wrong kind of weights (a datasets directory holds either:
+    # checked when it is read)
+    if text_data != text_backbone and recipe.data.kind != "hf_dataset":
         raise EdgetlError(
             f"recipe key 'data.kind': {recipe.data.kind} is {'text' if text_data else 'image'} data but "
             f"{recipe.backbone.name} is {'a text' if text_backbone else 'an image'} backbone "

@@ -1,7 +1,8 @@
 """Data sources, stratified splits and the spare pool; decoding is the modality's (``edgetl.modalities``).
 
-Images are decoded once with the device runner's own ``prepare`` and kept in memory as uint8, so evaluation sees
-exactly what a device sees; texts are tokenized per batch with the runner's ``encode_texts`` for the same reason.
+Images are decoded with the device runner's own ``prepare`` (once into memory as uint8, or per batch, or once into a
+file: ``data.decode``), so evaluation sees exactly what a device sees; texts are tokenized per batch with the
+runner's ``encode_texts`` for the same reason.
 Sources return *items* (file paths, arrays or texts) so splitting and subsampling happen before any decoding.
 """
 
@@ -52,7 +53,9 @@ class Pool:
 @dataclass
 class Split:
     labels: np.ndarray  # int64 N: the class (classification) or the stratification key
-    images: np.ndarray | None = None  # uint8 N x H x W x 3, already resized and center-cropped
+    # uint8 N x H x W x 3, already resized and center-cropped: an array, or (data.decode lazy / disk) an array-like
+    # that decodes or reads the images it is indexed with (edgetl.modalities.stored)
+    images: Any = None
     texts: list | None = None  # str, (str, str) for sentence pairs, or a list of words (token classification)
     targets: list | None = None  # per-example structured targets (word tag ids), None for classification
 
@@ -305,6 +308,75 @@ def _rotten_tomatoes() -> list[dict]:
 
 
 SPLIT_FILES = {"train": ("train",), "val": ("val", "valid", "dev"), "test": ("test",)}
+HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
+
+
+class _HFImage:
+    """Example ``i``'s image from a datasets table (Arrow, memory-mapped; its Image feature decodes on access)."""
+
+    def __init__(self, table, column: str, where: str):
+        self.table, self.column, self.where = table, column, where
+
+    def __call__(self, i):
+        image = self.table[int(i)][self.column]
+        if not hasattr(image, "convert"):
+            raise EdgetlError(f"{self.where} row {int(i)}: column '{self.column}' holds no image")
+        return image
+
+
+def _hf_pools(cfg: DataCfg, task: str) -> tuple[dict[str, Pool], list[str]]:
+    """A Hugging Face datasets directory (``save_to_disk``): its train / validation / test splits (or one Dataset)
+    as pools of images (read per example from the memory-mapped table) or texts; ClassLabel names or string labels."""
+    if task != "classification":
+        raise EdgetlError(f"data.kind hf_dataset: classification only (images or texts), not {task}")
+    if not cfg.path:
+        raise EdgetlError("data.path is required for data.kind=hf_dataset (a directory written by save_to_disk)")
+    import datasets
+
+    root = user_path(cfg.path)
+    try:
+        ds = datasets.load_from_disk(str(root))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise EdgetlError(f"{root}: not a datasets directory written by save_to_disk ({type(e).__name__})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        found = {name: [k for k in keys if k in ds] for name, keys in HF_SPLITS.items()}
+        splits = {name: ds[keys[0]] for name, keys in found.items() if keys}
+        if "train" not in splits:
+            raise EdgetlError(f"{root} has no train split (it has {', '.join(ds)})")
+    else:
+        splits = {"pool": ds}
+    columns = next(iter(splits.values())).column_names
+    image = cfg.image_column in columns
+    needed = [cfg.label_column, cfg.image_column if image else cfg.text_column]
+    for col in needed + ([cfg.text_pair_column] if cfg.text_pair_column and not image else []):
+        if col not in columns:
+            raise EdgetlError(
+                f"{root} has no column '{col}' (columns: {', '.join(columns)}); "
+                "set data.image_column / data.text_column / data.label_column"
+            )
+    feature = next(iter(splits.values())).features[cfg.label_column]
+    named = isinstance(feature, datasets.ClassLabel)
+    values = {name: list(d[cfg.label_column]) for name, d in splits.items()}  # the label column only, not images
+    classes = list(feature.names) if named else sorted({str(v) for vs in values.values() for v in vs})
+    if len(classes) < 2:
+        raise EdgetlError(f"{root}: label column '{cfg.label_column}' has fewer than two classes")
+    index = {c: i for i, c in enumerate(classes)}
+    pools = {}
+    for name, d in splits.items():
+        where = f"{root} ({name})"
+        if image:
+            labels = np.asarray(values[name] if named else [index[str(v)] for v in values[name]], np.int64)
+            pools[name] = Pool(list(range(len(d))), labels, _HFImage(d, cfg.image_column, where))
+            continue
+        text_cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+        texts = {c: list(d[c]) for c in text_cols}
+        rows = [
+            {**{c: texts[c][i] for c in text_cols}, cfg.label_column: classes[v] if named else v}
+            for i, v in enumerate(values[name])
+        ]
+        items, labels = _text_rows(rows, cfg, where)
+        pools[name] = Pool(items, np.asarray([index[x] for x in labels], np.int64), lambda item: item)
+    return pools, classes
 
 
 def _tag_pools(cfg: DataCfg) -> tuple[dict[str, Pool], list[str]]:
@@ -375,6 +447,8 @@ def open_sources(cfg: DataCfg, task: str = "classification") -> tuple[dict[str, 
         return _box_pools(cfg)
     if task == "seq2seq":
         return {"pool": _pair_pool(_table(cfg), cfg, str(cfg.path))}, []
+    if cfg.kind == "hf_dataset":
+        return _hf_pools(cfg, task)
     if cfg.kind in TEXT_KINDS:
         where = "Rotten Tomatoes corpus" if cfg.kind == "rotten_tomatoes" else str(cfg.path)
         pool, classes = _text_pool(_table(cfg), cfg, where)
@@ -534,6 +608,11 @@ def load_data(cfg: DataCfg, modality, seed: int, sources: tuple[dict, list[str]]
         from edgetl.modalities import modality_for
 
         modality = modality_for(modality)
+    if hasattr(modality, "decode"):  # images: when to decode, and with how many workers
+        from edgetl.cache import stamp
+
+        modality.decode, modality.workers = cfg.decode, cfg.workers
+        modality.source_id = (cfg.kind, cfg.path, stamp(cfg.path))
     pools, classes = sources or open_sources(cfg)
     pools = dict(pools)
     if "pool" in pools:
@@ -588,5 +667,9 @@ def concat(a: Split, b: Split) -> Split:
     labels = np.concatenate([a.labels, b.labels])
     targets = list(a.targets) + list(b.targets) if a.targets is not None else None
     if a.images is not None:
-        return Split(labels=labels, images=np.concatenate([a.images, b.images]), targets=targets)
+        if isinstance(a.images, np.ndarray) and isinstance(b.images, np.ndarray):
+            return Split(labels=labels, images=np.concatenate([a.images, b.images]), targets=targets)
+        from edgetl.modalities.stored import Chained
+
+        return Split(labels=labels, images=Chained([a.images, b.images]), targets=targets)
     return Split(labels=labels, texts=list(a.texts) + list(b.texts), targets=targets)

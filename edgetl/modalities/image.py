@@ -1,5 +1,7 @@
-"""Images: decoded once with the device runner's own ``prepare`` (resize shorter side, center crop) into uint8
-arrays, normalised by ``normalize`` for ONNX feeds, augmented with torchvision v2 for training."""
+"""Images: decoded with the device runner's own ``prepare`` (resize shorter side, center crop) into uint8 arrays,
+normalised by ``normalize`` for ONNX feeds, augmented with torchvision v2 for training. ``data.decode`` says when:
+once into memory (default), per batch (``lazy``), or once into a file on disk (``disk``; ``edgetl.modalities.stored``).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +18,40 @@ class Image:
 
     def __init__(self, pre: dict):
         self.pre = pre
+        # set by data.load_data from the data section: when to decode, training-batch workers, the source's identity
+        self.decode, self.workers, self.source_id = "memory", None, None
 
     def describe(self) -> str:
         return f"input {self.pre['crop']}px"
 
+    def n_workers(self) -> int:
+        """DataLoader processes for batches: data.workers, else none for images in memory (indexing an
+        array is cheap) and up to 4 when batches are decoded or read on demand."""
+        import os
+
+        if self.workers is not None:
+            return self.workers
+        return 0 if self.decode == "memory" else min(4, os.cpu_count() or 1)
+
+    def _stored(self, pool, idx: np.ndarray, desc: str):
+        """``materialize`` for data.decode lazy / disk: nothing decoded ahead (disk: once, into a file)."""
+        from edgetl.data import Split
+        from edgetl.modalities.stored import LazyImages, decode_key, decode_to_disk
+
+        images = LazyImages([(pool.load, pool.items[i]) for i in idx], self.pre)
+        targets = None
+        if pool.targets is not None:  # boxes follow each image's size to the model's input (read, not kept)
+            targets = [self.scaled(pool.targets[i], pool.load(pool.items[i]).size) for i in idx]
+        if self.decode == "disk":
+            from edgetl.cache import open_cache
+
+            key = decode_key(images.sources, self.pre, self.source_id)
+            images = decode_to_disk(images, open_cache().root / "decoded", key, desc, self.n_workers())
+        return Split(labels=pool.labels[idx], images=images, targets=targets)
+
     def materialize(self, pool, idx: np.ndarray, desc: str):
+        if self.decode != "memory":
+            return self._stored(pool, idx, desc)
         import sys
 
         from tqdm.auto import tqdm
@@ -55,12 +86,13 @@ class Image:
         return split.targets if split.targets is not None else split.labels
 
     def decoded_bytes(self, n: int) -> int:
-        return n * self.pre["crop"] * self.pre["crop"] * 3
+        """Memory the decoded examples take (none held when they are decoded on demand)."""
+        return n * self.pre["crop"] * self.pre["crop"] * 3 if self.decode == "memory" else 0
 
     def golden(self, split, n: int, max_bytes: int) -> tuple[dict, dict]:
         """Up to ``n`` examples as the device holds them before the model (prepared uint8 images), under
         ``max_bytes``, and the feed they make."""
-        each = self.decoded_bytes(1)
+        each = self.pre["crop"] * self.pre["crop"] * 3
         k = max(1, min(n, len(split), max_bytes // each))
         images = split.images[:k]
         return {"images": images}, {"input": normalize(images, self.pre)}
@@ -127,7 +159,12 @@ class Image:
             return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
         return DataLoader(
-            _Boxes(), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0, collate_fn=collate
+            _Boxes(),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=g,
+            num_workers=self.n_workers(),
+            collate_fn=collate,
         )
 
     def loader(self, split, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):
@@ -159,7 +196,7 @@ class Image:
                     x = aug(x)
                 return (x.float() / 255.0 - mean) / std, int(split.labels[i])
 
-        return DataLoader(_Images(), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
+        return DataLoader(_Images(), batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=self.n_workers())
 
     def bundle_preprocess(self, data_cfg) -> dict:
         return dict(self.pre)

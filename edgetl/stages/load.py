@@ -20,6 +20,13 @@ def run(state: State, recipe: Recipe) -> State:
             "distill.transfer_size (e.g. --set distill.transfer_size=5000) or remove it"
         )
     sources = open_sources(recipe.data, recipe.task.kind)  # class names first: the head needs their count
+    if recipe.data.kind == "hf_dataset":  # a datasets directory holds images or texts: the backbone must match
+        images = not isinstance(next(iter(sources[0].values())).items[0], (str, tuple))
+        if images == recipe.backbone.name.startswith("hf:"):
+            raise EdgetlError(
+                f"data.path {recipe.data.path} holds {'images' if images else 'texts'} but {recipe.backbone.name} "
+                f"is {'a text' if images else 'an image'} backbone"
+            )
     task = create_task(recipe.task.kind, sources[1], recipe.task)
     backbone = build_backbone(recipe.backbone, task)
     pre = backbone.contract.preprocess
