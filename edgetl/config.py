@@ -176,6 +176,9 @@ class DistillCfg:
     # (their labels unused) and data.unlabelled_path; the teacher labels them (soft targets, and its top-1 for the
     # label term) and they join the distillation set
     transfer_size: int = 0
+    # seq2seq: sequence-level KD (Kim & Rush 2016): the student learns the teacher's greedy outputs for the training
+    # sources instead of the references (with the word-level KD above on them)
+    sequence_level: bool = False
 
 
 @dataclass(frozen=True)
@@ -527,14 +530,11 @@ def _check_values(recipe: Recipe) -> None:
         )
     if kind != "classification" and recipe.distill is not None and recipe.distill.transfer_size:
         raise EdgetlError(f"recipe key 'distill.transfer_size': not supported for {kind} yet (set 0)")
+    if kind != "seq2seq" and recipe.distill is not None and recipe.distill.sequence_level:
+        raise EdgetlError("recipe key 'distill.sequence_level': for seq2seq (generated targets); set false")
     if kind == "seq2seq":
         if recipe.data.kind not in ("csv", "jsonl"):
             raise EdgetlError(f"recipe key 'data.kind': seq2seq reads csv or jsonl files, not {recipe.data.kind}")
-        for section in ("prune", "distill"):
-            if getattr(recipe, section) is not None:
-                raise EdgetlError(
-                    f"recipe section '{section}': not implemented for seq2seq yet (remove it; quantize works)"
-                )
         if recipe.quantize is not None and recipe.quantize.method == "qat":
             raise EdgetlError("recipe key 'quantize.method': seq2seq quantizes with ORT dynamic INT8: set ptq")
         if recipe.export.ort_format:

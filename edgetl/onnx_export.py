@@ -10,6 +10,7 @@ on the result, labels and preprocessing in the ONNX metadata so the file alone i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -94,7 +95,8 @@ def _optimum_export(wrapper, path: Path, opset: int, task: str) -> bool:
                 # a copy: optimum's seq2seq export leaves the model's configs changed (T5's encoder then refuses
                 # generate's use_cache)
                 model = copy.deepcopy(wrapper.model) if task.startswith("text2text") else wrapper.model
-                onnx_export_from_model(model, tmp, opset=opset, task=task, do_validation=False)
+                with _cache_shapes_of(model):
+                    onnx_export_from_model(model, tmp, opset=opset, task=task, do_validation=False)
             except (ValueError, KeyError, NotImplementedError):
                 return False
             if (Path(tmp) / "encoder_model.onnx").is_file():  # seq2seq: the encoder, and the merged decoder beside it
@@ -107,6 +109,53 @@ def _optimum_export(wrapper, path: Path, opset: int, task: str) -> bool:
     finally:
         log.setLevel(level)
     return True
+
+
+@contextlib.contextmanager
+def _cache_shapes_of(model):
+    """optimum traces a seq2seq decoder with dummy past keys / values shaped from the config (its head count, and
+    hidden size / heads per head); after head pruning (``compress.prune.Seq2SeqPruner``) the layers have fewer heads
+    of the same width, each layer its own count. While this is open, the dummy past of BART-family models (optimum's
+    M2M100 config family) is shaped from the modules themselves; the exported graph's past inputs then carry each
+    layer's real head count, which ``runner.Generator`` reads back."""
+    layers = list(getattr(getattr(model, "get_decoder", lambda: None)(), "layers", None) or [])
+    c = model.config
+    full = getattr(c, "decoder_attention_heads", None), getattr(c, "encoder_attention_heads", None)
+    if not layers or not hasattr(layers[0], "encoder_attn"):
+        yield
+        return
+    shapes = [
+        (x.self_attn.num_heads, x.self_attn.head_dim, x.encoder_attn.num_heads, x.encoder_attn.head_dim) for x in layers
+    ]
+    if all(s[0] == full[0] and s[2] == full[1] for s in shapes):
+        yield  # not pruned: optimum's own shapes are right
+        return
+    from optimum.exporters.onnx.model_configs import M2M100OnnxConfig
+    from optimum.utils.input_generators import DummySeq2SeqPastKeyValuesGenerator
+
+    class PastFromModules(DummySeq2SeqPastKeyValuesGenerator):
+        def generate(self, input_name: str, framework: str = "pt", int_dtype: str = "int64", float_dtype: str = "fp32"):
+            if input_name != "past_key_values":
+                return super().generate(input_name, framework, int_dtype, float_dtype)
+            out = []
+            for heads, dim, cross_heads, cross_dim in shapes:
+                own = (self.batch_size, heads, self.sequence_length, dim)
+                cross = (self.batch_size, cross_heads, self.encoder_sequence_length, cross_dim)
+                out.append(
+                    tuple(
+                        self.random_float_tensor(s, framework=framework, dtype=float_dtype)
+                        for s in (own, own, cross, cross)
+                    )
+                )
+            return out
+
+    before = M2M100OnnxConfig.__dict__["DUMMY_INPUT_GENERATOR_CLASSES"]
+    text, decoder, past = before
+    M2M100OnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES = (text, decoder, {**past, "feature-extraction": PastFromModules})
+    try:
+        yield
+    finally:
+        M2M100OnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES = before
 
 
 def parity(task, model, onnx_path: Path, batches: list[dict], atol: float, rtol: float):

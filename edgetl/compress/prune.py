@@ -68,27 +68,53 @@ def encoder_layers(hf_model) -> list[list]:
     return [[m for m in hf_model.get_submodule(n).modules() if isinstance(m, nn.Linear)] for n in names]
 
 
+def _keep(n0: int, ratio: float, frac: float, multiple: int) -> int:
+    """How many of ``n0`` units stay after ``frac`` of the way to removing ``ratio`` of them, a multiple of
+    ``multiple`` and never none."""
+    keep = n0 * (1.0 - ratio * frac)
+    return max(multiple, int(round(keep / multiple)) * multiple)
+
+
+def _score(w, importance: str, rows: bool):
+    """Per output row (``rows``) or input column of ``w``: the L2 mass (magnitude) or |weight x gradient| (taylor)."""
+    v = (w * w.grad).abs() if importance == "taylor" and w.grad is not None else w.pow(2)
+    return v.detach() if rows else v.detach().t()
+
+
+def head_scores(projections: list, n_heads: int, importance: str):
+    """Per attention head: the importance of its query / key / value rows and output-projection columns
+    (``projections``: the four Linears in that order)."""
+    q, k, v, o = projections
+    return sum(_score(m.weight, importance, m is not o).reshape(n_heads, -1).sum(1) for m in (q, k, v, o))
+
+
+def _text_importance(cfg: PruneCfg):
+    """Torch-Pruning's group importance for transformer layers (its class also tells ``prune_step`` whether
+    gradients are needed first)."""
+    import torch_pruning as tp
+
+    if cfg.importance not in ("magnitude", "taylor"):
+        raise EdgetlError(f"prune.importance '{cfg.importance}' is for images; transformers take magnitude or taylor")
+    if cfg.importance == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+def _head_ratio(cfg: PruneCfg) -> float:
+    head_ratio = cfg.ratio if cfg.head_ratio is None else cfg.head_ratio
+    if not 0.0 <= head_ratio < 1.0:
+        raise EdgetlError("prune.head_ratio must be between 0 and 1")
+    return head_ratio
+
+
 class EncoderPruner:
     """FFN neurons (Torch-Pruning DepGraph) and attention heads (transformers' prune_heads), evenly per layer,
     ``ratio`` / ``head_ratio`` reached after ``steps`` calls of ``step``."""
 
     def __init__(self, wrapper, example: dict, cfg: PruneCfg):
-        import torch_pruning as tp
-
-        if cfg.importance not in ("magnitude", "taylor"):
-            raise EdgetlError(
-                f"prune.importance '{cfg.importance}' is for images; text encoders take magnitude or taylor"
-            )
-        head_ratio = cfg.ratio if cfg.head_ratio is None else cfg.head_ratio
-        if not 0.0 <= head_ratio < 1.0:
-            raise EdgetlError("prune.head_ratio must be between 0 and 1")
         self.wrapper, self.hf, self.example, self.cfg = wrapper, wrapper.model, example, cfg
-        self.head_ratio = head_ratio
-        self.importance = (
-            tp.importance.GroupTaylorImportance()
-            if cfg.importance == "taylor"
-            else tp.importance.GroupMagnitudeImportance(p=2)
-        )
+        self.head_ratio = _head_ratio(cfg)
+        self.importance = _text_importance(cfg)
         layers = encoder_layers(self.hf)
         config = self.hf.config
         n_heads = getattr(config, "num_attention_heads", None) or config.n_heads
@@ -96,10 +122,6 @@ class EncoderPruner:
         self.ffn0 = [lin[4].out_features for lin in layers]
         self.n_heads0 = n_heads
         self.done = 0
-
-    def _keep(self, n0: int, ratio: float, frac: float, multiple: int) -> int:
-        keep = n0 * (1.0 - ratio * frac)
-        return max(multiple, int(round(keep / multiple)) * multiple)
 
     def step(self) -> None:
         import torch_pruning as tp
@@ -111,7 +133,7 @@ class EncoderPruner:
             graph = tp.DependencyGraph().build_dependency(self.wrapper, example_inputs=self.example)
         for lin, n0 in zip(encoder_layers(self.hf), self.ffn0, strict=True):
             ffn_in = lin[4]
-            drop = ffn_in.out_features - self._keep(n0, self.cfg.ratio, frac, self.cfg.round_to or 1)
+            drop = ffn_in.out_features - _keep(n0, self.cfg.ratio, frac, self.cfg.round_to or 1)
             if drop > 0:
                 group = graph.get_pruning_group(
                     ffn_in, tp.prune_linear_out_channels, idxs=list(range(ffn_in.out_features))
@@ -121,31 +143,130 @@ class EncoderPruner:
         to_prune = {}
         for i, lin in enumerate(encoder_layers(self.hf)):
             current = self.heads[i]
-            drop = len(current) - self._keep(self.n_heads0, self.head_ratio, frac, 1)
+            drop = len(current) - _keep(self.n_heads0, self.head_ratio, frac, 1)
             if drop > 0:
-                order = self._head_scores(lin, len(current)).argsort()[:drop].tolist()
+                order = head_scores(lin[:4], len(current), self.cfg.importance).argsort()[:drop].tolist()
                 to_prune[i] = [current[j] for j in order]
                 self.heads[i] = [h for j, h in enumerate(current) if j not in order]
         if to_prune:
             self.hf.prune_heads(to_prune)
 
-    def _head_scores(self, lin: list, n_heads: int):
-        """Per head: the L2 mass (magnitude) or |weight x gradient| (taylor) of its query/key/value rows and
-        attention-output columns."""
-
-        def score(w, dim):
-            if self.cfg.importance == "taylor" and w.grad is not None:
-                v = (w * w.grad).abs()
-            else:
-                v = w.pow(2)
-            return v.detach().reshape(n_heads, -1).sum(1) if dim == 0 else v.detach().t().reshape(n_heads, -1).sum(1)
-
-        q, k, v, o = lin[:4]
-        return score(q.weight, 0) + score(k.weight, 0) + score(v.weight, 0) + score(o.weight, 1)
-
     @property
     def heads_left(self) -> list[int]:
         return [len(h) for h in self.heads]
+
+    def describe(self) -> tuple[dict, str]:
+        """The heads and FFN neurons left per layer (for the stage's rows) and a line for the log."""
+        ffn = [lin[4].out_features for lin in encoder_layers(self.hf)]
+        return {
+            "heads": self.heads_left,
+            "ffn": ffn,
+        }, f", heads/layer {self.heads_left[0]}/{self.n_heads0}, FFN {ffn[0]}/{self.ffn0[0]}"
+
+
+def seq2seq_layers(hf_model) -> tuple[list, list] | None:
+    """The encoder and decoder layers of a BART-family seq2seq model (BART, mBART, Marian, Pegasus, edgetl's warm
+    start): layers with ``self_attn`` (decoder: also ``encoder_attn``), each with q / k / v / out projections, and
+    an ``fc1`` / ``fc2`` FFN. None for a model that is not encoder-decoder; an error for one with other layers
+    (T5's blocks)."""
+    config = getattr(hf_model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    sides = []
+    for part in (hf_model.get_encoder(), hf_model.get_decoder()):
+        layers = list(getattr(part, "layers", None) or [])
+        attn = ("self_attn", "encoder_attn") if part is hf_model.get_decoder() else ("self_attn",)
+        if not layers or not all(
+            all(hasattr(getattr(layer, a, None), "q_proj") for a in attn) and hasattr(layer, "fc1") for layer in layers
+        ):
+            raise EdgetlError(
+                f"prune: seq2seq pruning covers BART-family models (BART, mBART, Marian, Pegasus, the warm-started "
+                f"encoders); {type(hf_model).__name__} has other layers: remove the prune section"
+            )
+        sides.append(layers)
+    return sides[0], sides[1]
+
+
+def remove_heads(attn, heads: list[int]) -> None:
+    """Remove attention heads (indices into the module's current heads) from a BART-style attention module: their
+    query / key / value rows and output-projection columns, with Torch-Pruning's Linear pruning functions. The
+    module computes its head count from the projections' width (``view(..., -1, head_dim)``)."""
+    import torch_pruning as tp
+
+    d = attn.head_dim
+    idxs = [h * d + j for h in heads for j in range(d)]
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        tp.prune_linear_out_channels(lin, idxs)
+    tp.prune_linear_in_channels(attn.out_proj, idxs)
+    attn.num_heads -= len(heads)
+
+
+class Seq2SeqPruner:
+    """Encoder and decoder of a BART-family seq2seq model: FFN neurons (``fc1`` outputs with ``fc2`` inputs, the
+    whole dependency group, removed with Torch-Pruning's Linear pruning functions) and attention heads (self-
+    attention in both, the decoder's cross-attention too), evenly per layer, ``ratio`` / ``head_ratio`` reached
+    after ``steps`` calls of ``step``. The hidden size stays, so embeddings, LM head and the encoder output that
+    the decoder reads keep their width; the decoder's KV cache has fewer heads (the exporter is told, see
+    ``onnx_export``)."""
+
+    def __init__(self, wrapper, example: dict, cfg: PruneCfg):
+        self.hf, self.cfg = wrapper.model, cfg
+        self.head_ratio = _head_ratio(cfg)
+        self.importance = _text_importance(cfg)
+        encoder, decoder = seq2seq_layers(self.hf)
+        self.layers = encoder + decoder
+        self.n_encoder = len(encoder)
+        self.ffn0 = [layer.fc1.out_features for layer in self.layers]
+        self.n_heads0 = [[a.num_heads for a in self._attention(layer)] for layer in self.layers]
+        self.done = 0
+
+    @staticmethod
+    def _attention(layer) -> list:
+        return [a for a in (layer.self_attn, getattr(layer, "encoder_attn", None)) if a is not None]
+
+    def step(self) -> None:
+        import torch_pruning as tp
+
+        self.done += 1
+        frac = min(self.done / max(self.cfg.steps, 1), 1.0)
+        name = self.cfg.importance
+        for layer, n0, heads0 in zip(self.layers, self.ffn0, self.n_heads0, strict=True):
+            drop = layer.fc1.out_features - _keep(n0, self.cfg.ratio, frac, self.cfg.round_to or 1)
+            if drop > 0:
+                score = _score(layer.fc1.weight, name, True).sum(1) + _score(layer.fc2.weight, name, False).sum(1)
+                if layer.fc1.bias is not None:
+                    score = score + _score(layer.fc1.bias, name, True)
+                idxs = score.argsort()[:drop].tolist()
+                tp.prune_linear_out_channels(layer.fc1, idxs)
+                tp.prune_linear_in_channels(layer.fc2, idxs)
+            for attn, h0 in zip(self._attention(layer), heads0, strict=True):
+                drop = attn.num_heads - _keep(h0, self.head_ratio, frac, 1)
+                if drop > 0:
+                    proj = [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj]
+                    remove_heads(attn, head_scores(proj, attn.num_heads, name).argsort()[:drop].tolist())
+
+    def describe(self) -> tuple[dict, str]:
+        enc, dec = self.layers[: self.n_encoder], self.layers[self.n_encoder :]
+        row = {
+            "heads": [a.num_heads for layer in self.layers for a in self._attention(layer)],
+            "ffn": [layer.fc1.out_features for layer in self.layers],
+        }
+        text = (
+            f", encoder heads/layer {enc[0].self_attn.num_heads}/{self.n_heads0[0][0]}, "
+            f"FFN {enc[0].fc1.out_features}/{self.ffn0[0]}; decoder self / cross heads "
+            f"{dec[0].self_attn.num_heads}/{dec[0].encoder_attn.num_heads}, FFN {dec[0].fc1.out_features}"
+        )
+        return row, text
+
+
+def pruner_for(model, example: dict, cfg: PruneCfg, backbone):
+    """The pruner for this model: a seq2seq model's encoder and decoder, a transformer encoder's heads and FFN, or a
+    CNN's channels (Torch-Pruning's MetaPruner)."""
+    if seq2seq_layers(getattr(model, "model", None)) is not None:
+        return Seq2SeqPruner(model, example, cfg)
+    if backbone.transformer:
+        return EncoderPruner(model, example, cfg)
+    return make_pruner(model, example, cfg, backbone.head)
 
 
 def make_pruner(model, example, cfg: PruneCfg, head: str):

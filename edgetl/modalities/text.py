@@ -113,9 +113,17 @@ class Text:
         return self.feeds(split, batch=16, limit=size, pad_to=self.pre["max_length"])
 
     def trace_example(self, split):
+        """One example as tensors and as a feed; seq2seq: with its target's decoder inputs, so the op counter counts
+        one teacher-forced pass (encoder and decoder), not a generation."""
         import torch
 
         feed = self.feeds(split, batch=1, limit=1)[0]
+        if self.target is not None:
+            from edgetl.seq2seq import shift_right
+
+            gen = self.pre["generation"]
+            y = torch.from_numpy(self.labels(split.targets[:1]))
+            feed = {**feed, "decoder_input_ids": shift_right(y, gen["start_id"], gen["pad_id"]).numpy()}
         return {k: torch.from_numpy(v) for k, v in feed.items()}, feed
 
     def loader(self, split, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):

@@ -1,7 +1,7 @@
 """Structured pruning stage: channels (CNNs, Torch-Pruning DepGraph) or attention heads and FFN neurons
-(transformer encoders) physically removed in ``steps`` increments, each followed by a short recovery fine-tune
-through the one ``fit`` loop; ``prune.target_macs`` searches the ratio that lands on a MACs budget first. The
-library side is ``edgetl.compress.prune``.
+(transformer encoders; a seq2seq model's encoder and decoder) physically removed in ``steps`` increments, each
+followed by a short recovery fine-tune through the one ``fit`` loop; ``prune.target_macs`` searches the ratio that
+lands on a MACs budget first. The library side is ``edgetl.compress.prune``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from edgetl.compress.prune import EncoderPruner, encoder_layers, make_pruner, prune_step, ratio_for_macs
+from edgetl.compress.prune import prune_step, pruner_for, ratio_for_macs
 from edgetl.config import PruneCfg, Recipe
 from edgetl.measure import count_params_macs
 from edgetl.state import State
@@ -21,7 +21,6 @@ def run(state: State, recipe: Recipe) -> State:
 
     cfg = recipe.prune
     model, mod, task = state.backbone.model, state.modality, state.task
-    encoder = state.backbone.transformer
     example, measure = mod.trace_example(state.data.val)  # DepGraph traces one example, the op counter counts it
     params0, macs0 = count_params_macs(model, measure)
     smoothing = recipe.finetune.label_smoothing if recipe.finetune else 0.0
@@ -33,7 +32,7 @@ def run(state: State, recipe: Recipe) -> State:
         p.requires_grad_(True)
 
     def build(m, c: PruneCfg):
-        return EncoderPruner(m, example, c) if encoder else make_pruner(m, example, c, state.backbone.head)
+        return pruner_for(m, example, c, state.backbone)
 
     if cfg.target_macs is not None:  # search the ratio that lands on the MACs target, then prune for real
         trial = dataclasses.replace(cfg, importance="magnitude")
@@ -54,10 +53,9 @@ def run(state: State, recipe: Recipe) -> State:
         params, macs = count_params_macs(model, measure)
         row = {"step": step + 1, "params": params, "macs": macs}
         extra = ""
-        if encoder:
-            row["heads"] = pruner.heads_left
-            row["ffn"] = [lin[4].out_features for lin in encoder_layers(model.model)]
-            extra = f", heads/layer {row['heads'][0]}/{pruner.n_heads0}, FFN {row['ffn'][0]}/{pruner.ffn0[0]}"
+        if hasattr(pruner, "describe"):  # transformers: heads and FFN neurons left per layer
+            units, extra = pruner.describe()
+            row.update(units)
         steps.append(row)
         mac_txt = f"MACs {macs / 1e6:.1f}M ({100 * macs / macs0:.0f}%)" if macs and macs0 else "MACs n/a"
         print(

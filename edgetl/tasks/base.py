@@ -111,6 +111,10 @@ class Task(Protocol):
     def pseudo_targets(self, teacher_outputs: np.ndarray) -> np.ndarray:
         """Targets a teacher gives unlabelled examples (distillation's transfer set)."""
 
+    def relabel(self, split, targets: list):
+        """``split`` with the teacher's decoded outputs as its targets (seq2seq's sequence-level KD; only tasks that
+        allow ``distill.sequence_level`` have it)."""
+
     def details(self, predictions: np.ndarray, targets: np.ndarray) -> dict:
         """Per-model extras for the report row (a confusion matrix, per-class AP ...)."""
 

@@ -149,6 +149,15 @@ class Seq2Seq:
     def pseudo_targets(self, teacher_outputs: np.ndarray):
         raise EdgetlError("distill.transfer_size is not supported for seq2seq yet")
 
+    def relabel(self, split, targets: list):
+        """``split`` with other targets: generated ids (sequence-level KD) or texts, as texts the way the tokenizer
+        writes them back (references are compared that way too)."""
+        import dataclasses
+
+        if len(targets) and isinstance(targets[0], str):
+            targets = [self.tokenizer.encode(t, add_special_tokens=False).ids for t in targets]
+        return dataclasses.replace(split, targets=self.texts(list(targets)))
+
     def details(self, predictions, targets) -> dict:
         import sacrebleu
         from rouge_score import rouge_scorer

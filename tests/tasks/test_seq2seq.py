@@ -87,8 +87,8 @@ def test_bad_data_and_recipes_are_one_line_errors(tiny, tmp_path):
     with pytest.raises(EdgetlError, match="row 2: empty text in column 'target'"):
         build(recipe_from_dict({**recipe, "data": {**recipe["data"], "path": str(empty)}}), tmp_path / "o2")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
-    with pytest.raises(EdgetlError, match="section 'prune': not implemented for seq2seq"):
-        recipe_from_dict({**recipe, "prune": {"ratio": 0.5}})
+    with pytest.raises(EdgetlError, match="distill.sequence_level': for seq2seq"):
+        recipe_from_dict({**recipe, "task": {"kind": "classification"}, "distill": {"sequence_level": True}})
     with pytest.raises(EdgetlError, match="seq2seq reads csv or jsonl"):
         recipe_from_dict({**recipe, "data": {**recipe["data"], "kind": "rotten_tomatoes"}})
 
@@ -224,6 +224,37 @@ def test_a_t5_checkpoint_builds_and_its_runtime_loop_equals_generate(tiny, tmp_p
     feed = model_inputs(state.modality.feeds(state.data.test, batch=16)[0])
     want = state.models["fp32"](*(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))).numpy()
     np.testing.assert_array_equal(session(tmp_path / "out" / "model.fp32.onnx").run(None, feed)[0], want)
+
+
+def test_pruned_and_distilled_encoder_decoder_exports_and_generates(tiny, tmp_path):
+    """prune: heads (self-attention, the decoder's cross-attention) and FFN neurons leave encoder and decoder;
+    distill: word-level KD on the teacher's generated outputs (sequence-level KD). The pruned decoder's KV cache has
+    the fewer heads in the exported graph, and the runtime's generation loop still gives transformers' ids."""
+    import torch
+
+    from edgetl.measure import model_inputs
+    from edgetl.pipeline import build
+    from edgetl.runner import session
+
+    recipe = seq2seq_recipe(*tiny)
+    recipe["finetune"]["epochs"] = 6
+    recipe["prune"] = {"ratio": 0.5, "steps": 1, "recovery_epochs": 1, "lr": 0.003, "round_to": 8}
+    recipe["distill"] = {"epochs": 2, "lr": 0.003, "sequence_level": True}
+    recipe["quantize"] = None
+    state = build(recipe_from_dict(recipe), tmp_path / "out")
+    step = state.metrics["prune"]["steps"][-1]
+    assert step["heads"] == [1] * 6  # 2 encoder self, 2 x (decoder self + cross): 2 heads -> 1
+    assert step["ffn"] == [32] * 4  # 64 -> 32 in every encoder and decoder layer
+    assert state.metrics["prune"]["macs_after"] < 0.8 * state.metrics["prune"]["macs_before"]
+    hf = state.models["distilled"].model
+    assert hf.model.decoder.layers[0].encoder_attn.k_proj.out_features == 16  # one head of 16
+    assert state.metrics["distill"]["sequence_level"] and 0 <= state.metrics["distill"]["teacher_equals_reference"]
+    gen = session(tmp_path / "out" / "model.onnx")  # the distilled model ships (no quantize section)
+    assert {shape[1] for shape in gen.past.values()} == {1}  # each cached key / value: 1 head
+    feed = model_inputs(state.modality.feeds(state.data.test, batch=16)[0])
+    want = state.models["distilled"](*(torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))).numpy()
+    assert (want != gen.pad).any()
+    np.testing.assert_array_equal(gen.run(None, feed)[0], want)
 
 
 def test_a_rebuild_in_a_fresh_process_restores_every_stage(tiny, tmp_path, built):
