@@ -291,8 +291,9 @@ def summary(state) -> str:
             )
     for role, check in state.metrics.get("export", {}).items():
         if isinstance(check, dict):
+            against = f" vs {check['source']} FP32 ONNX" if "source" in check else ""
             lines.append(
-                f"ORT parity ({role}): max|diff| {check['max_abs_diff']:.2e} (tolerance "
+                f"ORT parity ({role}{against}): max|diff| {check['max_abs_diff']:.2e} (tolerance "
                 f"{check['tolerance']:.2e}), agreement {100 * check['agreement']:.2f}%"
             )
     for note in state.metrics.get("quantize", {}).get("notes", []):

@@ -214,12 +214,17 @@ class ExportCfg:
     rtol: float = 1e-4
     min_agreement: float = 0.99  # ORT and PyTorch must decode the same prediction on this fraction of inputs
     ort_format: bool = False  # also write model.ort (ONNX Runtime Mobile) and run ORT's mobile usability check
+    # also write model.fp16.onnx for GPU execution providers (CUDA, TensorRT): the newest float model with weights and
+    # compute in float16, inputs / outputs float32; its decoded outputs must agree with the FP32 model's
+    fp16: bool = False
 
 
 @dataclass(frozen=True)
 class VerifyCfg:
     threads: int = 1  # ORT intra-op threads for latency
-    providers: tuple = ("cpu",)  # execution providers to measure the shipped model on (cpu, cuda, tensorrt)
+    # execution providers (cpu, cuda, tensorrt) to measure the FP32, FP16 (export.fp16) and INT8 models on: latency and
+    # agreement with the FP32 model on the CPU EP, rows in the report
+    providers: tuple = ("cpu",)
     warmup: int = 10  # untimed runs before latency is measured
     runs: int = 100  # timed batch-1 runs
     # gates on the task's primary metric (classification: accuracy, %): the fine-tuned PyTorch model's test metric
@@ -539,6 +544,8 @@ def _check_values(recipe: Recipe) -> None:
             raise EdgetlError("recipe key 'quantize.method': seq2seq quantizes with ORT dynamic INT8: set ptq")
         if recipe.export.ort_format:
             raise EdgetlError("recipe key 'export.ort_format': not supported for seq2seq (two ONNX files)")
+        if recipe.export.fp16:
+            raise EdgetlError("recipe key 'export.fp16': not supported for seq2seq yet (two ONNX files)")
     boxes = recipe.task.kind == "detection"
     if boxes != (recipe.data.kind in ("coco", "voc", "yolo")):
         raise EdgetlError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+from pathlib import Path
 
 import numpy as np
 
@@ -171,25 +172,31 @@ def verify_providers(cfg) -> list[str]:
         raise EdgetlError(f"verify.providers: {e}") from None
 
 
-def provider_rows(task, path, cfg, feed: dict, latency_feed: dict) -> list[dict]:
-    """Latency and parity (against the CPU EP) of ``path`` on every provider in ``cfg.providers``."""
+def provider_rows(task, models: dict, cfg, feed: dict, latency_feed: dict) -> list[dict]:
+    """Every model in ``models`` (precision -> ONNX path, FP32 first) on every provider in ``cfg.providers``: latency
+    p50/p90 and parity (max |diff| and decoded agreement) against the FP32 model on the CPU EP."""
     from edgetl.runner import latency, session
 
     feed = model_inputs(feed)
-    params = task.decode_params(metadata=onnx_metadata(path))
-    ref = session(path, cfg.threads, ["cpu"]).run(None, feed)[0]
+    reference = next(iter(models.values()))
+    ref = session(reference, cfg.threads, ["cpu"]).run(None, feed)[0]
+    ref_decoded = task.decode(ref, feed, task.decode_params(metadata=onnx_metadata(reference)))
     rows = []
     for provider in verify_providers(cfg):
-        sess = session(path, cfg.threads, [provider])
-        got = sess.run(None, feed)[0]
-        lat = latency(sess, latency_feed, runs=cfg.runs, warmup=cfg.warmup)
-        rows.append(
-            {
-                "provider": provider,
-                "p50_ms": lat["p50_ms"],
-                "p90_ms": lat["p90_ms"],
-                "max_abs_diff_vs_cpu": float(np.abs(got - ref).max()),
-                "agreement_vs_cpu": task.agreement(task.decode(got, feed, params), task.decode(ref, feed, params)),
-            }
-        )
+        for precision, path in models.items():
+            sess = session(path, cfg.threads, [provider])
+            got = sess.run(None, feed)[0]
+            lat = latency(sess, latency_feed, runs=cfg.runs, warmup=cfg.warmup)
+            decoded = task.decode(got, feed, task.decode_params(metadata=onnx_metadata(path)))
+            rows.append(
+                {
+                    "provider": provider,
+                    "precision": precision,
+                    "file": Path(path).name,
+                    "p50_ms": lat["p50_ms"],
+                    "p90_ms": lat["p90_ms"],
+                    "max_abs_diff_vs_cpu_fp32": float(np.abs(got.astype(np.float32) - ref).max()),
+                    "agreement_vs_cpu_fp32": task.agreement(decoded, ref_decoded),
+                }
+            )
     return rows

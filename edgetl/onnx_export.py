@@ -158,8 +158,30 @@ def _cache_shapes_of(model):
         M2M100OnnxConfig.DUMMY_INPUT_GENERATOR_CLASSES = before
 
 
+FP16_FILE = "model.fp16.onnx"
+
+
+def to_fp16(src: Path, dst: Path) -> Path:
+    """An FP16 copy of an FP32 ONNX model for GPU execution providers: weights and compute in float16, inputs and
+    outputs kept float32 (an app feeds what it fed the FP32 model); ONNX Runtime's own converter
+    (``onnxruntime.transformers.float16``), metadata kept."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its notes on values clamped to the float16 range
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    OnnxModel(model).topological_sort()  # the converter appends the input / output Casts at the end
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
 def parity(task, model, onnx_path: Path, batches: list[dict], atol: float, rtol: float):
-    """ORT vs PyTorch on ONNX-style ``batches``, judged by the task (a ``tasks.base.Parity``)."""
+    """ORT vs PyTorch on ONNX-style ``batches``, judged by the task (a ``tasks.base.Parity``); ``model`` may also be
+    the path of a reference ONNX model (an FP16 copy against its FP32 source)."""
     from edgetl.measure import ort_outputs, torch_outputs
 
-    return task.parity(torch_outputs(model, batches), ort_outputs(onnx_path, batches), atol, rtol)
+    ref = ort_outputs(model, batches) if isinstance(model, Path) else torch_outputs(model, batches)
+    return task.parity(ref, ort_outputs(onnx_path, batches), atol, rtol)

@@ -376,7 +376,13 @@ def parity(report: dict) -> str:
     if not roles:
         return ""
     rows = [
-        [escape(k), _fmt(v.get("max_abs_diff")), _fmt(v.get("tolerance")), _fmt(v.get("agreement")), _fmt(v.get("n"))]
+        [
+            escape(k if "source" not in v else f"{k} (vs the {v['source']} FP32 ONNX model)"),
+            _fmt(v.get("max_abs_diff")),
+            _fmt(v.get("tolerance")),
+            _fmt(v.get("agreement")),
+            _fmt(v.get("n")),
+        ]
         for k, v in roles.items()
     ]
     opset = f"<p>ONNX opset {_fmt(export.get('opset'))}</p>" if "opset" in export else ""
@@ -420,6 +426,27 @@ def quantize_notes(report: dict) -> str:
     return f"<h2>Quantization</h2><ul>{items}</ul>" + (f"<p>Notes:</p><ul>{notes}</ul>" if notes else "")
 
 
+def providers(report: dict) -> str:
+    """verify.providers x precision: latency and agreement with the FP32 model on the CPU EP."""
+    found = ((report.get("metrics") or {}).get("verify") or {}).get("providers") or []
+    if not found:
+        return ""
+    rows = [
+        [
+            escape(str(r["provider"]).replace("ExecutionProvider", "")),
+            escape(r.get("precision", "")),
+            escape(r.get("model", "")),
+            _fmt(r["p50_ms"]),
+            _fmt(r["p90_ms"]),
+            _fmt(r.get("agreement_vs_cpu_fp32")),
+            _fmt(r.get("max_abs_diff_vs_cpu_fp32")),
+        ]
+        for r in found
+    ]
+    header = ["provider", "precision", "model", "p50 ms", "p90 ms", "agreement with FP32 on CPU %", "max |diff|"]
+    return _table(header, rows) + "<p class='muted'>batch 1, validation inputs for parity, test input for latency</p>"
+
+
 def machine(report: dict) -> str:
     device, versions = report.get("device") or {}, report.get("versions") or {}
     threads = sorted({r["threads"] for r in report.get("rows") or [] if r.get("threads") is not None})
@@ -439,5 +466,6 @@ SECTIONS: list[tuple[str, Callable[[dict], str]]] = [  # the task's sections go 
     ("Export parity (ONNX Runtime vs PyTorch)", parity),
     ("Gates", gates),
     ("", quantize_notes),
+    ("Execution providers", providers),
     ("Machine", machine),
 ]

@@ -439,11 +439,15 @@ class Generator:
         max_new_tokens: int | None = None,
         stop_at_eos: bool = True,
         num_beams: int | None = None,
+        sampling: dict | None = None,
     ) -> list[np.ndarray]:
-        """Generated ids; ``stop_at_eos`` false: exactly ``max_new_tokens`` greedy decoder steps (benchmarks)."""
+        """Generated ids; ``stop_at_eos`` false: exactly ``max_new_tokens`` greedy decoder steps (benchmarks);
+        ``sampling`` ({temperature, top_k, top_p, seed}): each token drawn from the model's distribution after
+        ``sample_filter`` instead of the most likely one (beam search is then not used)."""
         width = max_new_tokens or self.max_new_tokens
         beams = self.num_beams if num_beams is None else num_beams
-        if beams > 1:
+        rng = np.random.default_rng(sampling.get("seed")) if sampling is not None else None
+        if beams > 1 and rng is None:
             return [self._beam_search(feed, width, beams)]
         hidden, mask, past = self._start(feed, 1)
         batch = len(mask)
@@ -451,7 +455,8 @@ class Generator:
         token = np.full((batch, 1), self.start, np.int64)
         done = np.zeros(batch, bool)
         for step in range(width):
-            nxt = self._step(token, hidden, mask, past, step).argmax(-1)
+            logits = self._step(token, hidden, mask, past, step)
+            nxt = logits.argmax(-1) if rng is None else sample(logits, rng, **_sampling_args(sampling))
             if stop_at_eos:
                 nxt[done] = self.pad
             out[:, step] = nxt
@@ -504,6 +509,39 @@ class Generator:
             if not open_.any() or finished.all() or hits.all():
                 break
         return best[:, 0, 1:]
+
+
+def _sampling_args(sampling: dict) -> dict:
+    return {k: sampling[k] for k in ("temperature", "top_k", "top_p") if sampling.get(k) is not None}
+
+
+def sample_filter(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """transformers' sampling warpers in its order (temperature, top-k, top-p / nucleus, one token always kept),
+    on [batch, vocab] logits: the scaled logits, -inf where a token is filtered out."""
+    out = logits.astype(np.float32) / np.float32(temperature)
+    if top_k and top_k < out.shape[-1]:
+        kth = np.sort(out, axis=-1)[:, -top_k][:, None]
+        out = np.where(out < kth, -np.inf, out)
+    if top_p < 1.0:
+        order = np.argsort(out, axis=-1, kind="stable")  # ascending, as transformers sorts
+        ordered = np.take_along_axis(out, order, -1)
+        probs = np.exp(ordered - ordered[:, -1:])
+        cum = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False
+        out = out.copy()
+        np.put_along_axis(out, order, np.where(drop, -np.inf, ordered), -1)
+    return out
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """One token per row drawn from softmax(``sample_filter(logits)``)."""
+    f = sample_filter(logits, temperature, top_k, top_p)
+    p = np.exp(f - f.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    cum = p.cumsum(-1)
+    draw = rng.random((len(p), 1)) * cum[:, -1:]
+    return np.minimum((cum <= draw).sum(-1), p.shape[-1] - 1)
 
 
 def feed_for(sess, batch: int, seq: int = 128, rng: np.random.Generator | None = None) -> dict:
@@ -788,13 +826,19 @@ class Bundle:
             return self.predict_boxes(inputs, min_score)
         return self.predict_texts(inputs, top_k) if self.tokenizer else self.predict_files(inputs, top_k)
 
-    def generate(self, texts: list[str], max_new_tokens: int | None = None, num_beams: int | None = None) -> list[dict]:
-        """Each text's generated output (greedy or beam search, KV cache: ``Generator``), decoded by the bundle's
-        tokenizer."""
+    def generate(
+        self,
+        texts: list[str],
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        sampling: dict | None = None,
+    ) -> list[dict]:
+        """Each text's generated output (greedy, beam search or ``sampling``, KV cache: ``Generator``), decoded by
+        the bundle's tokenizer."""
         if any(not t.strip() for t in texts):
             raise BundleError("empty text")
         feed = encode_texts(self.tokenizer, list(texts), self.preprocess)
-        ids = self.session.run(None, feed, max_new_tokens=max_new_tokens, num_beams=num_beams)[0]
+        ids = self.session.run(None, feed, max_new_tokens=max_new_tokens, num_beams=num_beams, sampling=sampling)[0]
         outputs = [
             row[: np.flatnonzero(row == self.session.eos)[0]] if (row == self.session.eos).any() else row for row in ids
         ]
@@ -996,6 +1040,25 @@ def main(argv: list[str] | None = None) -> int:
         "--max-new-tokens", type=int, default=None, help="stop after this many tokens (default: the bundle's)"
     )
     g.add_argument("--num-beams", type=int, default=None, help="beam search width (default: the bundle's; 1 = greedy)")
+    g.add_argument(
+        "--sample", action="store_true", help="draw each token from the model's distribution (not the most likely)"
+    )
+    g.add_argument("--temperature", type=float, default=1.0, help="with --sample: < 1 sharper, > 1 flatter (default 1)")
+    g.add_argument(
+        "--top-k",
+        dest="sample_top_k",
+        type=int,
+        default=0,
+        help="with --sample: only the k most likely tokens (0 = all)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="with --sample: the smallest set of tokens whose "
+        "probability reaches p (nucleus sampling; default 1 = all)",
+    )
+    g.add_argument("--seed", type=int, default=None, help="with --sample: the random seed (default: a fresh one)")
     g.add_argument("--json", action="store_true", help="print JSON: [{text, output, tokens}]")
     v = sub.add_parser("verify", help="check this machine's outputs against the golden set built into the bundle")
     v.add_argument("--model", default="model.onnx", help="which model to check (default model.onnx)")
@@ -1020,7 +1083,17 @@ def main(argv: list[str] | None = None) -> int:
             bundle = Bundle(args.bundle)
             if not isinstance(bundle.session, Generator):
                 raise BundleError("this bundle does not generate text: use predict")
-            results = bundle.generate(args.texts, args.max_new_tokens, args.num_beams)
+            if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.sample_top_k < 0:
+                raise BundleError("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0")
+            sampling = None
+            if args.sample:
+                sampling = {
+                    "temperature": args.temperature,
+                    "top_k": args.sample_top_k,
+                    "top_p": args.top_p,
+                    "seed": args.seed,
+                }
+            results = bundle.generate(args.texts, args.max_new_tokens, args.num_beams, sampling)
             print(json.dumps(results, indent=2) if args.json else "\n".join(format_output(r) for r in results))
         elif args.cmd == "predict":
             results = Bundle(args.bundle).predict(args.images, args.top_k, args.min_score)

@@ -367,17 +367,32 @@ def test_runner_bench_reports_memory_and_device(bundle):
     assert set(device["int8"]) == flags and device["cores"] == os.cpu_count() and device["cpu"]  # this machine's
 
 
-def test_provider_rows_measure_latency_and_parity_on_the_cpu_provider(bundle):
-    """verify.providers' rows (latency + parity against the CPU EP) run here on the CPU EP itself: the same model
-    on the same provider agrees exactly, so a broken comparison shows."""
+def test_provider_rows_measure_latency_and_parity_on_the_cpu_provider(bundle, tmp_path):
+    """verify.providers' rows (latency + parity against FP32 on the CPU EP, per precision) run here on the CPU EP
+    itself: FP32 against itself agrees exactly, so a broken comparison shows; the FP16 copy (ORT's converter, float32
+    inputs and outputs kept) differs a little and decodes the same."""
     from types import SimpleNamespace
 
+    import onnx
+
     from edgetl.measure import provider_rows
+    from edgetl.onnx_export import to_fp16
+    from edgetl.runner import session
     from edgetl.tasks import create_task
 
     task = create_task("classification", [str(i) for i in range(10)])
     feed = {"input": np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)}
     cfg = SimpleNamespace(providers=("cpu",), threads=1, runs=5, warmup=1)
-    rows = provider_rows(task, bundle[0] / "model.onnx", cfg, feed, {"input": feed["input"][:1]})
-    assert [r["provider"] for r in rows] == ["CPUExecutionProvider"]
-    assert rows[0]["max_abs_diff_vs_cpu"] == 0.0 and rows[0]["agreement_vs_cpu"] == 100.0 and rows[0]["p50_ms"] > 0
+    fp16 = to_fp16(bundle[0] / "model.onnx", tmp_path / "model.fp16.onnx")
+    proto = onnx.load(str(fp16))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # apps feed float32 still
+    assert {t.data_type for t in proto.graph.initializer if t.dims} == {onnx.TensorProto.FLOAT16}
+    rows = provider_rows(
+        task, {"fp32": bundle[0] / "model.onnx", "fp16": fp16}, cfg, feed, {"input": feed["input"][:1]}
+    )
+    assert [(r["provider"], r["precision"]) for r in rows] == [("CPUExecutionProvider", p) for p in ("fp32", "fp16")]
+    assert rows[0]["max_abs_diff_vs_cpu_fp32"] == 0.0 and rows[0]["agreement_vs_cpu_fp32"] == 100.0
+    scale = float(np.abs(session(bundle[0] / "model.onnx").run(None, feed)[0]).max())
+    assert 0 < rows[1]["max_abs_diff_vs_cpu_fp32"] < 0.01 * scale, scale  # float16 keeps ~3 significant digits
+    assert rows[1]["agreement_vs_cpu_fp32"] >= 87.5  # at most 1 of 8 random inputs with a near tie decodes apart
+    assert rows[1]["p50_ms"] > 0 and rows[1]["file"] == "model.fp16.onnx"

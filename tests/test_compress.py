@@ -180,6 +180,7 @@ COMPRESS = {
     "prune": {"ratio": 0.3, "steps": 1, "recovery_epochs": 1, "lr": 0.002},
     "distill": {"epochs": 1, "lr": 0.002},
     "quantize": {"method": "qat", "epochs": 1, "lr": 0.0005, "require_speedup": False, "calibration_size": 128},
+    "export": {"fp16": True},
 }
 
 
@@ -207,10 +208,28 @@ def test_report_has_one_row_per_stage_and_ships_int8(compressed):
     chosen = report["metrics"]["quantize"]["chosen"]
     assert chosen.split("_")[0] in ("qat", "ptq") and rows[chosen]["shipped"] and rows[chosen]["file"] == "model.onnx"
     assert rows[chosen]["size_mb"] < 0.5 * rows["distilled"]["size_mb"]  # int8 weights
-    assert {p.name for p in out.glob("*.onnx")} == {"model.onnx", "model.fp32.onnx"}
+    assert {p.name for p in out.glob("*.onnx")} == {"model.onnx", "model.fp32.onnx", "model.fp16.onnx"}
     q = report["metrics"]["quantize"]  # at most the classifier Gemm and the leading Convs auto kept FP32
     assert q["float_compute_ops_left"] <= 1 + q["float_leading_convs"]
     assert "history" in report and report["history"]["qat"] and report["history"]["distill"]
+
+
+def test_fp16_copy_ships_and_each_precision_is_measured_per_provider(compressed):
+    """export.fp16: the distilled model (the INT8 model's source) in FP16 ships as model.fp16.onnx, checked against its
+    FP32 export; verify measures FP32, FP16 and INT8 on each provider (here the CPU EP) against FP32 on the CPU."""
+    out, report, output = compressed
+    fp16 = report["metrics"]["export"]["fp16"]
+    assert fp16["source"] == "distilled" and fp16["agreement"] >= 0.99 and fp16["file"] == "model.fp16.onnx"
+    assert "model.fp16.onnx" in json.loads((out / "manifest.json").read_text())["files"]
+    rows = report["metrics"]["verify"]["providers"]
+    assert [(r["provider"], r["precision"]) for r in rows] == [
+        ("CPUExecutionProvider", p) for p in ("fp32", "fp16", "int8")
+    ]
+    assert rows[0]["agreement_vs_cpu_fp32"] == 100.0 and rows[1]["agreement_vs_cpu_fp32"] >= 95.0
+    assert [r["model"] for r in rows] == ["distilled", "fp16 copy", report["metrics"]["quantize"]["chosen"]]
+    assert rows[2]["max_abs_diff_vs_cpu_fp32"] > 0
+    assert "CPUExecutionProvider fp16: p50" in output
+    assert "Execution providers" in (out / "report.html").read_text()
 
 
 def _build_ptq(tmp_path, tiny_raw):

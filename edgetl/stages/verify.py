@@ -11,7 +11,7 @@ from edgetl.config import Recipe
 from edgetl.errors import GateFailed
 from edgetl.measure import add_latency, measure_row, ort_predictions, provider_rows, torch_predictions
 from edgetl.report import write_report
-from edgetl.state import State, shipped_role
+from edgetl.state import FLOAT_ROLES, State, float_role, shipped_role
 
 
 def gates(cfg, rows: list[dict], shipped: dict, reference) -> list[dict]:
@@ -54,6 +54,19 @@ def gates(cfg, rows: list[dict], shipped: dict, reference) -> list[dict]:
     return out
 
 
+def by_precision(state: State, ship_row: dict) -> dict:
+    """The models execution providers are measured on: the shipped float model in FP32 (or the FP16 copy's
+    source), its FP16 copy where export.fp16 made one, and the shipped INT8 model."""
+    fp16 = state.metrics.get("export", {}).get("fp16")
+    source = fp16["source"] if fp16 else float_role(state)
+    out = {"fp32": state.workdir / state.onnx[source]}
+    if fp16:
+        out["fp16"] = state.workdir / fp16["file"]
+    if ship_row["stage"] not in FLOAT_ROLES:
+        out["int8"] = state.workdir / ship_row["file"]
+    return out
+
+
 def run(state: State, recipe: Recipe) -> State:
     cfg, mod, task = recipe.verify, state.modality, state.task
     roles = ["fp32", *[r for r in state.onnx if r != "fp32"]]
@@ -81,14 +94,14 @@ def run(state: State, recipe: Recipe) -> State:
         r["shipped"] = r["stage"] == shipped
     ship_row = next(r for r in rows if r["shipped"])
     providers = []
-    if set(cfg.providers) != {"cpu"}:
+    precisions = by_precision(state, ship_row)
+    if set(cfg.providers) != {"cpu"} or "fp16" in precisions:
         providers = provider_rows(
-            task,
-            state.workdir / ship_row["file"],
-            cfg,
-            mod.feeds(state.data.val, limit=64)[0],
-            mod.latency_feed(state.data.test),
+            task, precisions, cfg, mod.feeds(state.data.val, limit=64)[0], mod.latency_feed(state.data.test)
         )
+        roles = {name: role for role, name in state.onnx.items()}
+        for p in providers:  # file names change in the bundle: the model is named by its stage
+            p["model"] = roles.get(p.pop("file"), "fp16 copy")
     results = gates(cfg, rows, ship_row, state.reference)
     examples = []
     if task.n_examples:  # a few test examples with the shipped model's predictions, for the report
@@ -103,7 +116,10 @@ def run(state: State, recipe: Recipe) -> State:
             + f"{'  <- ships' if r['shipped'] else ''}"
         )
     for p in providers:
-        print(f"  {p['provider']}: p50 {p['p50_ms']:.2f} ms, agreement with CPU {p['agreement_vs_cpu']:.1f}%")
+        print(
+            f"  {p['provider']} {p['precision']}: p50 {p['p50_ms']:.2f} ms, agreement with FP32 on the CPU EP "
+            f"{p['agreement_vs_cpu_fp32']:.1f}%"
+        )
     verify = {"shipped": shipped, "gates": results, "providers": providers, "examples": examples}
     state = state.replace(rows=rows, metrics={**state.metrics, "verify": verify})
     failed = [g for g in results if not g["passed"]]

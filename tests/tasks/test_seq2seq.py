@@ -137,6 +137,48 @@ def test_runtime_beam_search_equals_transformers_beam_search(built):
     assert not np.array_equal(want, greedy)  # the beams found other outputs than greedy search on some inputs
 
 
+def test_sampling_filters_are_transformers_warpers():
+    """The runtime's temperature / top-k / top-p filter keeps the tokens transformers' logits warpers keep, with the
+    same scaled logits (the two differ only in how the remaining tokens are drawn)."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from edgetl.runner import sample_filter
+
+    logits = np.random.default_rng(0).standard_normal((4, 50)).astype(np.float32) * 3
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.9), (0.5, 20, 0.6), (2.0, 5, 0.3)]:
+        want = torch.from_numpy(logits)
+        want = TemperatureLogitsWarper(temperature)(None, want)
+        if top_k:
+            want = TopKLogitsWarper(top_k)(None, want)
+        if top_p < 1:
+            want = TopPLogitsWarper(top_p)(None, want)
+        got = sample_filter(logits, temperature, top_k, top_p)
+        np.testing.assert_array_equal(np.isinf(got), torch.isinf(want).numpy())
+        np.testing.assert_allclose(got[~np.isinf(got)], want.numpy()[~np.isinf(got)], rtol=1e-6)
+
+
+def test_sampled_generation_is_seeded_and_top_k_1_is_greedy(built):
+    from edgetl.measure import model_inputs
+    from edgetl.runner import session
+
+    state, out = built
+    feed = model_inputs(state.modality.feeds(state.data.test, batch=16)[0])
+    gen = session(out / "model.fp32.onnx")
+    greedy = gen.run(None, feed)[0]
+    np.testing.assert_array_equal(gen.run(None, feed, sampling={"top_k": 1, "seed": 3})[0], greedy)
+    hot = {"temperature": 3.0, "seed": 1}
+    first = gen.run(None, feed, sampling=hot)[0]
+    np.testing.assert_array_equal(gen.run(None, feed, sampling=hot)[0], first)  # the seed fixes the draw
+    assert not np.array_equal(first, greedy)  # a flat distribution picks other tokens
+    text = state.data.test.texts[0]
+    cmd = [sys.executable, str(out / "runner.py"), str(out), "generate", text, "--json", "--sample", "--seed", "0"]
+    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout) for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0][0]["text"] == text
+    bad = subprocess.run(cmd + ["--top-p", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and len(bad.stderr.splitlines()) == 1
+
+
 def test_bundle_generates_and_verifies_on_the_device(built):
     state, out = built
     manifest = json.loads((out / "manifest.json").read_text())
