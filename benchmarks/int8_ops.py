@@ -7,8 +7,13 @@ graph and classed as stem (3 input channels), depthwise, or pointwise/other. Pri
 the FP32/INT8 ratio and each class's share of the INT8 time; that ceiling bounds what INT8 alone can give
 on this CPU, whatever the training does.
 
+A backbone named ``ssdlite:<torchvision backbone>`` is the detection demo's detector (edgetl's SSDLite head over that
+trunk, 5 classes), quantized as the build does it: the box / score tail after the last Conv stays float, so "all
+kernels" includes that float tail and the head's convs count among depthwise / pointwise.
+
     .venv/bin/python benchmarks/int8_ops.py [--backbones torchvision:mobilenet_v2,timm:tf_efficientnet_lite0]
                                             [--sizes 96,224] [--runs 300] [--threads 1]
+    .venv/bin/python benchmarks/int8_ops.py --backbones ssdlite:torchvision:mobilenet_v2 --sizes 160
 """
 
 from __future__ import annotations
@@ -81,7 +86,14 @@ def profile(name: str, size: int, runs: int, threads: int, work: Path) -> dict:
     from edgetl.runner import cpu_int8_features
 
     torch.manual_seed(0)
-    bb = build_backbone(BackboneCfg(name=name, pretrained=False, input_size=size), 10)
+    detector = name.startswith("ssdlite:")
+    if detector:
+        from edgetl.tasks import create_task
+
+        task = create_task("detection", [f"class{i}" for i in range(5)])
+        bb = build_backbone(BackboneCfg(name=name.partition(":")[2], pretrained=False, input_size=size), task)
+    else:
+        bb = build_backbone(BackboneCfg(name=name, pretrained=False, input_size=size), 10)
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((32, 3, size, size)).astype(np.float32)
     stem = name.replace(":", "_") + f"_{size}"
@@ -92,6 +104,7 @@ def profile(name: str, size: int, runs: int, threads: int, work: Path) -> dict:
         [{"input": calib[i : i + 16]} for i in (0, 16)],
         QuantizeCfg(float_leading_convs=0),
         reduce_range=not cpu_int8_features()["vnni_or_dot"],
+        float_tail=detector,
     )
     feed = {"input": calib[:1]}
     kinds = conv_kinds(fp32)

@@ -40,6 +40,9 @@ class Backbone:
     contract: ExportContract
     tokenizer_file: Path | None = None  # text backbones: the tokenizer.json that ships in the bundle
     transformer: bool = False  # a transformer encoder (heads / FFN neurons prune; every layer distils)
+    # parameters of modules the task adds beside the head (a CRF) and their LR over the fine-tune LR
+    extra: list[str] = field(default_factory=list)
+    extra_lr_scale: float = 1.0
 
 
 def _preprocess(input_size: int, crop_pct: float, mean, std, interpolation: str) -> dict:
@@ -301,16 +304,18 @@ def _hf(name: str, cfg: BackboneCfg, task) -> Backbone:
     params = inspect.signature(model.forward).parameters
     inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if "token_type_ids" in params else ())
     wrapper = _hf_wrapper()(model, inputs)
+    extra = []
     if hasattr(task, "extra_modules"):  # e.g. a CRF over the head's outputs: trained with the model, not exported
         for key, module in task.extra_modules().items():
             wrapper.add_module(key, module)
+            extra += [f"{key}.{p}" for p, _ in module.named_parameters()]
     head = _last_linear(wrapper)
     base = getattr(model, model.base_model_prefix)
     prefix = f"model.{model.base_model_prefix}."
     groups = [[prefix + p for p, _ in base.embeddings.named_parameters(prefix="embeddings")]]
     for layer in encoder_layer_names(base):  # the same transformer layers that pruning and distillation use
         groups.append([prefix + p for p, _ in base.get_submodule(layer).named_parameters(prefix=layer)])
-    grouped = {p for g in groups for p in g}
+    grouped = {p for g in groups for p in g} | set(extra)
     rest = [n for n, _ in wrapper.named_parameters() if n not in grouped and not n.startswith(head + ".")]
     if rest:  # pooler, pre_classifier: trained with the top block
         groups[-1] += rest
@@ -330,7 +335,10 @@ def _hf(name: str, cfg: BackboneCfg, task) -> Backbone:
         preprocess=pre,
         exporter="optimum",
     )
-    return Backbone(wrapper, groups, head, contract, tokenizer_file=tok_file, transformer=True)
+    scale = getattr(task, "extra_lr_scale", 1.0)
+    return Backbone(
+        wrapper, groups, head, contract, tokenizer_file=tok_file, transformer=True, extra=extra, extra_lr_scale=scale
+    )
 
 
 def _load_error(name: str, e: Exception) -> EdgetlError:

@@ -33,6 +33,9 @@ class TaskCfg:
     # log-likelihood); the ONNX graph gives the emissions, the CRF's scores ship in its metadata, Viterbi runs in
     # the runtime (numpy, Node)
     crf: bool = False
+    # the CRF's transition / start / end scores train at finetune.lr times this (a transformer fine-tunes at ~1e-4;
+    # a few hundred scores from zero need a larger step, as BERT-CRF taggers give them)
+    crf_lr_scale: float = 100.0
     # detection: ssdlite = torchvision's SSDLite (extra maps + SSDLiteHead + default boxes) over a torchvision
     # backbone's features; box decoding and NMS run after the ONNX graph (numpy, in runner.py)
     detector: Literal["ssdlite"] = "ssdlite"
@@ -456,6 +459,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task.max_target_length": (_at_least(2), ">= 2"),
     "task.max_new_tokens": (_at_least(1), ">= 1"),
     "task.num_beams": (lambda v: 1 <= v <= 16, "between 1 and 16"),
+    "task.crf_lr_scale": (lambda v: v > 0, "> 0"),
     "data.augment.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.gradient_accumulation_steps": (_at_least(1), ">= 1"),
     "finetune.epochs": (_at_least(1), ">= 1"),

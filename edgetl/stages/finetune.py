@@ -29,6 +29,9 @@ def param_groups(backbone, cfg: FinetuneCfg) -> tuple[list[dict], callable]:
     n = len(blocks)
     head = [p for name, p in params.items() if name.startswith(backbone.head + ".")]
     groups = [{"params": head, "lr": cfg.lr}]
+    if backbone.extra:  # a CRF beside the head: trained from the start, at its own LR
+        head = head + [params[k] for k in backbone.extra]
+        groups.append({"params": [params[k] for k in backbone.extra], "lr": cfg.lr * backbone.extra_lr_scale})
     for i, names in enumerate(blocks):
         groups.append({"params": [params[k] for k in names], "lr": cfg.lr * cfg.lr_decay ** (n - i)})
 

@@ -16,7 +16,9 @@ def create_task(kind: str, classes: list[str], cfg=None):
     if kind == "token_classification":
         from edgetl.tasks.token_classification import TokenClassification
 
-        return TokenClassification(classes, crf=bool(getattr(cfg, "crf", False)))
+        return TokenClassification(
+            classes, crf=bool(getattr(cfg, "crf", False)), crf_lr_scale=getattr(cfg, "crf_lr_scale", 100.0)
+        )
     if kind == "detection":
         from edgetl.tasks.detection import Detection
 

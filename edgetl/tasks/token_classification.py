@@ -31,10 +31,11 @@ class TokenClassification:
     optimum_task = "token-classification"
     words = True  # examples are word lists (the text modality aligns word tags to tokens)
 
-    def __init__(self, tags: list[str], crf: bool = False):
+    def __init__(self, tags: list[str], crf: bool = False, crf_lr_scale: float = 100.0):
         self.classes = list(tags)
         self.num_outputs = len(self.classes)
         self.crf = crf  # a CRF over the word tags: trained jointly (NLL), Viterbi decoding
+        self.extra_lr_scale = crf_lr_scale  # the extra modules' (CRF's) LR over the fine-tune LR
 
     def extra_modules(self) -> dict:
         """Modules the backbone wrapper holds beside the head: the CRF (its scores train with the model and ship in

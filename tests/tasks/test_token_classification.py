@@ -256,6 +256,14 @@ def test_crf_loss_trains_and_its_scores_travel_in_the_onnx_metadata(tmp_path):
     task = create_task("token_classification", ["O", "B-X", "I-X"], type("Cfg", (), {"crf": True})())
     b = build_backbone(BackboneCfg(name=f"hf:{make_tiny_ner_bert(tmp_path / 'bert')}"), task)
     assert hasattr(b.model, "crf") and any(n.startswith("crf.") for n, _ in b.model.named_parameters())
+    from edgetl.config import FinetuneCfg
+    from edgetl.stages.finetune import param_groups
+
+    groups, _ = param_groups(b, FinetuneCfg(strategy="freeze", freeze_blocks=2, lr=1e-4, lr_decay=0.9))
+    crf = {id(p) for p in b.model.crf.parameters()}
+    own = [g for g in groups if {id(p) for p in g["params"]} & crf]
+    assert len(own) == 1 and {id(p) for p in own[0]["params"]} == crf  # one group of its own ...
+    assert own[0]["lr"] == pytest.approx(1e-2) and all(p.requires_grad for p in b.model.crf.parameters())  # 100x
     x = {
         "input_ids": torch.tensor([[2, 5, 6, 7, 3]]),
         "attention_mask": torch.ones(1, 5, dtype=torch.long),
