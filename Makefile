@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist
 RECIPE ?= models/mobilenet_v2_fmnist.yaml
 
-.PHONY: setup assets demo demo-text demo-ner demo-detect demo-seq2seq test bench lint clean
+.PHONY: setup assets demo demo-text demo-ner demo-detect demo-seq2seq demo-seq2seq-compressed test bench lint clean
 
 # The venv is rebuilt when pyproject.toml or this file changes; otherwise setup is a no-op.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -57,6 +57,11 @@ $(SEQ2SEQ_DATA):
 demo-seq2seq: setup
 	$(MAKE) $(SEQ2SEQ_DATA)
 	$(VENV)/bin/edgetl build models/minilm_punctuation_seq2seq.yaml
+
+# the same, pruned (heads and FFN neurons of encoder and decoder) and distilled before INT8 (about twice as long)
+demo-seq2seq-compressed: setup
+	$(MAKE) $(SEQ2SEQ_DATA)
+	$(VENV)/bin/edgetl build models/minilm_punctuation_seq2seq_compressed.yaml
 
 test: setup
 	$(PY) -m edgetl.assets

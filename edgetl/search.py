@@ -143,6 +143,16 @@ def _suggest(trial, sp: dict) -> dict:
     return tidy(params)
 
 
+def earlier_point(study, trial):
+    """A completed, measured trial of ``study`` at the same point as ``trial`` (its parameters), or None."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != trial.number and tidy(t.params) == tidy(trial.params) and t.user_attrs.get("measured"):
+            return t
+    return None
+
+
 def tidy(params: dict) -> dict:
     """Optuna's stepped floats (0.45000000000000007) rounded, so a trial's recipe, its cache keys and the final
     build's are the same."""
@@ -235,19 +245,25 @@ def search(
     def objective(trial):
         params = _suggest(trial, sp)
         log(f"[trial {trial.number}] {describe(params)}")
-        try:
-            r = trial_recipe(recipe, params)
-        except EdgetlError as e:
-            trial.set_user_attr("error", str(e))
-            raise
-        with tempfile.TemporaryDirectory(prefix=f".edgetl-trial.{os.getpid()}.", dir=out.parent) as tmp:
+        seen = earlier_point(study, trial)
+        if seen is not None:  # TPE proposes a point again: judging it again would only re-measure noise
+            m = seen.user_attrs["measured"]
+            trial.set_user_attr("repeat_of", seen.number)
+            log(f"  the same point as trial {seen.number}: its measurements reused")
+        else:
             try:
-                state = run_stages(r, Path(tmp), store, log=lambda line: None, until="quantize")
+                r = trial_recipe(recipe, params)
             except EdgetlError as e:
                 trial.set_user_attr("error", str(e))
-                log(f"  failed: {e}")
                 raise
-            m = judge(state, threads, runs, warmup)
+            with tempfile.TemporaryDirectory(prefix=f".edgetl-trial.{os.getpid()}.", dir=out.parent) as tmp:
+                try:
+                    state = run_stages(r, Path(tmp), store, log=lambda line: None, until="quantize")
+                except EdgetlError as e:
+                    trial.set_user_attr("error", str(e))
+                    log(f"  failed: {e}")
+                    raise
+                m = judge(state, threads, runs, warmup)
         trial.set_user_attr("measured", m)
         for key, value in constraints(m, limits).items():
             trial.set_constraint(key, value)

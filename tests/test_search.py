@@ -60,13 +60,21 @@ def test_search_fine_tunes_once_and_ships_the_fastest_trial_inside_the_budget(se
     assert "Compression search" in html and "feasible Pareto front" in html and "not rendered" not in html
     assert (tmp_path / "out.search.db").is_file()
 
-    # the study resumes: one more trial joins the three, still without a second fine-tune
+    # the study resumes: one more trial joins the three, still without a second fine-tune; it is trial 0's point
+    # again (enqueued, as TPE sometimes proposes one), so trial 0's measurements are reused, nothing is judged again
+    import optuna
+
+    import edgetl.search as search_module
+
+    optuna.load_study(study_name=result["study"], storage=result["storage"]).enqueue_trial(trials[0]["params"])
+    monkeypatch.setattr(search_module, "judge", lambda *a: pytest.fail("a repeated point was judged again"))
     result = CliRunner().invoke(
         main, ["search", write_recipe(tmp_path / "r.yaml", searchable), "--out", str(out), "--trials", "1"]
     )
     assert result.exit_code == 0, result.output
     assert "3 earlier trials" in result.output and "of 4, study tiny-" in result.output
     assert "the same build: edgetl build " in result.output and "--set prune.target_macs=" in result.output
+    assert "the same point as trial 0: its measurements reused" in result.output
     assert len(runs) == 1
 
 
