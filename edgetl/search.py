@@ -240,7 +240,8 @@ def search(
     study.sampler = optuna.samplers.TPESampler(  # a resumed study does not redraw the first session's points
         seed=recipe.seed + len(study.trials), n_startup_trials=min(10, max(trials // 2, 1))
     )
-    log(f"search: study {study.study_name} in {storage}, {len(study.trials)} earlier trials; budget {limits or 'none'}")
+    earlier = sum(t.state.is_finished() for t in study.trials)  # not counting points waiting in the queue
+    log(f"search: study {study.study_name} in {storage}, {earlier} earlier trials; budget {limits or 'none'}")
 
     def objective(trial):
         params = _suggest(trial, sp)

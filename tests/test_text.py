@@ -273,7 +273,7 @@ def test_image_only_importance_is_a_clear_error_for_text(tiny_bert, reviews_csv,
     }
     args = ["build", write_recipe(tmp_path / "t.yaml", recipe), "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2 and "text encoders take magnitude or taylor" in result.output
+    assert result.exit_code == 2 and "transformers take magnitude or taylor" in result.output
     assert not (tmp_path / "o").exists()
 
 
