@@ -8,6 +8,7 @@ recipe.lock.yaml    the resolved recipe and library versions
 report.json         per-model measurements, training history, gates, machine
 report.html         the same as one self-contained page with plots (no network needed to view it)
 model.ort           ONNX Runtime Mobile format of model.onnx, when export.ort_format is true
+model.fp16.onnx     the newest float model in FP16 for GPU execution providers, when export.fp16 is true
 tokenizer.json      text bundles: the backbone's tokenizer (the runner uses it with `tokenizers`)
 runner.py           the device-side runner (onnxruntime + numpy + Pillow or tokenizers only)
 manifest.json       sha256 of every file above
@@ -40,6 +41,7 @@ REFERENCE = (
     GOLDEN,
     "golden.bin",
     "model.ort",
+    "model.fp16.onnx",
 )  # listed and checked when present, not needed to run: a device copy may leave them out
 
 

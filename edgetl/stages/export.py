@@ -1,7 +1,7 @@
 """Export every float model the pipeline kept (fine-tuned, pruned, distilled) to FP32 ONNX and prove ORT computes what
 PyTorch computes on real validation inputs: within a scale-aware tolerance on the outputs and with the same decoded
 predictions (the task judges both). ``export.fp16`` adds an FP16 copy of the newest float model for GPU execution
-providers, kept only when it decodes as the FP32 model does. The library side is ``edgetl.onnx_export``."""
+providers; the build fails unless it decodes as the FP32 model does. The library side is ``edgetl.onnx_export``."""
 
 from __future__ import annotations
 

@@ -29,6 +29,10 @@ def run(state: State, recipe: Recipe) -> State:
             )
     task = create_task(recipe.task.kind, sources[1], recipe.task)
     backbone = build_backbone(recipe.backbone, task)
+    if recipe.prune is not None:  # a model the prune stage cannot prune fails now, not after the fine-tune
+        from edgetl.compress.prune import seq2seq_layers
+
+        seq2seq_layers(getattr(backbone.model, "model", None))
     pre = backbone.contract.preprocess
     tokenizer = None
     if backbone.tokenizer_file is not None:

@@ -99,9 +99,9 @@ def run(state: State, recipe: Recipe) -> State:
         providers = provider_rows(
             task, precisions, cfg, mod.feeds(state.data.val, limit=64)[0], mod.latency_feed(state.data.test)
         )
-        roles = {name: role for role, name in state.onnx.items()}
+        role_of = {name: role for role, name in state.onnx.items()}
         for p in providers:  # file names change in the bundle: the model is named by its stage
-            p["model"] = roles.get(p.pop("file"), "fp16 copy")
+            p["model"] = role_of.get(p.pop("file"), "fp16 copy")
     results = gates(cfg, rows, ship_row, state.reference)
     examples = []
     if task.n_examples:  # a few test examples with the shipped model's predictions, for the report
