@@ -322,5 +322,63 @@ def test_pruned_and_distilled_encoder_decoder_exports_and_generates(tiny, tmp_pa
     np.testing.assert_array_equal(gen.run(None, feed)[0], want)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_seq2seq_pruner_ranks_by_taylor_with_or_without_biases(bias):
+    """Taylor importance (|weight x gradient|, from a real loss) on a tiny BART with and without biases: heads and FFN
+    neurons go in every encoder and decoder layer, the least important ones first, and the model still runs."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from edgetl.compress.prune import Seq2SeqPruner, prune_step
+    from edgetl.config import PruneCfg
+    from edgetl.seq2seq import seq2seq_module
+    from edgetl.train import TaskLoss
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0,
+    )  # fmt: skip
+    hf = BartForConditionalGeneration(config)
+    if not bias:
+        for m in hf.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias = None
+    from edgetl.tasks.seq2seq import Seq2Seq
+
+    task = Seq2Seq(6)
+    task.ids = {"start_id": 2, "eos_id": 3, "pad_id": 0}
+    model = seq2seq_module()(hf, task.generation())
+    x = {
+        "input_ids": torch.randint(4, 40, (8, 7)),
+        "attention_mask": torch.ones(8, 7, dtype=torch.long),
+        "decoder_input_ids": torch.randint(4, 40, (8, 5)),
+    }
+    y = torch.randint(4, 40, (8, 5))
+    fc1 = hf.model.encoder.layers[0].fc1
+    pruner = Seq2SeqPruner(model, x, PruneCfg(ratio=0.5, head_ratio=0.5, steps=1, importance="taylor", round_to=None))
+    loss = TaskLoss(task)
+    model.zero_grad()
+    loss(model, x, y).backward()
+    score = (fc1.weight * fc1.weight.grad).abs().sum(1) + (
+        hf.model.encoder.layers[0].fc2.weight * hf.model.encoder.layers[0].fc2.weight.grad
+    ).abs().sum(0)
+    if bias:
+        score = score + (fc1.bias * fc1.bias.grad).abs()
+    keep = sorted(score.argsort()[16:].tolist())
+    kept_rows = fc1.weight.detach()[keep].clone()
+    prune_step(pruner, model, x, [(x, y)], loss)
+    assert torch.equal(hf.model.encoder.layers[0].fc1.weight.detach(), kept_rows)  # the 16 most important neurons
+    for layer in (hf.model.encoder.layers[0], hf.model.decoder.layers[0]):
+        assert layer.fc1.out_features == 16 and layer.fc2.in_features == 16
+        assert layer.self_attn.num_heads == 2 and layer.self_attn.q_proj.out_features == 8
+    assert hf.model.decoder.layers[0].encoder_attn.num_heads == 2
+    with torch.no_grad():
+        assert model(**x).shape == (8, 5, 40)
+        assert model(x["input_ids"], x["attention_mask"]).shape == (8, 6)  # generation runs too
+
+
 def test_a_rebuild_in_a_fresh_process_restores_every_stage(tiny, tmp_path, built):
     rebuilt_from_cache(write_recipe(tmp_path / "r.yaml", seq2seq_recipe(*tiny)), tmp_path / "again")
