@@ -9,7 +9,7 @@ from edgetl.config import Recipe
 from edgetl.errors import EdgetlError
 from edgetl.measure import model_inputs
 from edgetl.onnx_export import FP16_FILE, bundle_metadata, export_onnx, parity, to_fp16
-from edgetl.state import FLOAT_ROLES, State
+from edgetl.state import State, float_role
 
 
 def run(state: State, recipe: Recipe) -> State:
@@ -46,8 +46,9 @@ def run(state: State, recipe: Recipe) -> State:
             "agreement": check.agreement,
             "n": check.n,
         }
+    state = state.replace(onnx=onnx, models=models)
     if cfg.fp16:  # GPU targets: the newest float model in float16, its decoded outputs checked against FP32's
-        source = next(r for r in FLOAT_ROLES if r in onnx)
+        source = float_role(state)
         path = to_fp16(state.workdir / onnx[source], state.workdir / FP16_FILE)
         check = parity(state.task, state.workdir / onnx[source], path, batches, atol, cfg.rtol)
         print(
@@ -68,4 +69,4 @@ def run(state: State, recipe: Recipe) -> State:
             "n": check.n,
             "size_mb": path.stat().st_size / 1e6,
         }
-    return state.replace(onnx=onnx, models=models, metrics={**state.metrics, "export": {"opset": cfg.opset, **checks}})
+    return state.replace(metrics={**state.metrics, "export": {"opset": cfg.opset, **checks}})
