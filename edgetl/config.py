@@ -37,8 +37,13 @@ class TaskCfg:
     # a few hundred scores from zero need a larger step, as BERT-CRF taggers give them)
     crf_lr_scale: float = 100.0
     # detection: ssdlite = torchvision's SSDLite (extra maps + SSDLiteHead + default boxes) over a torchvision
-    # backbone's features; box decoding and NMS run after the ONNX graph (numpy, in runner.py)
-    detector: Literal["ssdlite"] = "ssdlite"
+    # backbone's features; box decoding and NMS run after the ONNX graph (numpy, in runner.py). faster_rcnn =
+    # torchvision's FPN + RPN + RoI heads (two-stage, more accurate on small objects, slower); its graph ends with
+    # torchvision's own box decoding and NMS and takes one image per run
+    detector: Literal["ssdlite", "faster_rcnn"] = "ssdlite"
+    # detection: boxes scoring under this are dropped before NMS (None: the detector's own, SSD 0.01, Faster R-CNN
+    # 0.05); mAP counts low-scoring boxes, so lower keeps recall; `runner.py predict --min-score` filters for display
+    score_thresh: float | None = None
     # seq2seq: target texts are truncated to max_target_length tokens for training; generation stops at the end
     # token or after max_new_tokens (None: max_target_length)
     max_target_length: int = 64
@@ -550,6 +555,8 @@ def _check_values(recipe: Recipe) -> None:
             raise EdgetlError("recipe key 'export.ort_format': not supported for seq2seq (two ONNX files)")
         if recipe.export.fp16:
             raise EdgetlError("recipe key 'export.fp16': not supported for seq2seq yet (two ONNX files)")
+    if recipe.task.score_thresh is not None and not 0.0 <= recipe.task.score_thresh < 1.0:
+        raise EdgetlError("recipe key 'task.score_thresh': must be in [0, 1)")
     boxes = recipe.task.kind == "detection"
     if boxes != (recipe.data.kind in ("coco", "voc", "yolo")):
         raise EdgetlError(
@@ -559,8 +566,8 @@ def _check_values(recipe: Recipe) -> None:
         )
     if boxes and not recipe.backbone.name.startswith("torchvision:"):
         raise EdgetlError(
-            "recipe key 'backbone.name': task.detector ssdlite builds on a torchvision backbone's features "
-            "(torchvision:mobilenet_v2, torchvision:mobilenet_v3_large ...)"
+            f"recipe key 'backbone.name': task.detector {recipe.task.detector} builds on a torchvision backbone's "
+            "features (torchvision:mobilenet_v2, torchvision:mobilenet_v3_large ...)"
         )
     text_backbone = recipe.backbone.name.startswith("hf:")
     # now, not after a minute of network retries for the wrong kind of weights (a datasets directory holds either:

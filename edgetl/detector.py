@@ -8,6 +8,16 @@ concatenated per anchor ([batch, anchors, 4 + 1 + classes]); box decoding and NM
 ``runner.decode_detections``), so the float tail that INT8 detectors lose (onnxruntime #14233) is never quantized and
 parity is checked anchor by anchor. The loss is torchvision's own ``SSD.compute_loss`` (smooth L1 on matched anchors,
 cross-entropy with 3:1 hard negatives).
+
+``faster_rcnn``: torchvision's two-stage parts (``FeaturePyramidNetwork``, ``RegionProposalNetwork``, ``RoIHeads``
+with ``MultiScaleRoIAlign`` and ``TwoMLPHead``) in the pattern of ``fasterrcnn_mobilenet_v3_large_320_fpn``: the
+trunk's stride-16 and stride-32 maps into an FPN (plus its max-pool level), proposals from the RPN, boxes and
+classes from the RoI head. Proposals, RoI pooling and NMS depend on the data, so unlike SSD the graph ends with
+torchvision's own post-processing: the ONNX output is the final detections per image, [batch, boxes, 6] (x1, y1, x2,
+y2, score, class id; rows padded with score -1 where a batch's images found different counts), and the runtime only
+filters them. The traced graph loops over the images it was exported with, so it takes one image per run. In
+training the module returns the FPN maps and the task's loss runs RPN and RoI head on them with the targets
+(torchvision's own losses: objectness BCE + box smooth L1 on sampled anchors, RoI cross-entropy + box smooth L1).
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from edgetl.errors import EdgetlError
 from edgetl.lazy import lazy_classes, picklable
 from edgetl.runner import BOX_WEIGHTS  # the device decodes with the weights the loss encodes with
 
-DETECTORS = ("ssdlite",)
+DETECTORS = ("ssdlite", "faster_rcnn")
+PAD = -1.0  # a padding row of a two-stage detector's output (score -1: runner.decode_detections drops it)
 
 
 @picklable
@@ -70,7 +81,169 @@ def _modules():
             h = self.det(list(self.features(input).values()))
             return torch.cat([h["bbox_regression"], h["cls_logits"]], -1)
 
-    return SSDLite, TorchvisionSSD
+    class TwoStage(nn.Module):
+        """``features``: the trunk (blocks); ``det``: the FPN, the RPN and the RoI heads. ``taps``: the indices of
+        the trunk blocks whose outputs feed the FPN (an ``nn.Sequential`` trunk), or None for a trunk that returns
+        its maps itself (torchvision's ``IntermediateLayerGetter``)."""
+
+        def __init__(self, features, taps, fpn, rpn, roi_heads, size: int):
+            super().__init__()
+            self.size = size
+            self.features = features
+            self.taps = taps
+            self.det = nn.Module()
+            self.det.fpn, self.det.rpn, self.det.roi_heads = fpn, rpn, roi_heads
+            self.last_maps = None  # the FPN maps of the last eval batch (the validation loss reads them)
+
+        def __getstate__(self):  # a cached or copied model leaves the last batch's maps behind
+            return {**self.__dict__, "last_maps": None}
+
+        def maps(self, x):
+            if self.taps is None:
+                return self.det.fpn(self.features(x))
+            found, out = {}, x
+            for i, block in enumerate(self.features):
+                out = block(out)
+                if i in self.taps:
+                    found[str(len(found))] = out
+            return self.det.fpn(found)
+
+        def trace_forward(self, x):
+            """What pruning traces: the FPN maps (proposals and NMS have no gradient to follow)."""
+            return list(self.maps(x).values())
+
+        def images(self, maps):
+            """An ``ImageList`` of the batch at the fixed input size (the anchors read only its shape)."""
+            from torchvision.models.detection.image_list import ImageList
+
+            first = next(iter(maps.values()))
+            n = first.shape[0]
+            return ImageList(first.new_zeros(()).expand(n, 3, self.size, self.size), [(self.size, self.size)] * n)
+
+        def forward(self, input):
+            maps = self.maps(input)
+            if self.training:
+                return maps  # the losses need the targets: Detection.loss calls losses(maps, targets)
+            self.last_maps = maps
+            images = self.images(maps)
+            proposals, _ = self.det.rpn(images, maps)
+            found, _ = self.det.roi_heads(maps, proposals, images.image_sizes)
+            rows = [
+                torch.cat([d["boxes"], d["scores"][:, None], (d["labels"] - 1)[:, None].to(d["boxes"])], 1)
+                for d in found
+            ]
+            n = max(len(r) for r in rows)
+            rows = [r if len(r) == n else torch.cat([r, r.new_full((1, 6), PAD).expand(n - len(r), 6)]) for r in rows]
+            return torch.stack(rows)
+
+        def losses(self, maps, targets) -> dict:
+            """torchvision's RPN and RoI-head losses on ``maps`` for ``targets`` (boxes xyxy, labels from 1)."""
+            images = self.images(maps)
+            modes = self.det.rpn.training, self.det.roi_heads.training
+            self.det.rpn.train(), self.det.roi_heads.train()  # the validation loss too: losses exist in train mode
+            try:
+                proposals, rpn = self.det.rpn(images, maps, targets)
+                _, roi = self.det.roi_heads(maps, proposals, images.image_sizes, targets)
+            finally:
+                self.det.rpn.train(modes[0]), self.det.roi_heads.train(modes[1])
+            return {**rpn, **roi}
+
+    return SSDLite, TorchvisionSSD, TwoStage
+
+
+def _two_stage(size: int, chans: list[int], num_classes: int, fpn_width: int, anchor_scale: float, **rcnn):
+    """FPN + RPN + RoI heads as torchvision's ``fasterrcnn_mobilenet_v3_large_320_fpn`` builds them (two trunk maps
+    and a max-pool level, 15 anchors per location, 7x7 RoIAlign on the two FPN maps), with anchor sizes scaled to the
+    input size and a narrower FPN and box head for the edge."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, RPNHead, TwoMLPHead
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+    fpn = FeaturePyramidNetwork(chans, fpn_width, extra_blocks=LastLevelMaxPool())
+    sizes = tuple(max(4, round(s * anchor_scale)) for s in (32, 64, 128, 256, 512))
+    anchors = AnchorGenerator((sizes,) * 3, ((0.5, 1.0, 2.0),) * 3)
+    rpn = RegionProposalNetwork(
+        anchors,
+        RPNHead(fpn_width, anchors.num_anchors_per_location()[0]),
+        0.7,  # fg / bg IoU of anchors, torchvision's defaults
+        0.3,
+        256,
+        0.5,
+        dict(training=2000, testing=rcnn.get("pre_nms", 150)),
+        dict(training=2000, testing=rcnn.get("post_nms", 150)),
+        0.7,
+        score_thresh=0.05,
+    )
+    pooler = MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2)
+    width = rcnn.get("representation", 512)
+    heads = RoIHeads(
+        pooler,
+        TwoMLPHead(fpn_width * 7 * 7, width),
+        FastRCNNPredictor(width, num_classes + 1),
+        0.5,  # fg / bg IoU of proposals
+        0.5,
+        rcnn.get("rois_per_image", 128),
+        0.25,
+        None,
+        0.05,  # score threshold, NMS IoU and detections per image, torchvision's defaults
+        0.5,
+        100,
+    )
+    return fpn, rpn, heads
+
+
+def _trunk_maps(trunk, size: int, detector: str):
+    """``trunk.features`` probed at ``size``: (the blocks, the index of the last block at stride 16, every block's
+    output width); the trunk must reach stride 32."""
+    import torch
+    from torch import nn
+
+    features = getattr(trunk, "features", None)
+    if not isinstance(features, nn.Sequential):
+        raise EdgetlError(
+            f"task.detector {detector} needs a torchvision backbone with a 'features' stack "
+            "(torchvision:mobilenet_v2, mobilenet_v3_large, efficientnet_b0 ...)"
+        )
+    training = features.training
+    features.eval()
+    with torch.no_grad():  # where the stride reaches 16 and 32
+        x, strides, widths = torch.zeros(1, 3, size, size), [], []
+        for block in features:
+            x = block(x)
+            strides.append(size // x.shape[-1])
+            widths.append(x.shape[1])
+    features.train(training)
+    if strides[-1] < 32 or 16 not in strides:
+        raise EdgetlError(f"backbone.input_size {size} is too small for {detector}: the trunk needs stride 16 and 32")
+    return features, max(i for i, s in enumerate(strides) if s <= 16), widths
+
+
+def build_faster_rcnn(trunk, size: int, num_classes: int, fpn_width: int = 128, score_thresh: float | None = None):
+    """Faster R-CNN over ``trunk.features`` for ``num_classes`` object classes (+ background) at ``size`` x ``size``:
+    the trunk's last stride-16 and stride-32 maps feed the FPN."""
+    features, last16, widths = _trunk_maps(trunk, size, "faster_rcnn")
+    taps = [last16, len(features) - 1]
+    fpn, rpn, heads = _two_stage(size, [widths[i] for i in taps], num_classes, fpn_width, size / 320)
+    if score_thresh is not None:
+        heads.score_thresh = score_thresh
+    return _modules()[2](features, taps, fpn, rpn, heads, size).train(features.training)
+
+
+def wrap_torchvision_rcnn(detector, size: int, num_classes: int, score_thresh: float | None = None):
+    """A torchvision Faster R-CNN (``torchvision:fasterrcnn_mobilenet_v3_large_320_fpn``, COCO weights for online
+    users) with a new box predictor for ``num_classes``, at a fixed ``size``; its own resize / normalise transform and
+    box rescaling give way to edgetl's (the bundle's runner does them)."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    heads = detector.roi_heads
+    heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes + 1)
+    if score_thresh is not None:
+        heads.score_thresh = score_thresh
+    body, fpn = detector.backbone.body, detector.backbone.fpn
+    return _modules()[2](body, None, fpn, detector.rpn, heads, size).train(detector.training)
 
 
 def wrap_torchvision_ssd(detector, size: int, num_classes: int):
@@ -112,24 +285,8 @@ def build_ssdlite(trunk, size: int, num_classes: int):
     from torchvision.models.detection.image_list import ImageList
     from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block, _normal_init
 
-    features = getattr(trunk, "features", None)
-    if not isinstance(features, nn.Sequential):
-        raise EdgetlError(
-            "task.detector ssdlite needs a torchvision backbone with a 'features' stack "
-            "(torchvision:mobilenet_v2, mobilenet_v3_large, efficientnet_b0 ...)"
-        )
-    training = features.training
-    features.eval()
-    with torch.no_grad():  # where the stride reaches 32: the maps before and at the end of the trunk
-        x, strides, widths = torch.zeros(1, 3, size, size), [], []
-        for block in features:
-            x = block(x)
-            strides.append(size // x.shape[-1])
-            widths.append(x.shape[1])
-    features.train(training)
-    if strides[-1] < 32 or 16 not in strides:
-        raise EdgetlError(f"backbone.input_size {size} is too small for SSDLite: the trunk needs stride 16 and 32")
-    split = max(i for i, s in enumerate(strides) if s <= 16) + 1
+    features, split, widths = _trunk_maps(trunk, size, "ssdlite")
+    split += 1
     # torchvision SSDLite's eps; its momentum 0.03 suits its 600-epoch schedule, a fine-tune of a few epochs needs
     # the running statistics of the new layers to settle faster (0.1, PyTorch's default)
     norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
@@ -170,4 +327,4 @@ def loss_helper():
 
 
 # unpickling a cached model finds its class
-__getattr__ = lazy_classes(__name__, {"SSDLite": _modules, "TorchvisionSSD": _modules})
+__getattr__ = lazy_classes(__name__, {"SSDLite": _modules, "TorchvisionSSD": _modules, "TwoStage": _modules})

@@ -58,7 +58,9 @@ def export_onnx(
 def _torch_export(model, contract, path: Path, sample: dict, opset: int) -> None:
     import torch
 
-    args = tuple(torch.from_numpy(sample[name]) for name in contract.input_names)
+    # a graph without a batch axis (a two-stage detector loops over the images it is traced with) takes one example
+    one = [name for name in contract.input_names if 0 not in contract.dynamic_axes.get(name, {})]
+    args = tuple(torch.from_numpy(sample[name][:1] if name in one else sample[name]) for name in contract.input_names)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice is not the user's problem
         torch.onnx.export(

@@ -267,7 +267,13 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int | None = N
 def decode_detections(outputs: np.ndarray, params: dict) -> list[dict]:
     """Raw head outputs [B, A, 4 + 1 + C] (box deltas, then logits with background first) -> per image boxes (xyxy
     in model-input pixels), scores and class ids (0-based, background removed): per class a score threshold and the
-    top-k candidates, then NMS per class, the best ``max_det`` kept."""
+    top-k candidates, then NMS per class, the best ``max_det`` kept. A two-stage detector (``params["in_graph"]``)
+    decodes in its graph: its rows [B, N, 6] are already boxes, score and class id; rows scoring below 0 pad."""
+    if params.get("in_graph"):
+        return [
+            {"boxes": r[:, :4], "scores": r[:, 4], "labels": r[:, 5].astype(np.int64)}
+            for r in (row[row[:, 4] >= 0] for row in np.asarray(outputs, np.float32))
+        ]
     anchors, size = np.asarray(params["anchors"], np.float32), float(params["size"])
     out = []
     for row in np.asarray(outputs, np.float32):
@@ -284,6 +290,35 @@ def decode_detections(outputs: np.ndarray, params: dict) -> list[dict]:
         keep = nms(b + (lab * (size + 1))[:, None], s, params["nms"], int(params["max_det"]))
         out.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep].astype(np.int64)})
     return out
+
+
+def detection_diff(reference: list[dict], got: list[dict], iou: float = 0.5) -> tuple[float, int, int]:
+    """How far ``got``'s detections are from ``reference``'s, image by image: boxes matched one to one (same class,
+    IoU >= ``iou``, the reference's best first); the largest |difference| of a matched pair's coordinates and score,
+    where a box left unmatched on either side counts its own score (it fell under the other's threshold). Returns
+    (that difference, matched pairs, boxes on both sides)."""
+    diff, hits, total = 0.0, 0, 0
+    for r, g in zip(reference, got, strict=True):
+        total += len(r["boxes"]) + len(g["boxes"])
+        pairs: dict = {}  # reference index -> got index
+        if len(r["boxes"]) and len(g["boxes"]):
+            ious = box_iou(r["boxes"], g["boxes"])
+            ious[r["labels"][:, None] != g["labels"][None, :]] = 0.0
+            for i in np.argsort(-r["scores"], kind="stable"):
+                for j in np.argsort(-ious[i], kind="stable"):
+                    if ious[i, j] < iou:
+                        break
+                    if j not in pairs.values():
+                        pairs[int(i)] = int(j)
+                        break
+        hits += len(pairs)
+        for i, j in pairs.items():
+            d = np.abs(r["boxes"][i] - g["boxes"][j]).max()
+            diff = max(diff, float(d), float(abs(r["scores"][i] - g["scores"][j])))
+        lone = [s for i, s in enumerate(r["scores"]) if i not in pairs]
+        lone += [s for j, s in enumerate(g["scores"]) if j not in pairs.values()]
+        diff = max([diff, *map(float, lone)])
+    return diff, hits, total
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -352,6 +387,22 @@ def session(model_path: str | Path, threads: int = 1, providers: list[str] | Non
         dec = ort.InferenceSession(str(decoder), opts, providers=resolve_providers(providers))
         return Generator(sess, dec, generation)
     return sess
+
+
+def run_batch(sess, feed: dict) -> np.ndarray:
+    """The first output of ``sess`` for a batch ``feed``. A graph that takes one example per run (its batch dimension
+    fixed at 1: a two-stage detector's traced graph loops over the images it was exported with) runs row by row;
+    rows of different lengths (boxes found) are padded with -1, which a detector's decoding drops."""
+    inputs = getattr(sess, "get_inputs", None)
+    n = len(next(iter(feed.values())))
+    if inputs is None or inputs()[0].shape[0] != 1 or n == 1:
+        return sess.run(None, feed)[0]
+    rows = [sess.run(None, {k: v[i : i + 1] for k, v in feed.items()})[0] for i in range(n)]
+    longest = max(r.shape[1] for r in rows)
+    pad = [(0, 0), None, *[(0, 0)] * (rows[0].ndim - 2)]
+    return np.concatenate(
+        [np.pad(r, [(0, longest - r.shape[1]) if p is None else p for p in pad], constant_values=-1) for r in rows]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -774,7 +825,8 @@ class Bundle:
         if self.preprocess.get("detection"):  # a detector's anchors and NMS settings
             params = read_json(self.path / self.preprocess["detection"], "detection settings")
             try:
-                self.detection = {**params, "anchors": np.asarray(params["anchors"], np.float32).reshape(-1, 4)}
+                anchors = np.asarray(params.get("anchors", []), np.float32).reshape(-1, 4)  # none: decoded in-graph
+                self.detection = {**params, "anchors": anchors}
                 float(params["size"]), float(params["score_thresh"]), float(params["nms"])
             except (KeyError, TypeError, ValueError):
                 raise BundleError(f"{self.preprocess['detection']} is not a valid set of detection settings") from None
@@ -791,7 +843,9 @@ class Bundle:
             )
         width = None if generates else self.session.get_outputs()[0].shape[-1]
         per_class = width - 5 if self.detection is not None else width  # detection: 4 box deltas + background
-        if isinstance(width, int) and per_class != len(self.labels):
+        if self.detection is not None and self.detection.get("in_graph"):
+            per_class = None  # a two-stage detector's rows: box, score, class id
+        if isinstance(per_class, int) and per_class != len(self.labels):
             raise BundleError(f"labels.json names {len(self.labels)} classes but the model outputs {per_class}")
         self.tokenizer = None
         if self.preprocess["kind"] == "text":
@@ -915,7 +969,7 @@ class Bundle:
     def logits_from_arrays(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC (already prepared) -> logits."""
         name = self.session.get_inputs()[0].name
-        return self.session.run(None, {name: normalize(images, self.preprocess)})[0]
+        return run_batch(self.session, {name: normalize(images, self.preprocess)})
 
     def predict_files(self, files: list[str], top_k: int = 3) -> list[dict]:
         arrays = []
@@ -947,7 +1001,13 @@ class Bundle:
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise BundleError(f"{GOLDEN} is not a valid golden set: {type(e).__name__}") from None
         feed = {"input": normalize(arrays["images"], self.preprocess)} if "images" in arrays else arrays
-        got = self.session.run(None, feed)[0]
+        got = run_batch(self.session, feed)
+        if spec.get("compare") == "detections":  # final boxes: matched, their coordinates and scores compared
+            params = {"in_graph": True}
+            found = [decode_detections(x, params) for x in (ref, got)]
+            diff, hits, total = detection_diff(*found)
+            agree = 1.0 if total == 0 else 2 * hits / total
+            return self._verdict(len(ref), diff, tolerance, agree, need, spec)
         if got.shape != ref.shape:
             raise BundleError(f"the model gives outputs of shape {got.shape} on the golden set, expected {ref.shape}")
         n = len(ref)
@@ -959,6 +1019,10 @@ class Bundle:
         else:
             diff = float(np.abs(got - ref).max())
             agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        return self._verdict(n, diff, tolerance, agree, need, spec)
+
+    @staticmethod
+    def _verdict(n: int, diff: float, tolerance: float, agree: float, need: float, spec: dict) -> dict:
         return {
             "n": int(n),
             "max_abs_diff": diff,

@@ -52,6 +52,23 @@ def tiny_raw():
     return copy.deepcopy(TINY)
 
 
+def golden_pngs(bundle_dir, k: int, folder) -> tuple[np.ndarray, list]:
+    """The first ``k`` golden images of an image bundle (uint8, as the device prepares them) and PNG files of them."""
+    import json
+
+    from PIL import Image
+
+    spec = json.loads((bundle_dir / "golden.json").read_text())
+    raw = (bundle_dir / "golden.bin").read_bytes()
+    a = spec["inputs"]["images"]
+    images = np.frombuffer(raw, np.uint8, int(np.prod(a["shape"])), a["offset"]).reshape(a["shape"])[:k]
+    files = []
+    for i, im in enumerate(images):
+        files.append(folder / f"{i}.png")
+        Image.fromarray(im).save(files[-1])
+    return images, files
+
+
 def write_recipe(path, raw) -> str:
     import yaml
 

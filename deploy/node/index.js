@@ -146,12 +146,16 @@ async function loadBundle(dir, { threads = 1, check = true, model = 'model.onnx'
     }
     crf = readJson(safeName(dir, preprocess.crf), 'CRF scores');
   }
-  let detection = null; // a detector's anchors and NMS settings (runner.py decode_detections)
+  let detection = null; // a detector's anchors and NMS settings, or in_graph: its graph decodes (runner.py Bundle)
   if (preprocess.detection) {
     if (manifest && !(preprocess.detection in manifest.files)) {
       throw new BundleError(`manifest.json does not list ${preprocess.detection}: incomplete or tampered bundle`);
     }
     detection = readJson(safeName(dir, preprocess.detection), 'detection settings');
+    const valid = detection && typeof detection === 'object'
+      && ['size', 'score_thresh', 'nms'].every((k) => Number.isFinite(detection[k]))
+      && (detection.in_graph === true || Array.isArray(detection.anchors)); // in_graph: no anchors
+    if (!valid) throw new BundleError(`${preprocess.detection} is not a valid set of detection settings`);
   }
   return { dir, labels, preprocess, session, ort, tokenizer, crf, detection, decoder, generation };
 }
@@ -407,8 +411,21 @@ function softmax(logits) {
   return e.map((v) => v / s);
 }
 
-/** Prepared uint8 HWC images -> logits (array of Float32Array), one batch through the session. */
+/** Whether the session's first input has its batch dimension fixed at 1 (runner.py run_batch): one image per run. */
+function onePer(session) {
+  const meta = session.inputMetadata && session.inputMetadata[0];
+  return Boolean(meta && Array.isArray(meta.shape) && meta.shape[0] === 1);
+}
+
+/** Prepared uint8 HWC images -> logits (array of Float32Array, one per image), one batch through the session; a
+ * model whose batch dimension is fixed at 1 (a two-stage detector) runs one image per run (runner.py run_batch), its
+ * rows as long as each image's output (no -1 padding needed: the rows stay apart). */
 async function logits(bundle, images) {
+  if (images.length > 1 && onePer(bundle.session)) {
+    const rows = [];
+    for (const img of images) rows.push(...(await logits(bundle, [img])));
+    return rows;
+  }
   const c = bundle.preprocess.crop;
   const size = 3 * c * c;
   const x = new Float32Array(images.length * size);
@@ -516,7 +533,8 @@ async function predictEntities(bundle, texts) {
 }
 
 // detection: raw head outputs per anchor -> boxes, as runner.py decode_detections (torchvision SSD's BoxCoder and
-// postprocess: per-class score threshold and top-k, NMS per class, the best max_det kept)
+// postprocess: per-class score threshold and top-k, NMS per class, the best max_det kept); a two-stage detector
+// (Faster R-CNN, "in_graph": true) decodes in its graph: its output rows are the boxes
 const BOX_CLIP = Math.log(1000 / 16);
 
 /** Greedy NMS over boxes [[x1, y1, x2, y2]] with scores: kept indices, best first (runner.py nms). */
@@ -536,8 +554,19 @@ function nms(boxes, scores, iou, limit = Infinity) {
   return keep;
 }
 
-/** One image's raw outputs (Float32Array [anchors * (4 + 1 + classes)]) -> {boxes, scores, labels}. */
+/** One image's raw outputs (Float32Array [anchors * (4 + 1 + classes)]) -> {boxes, scores, labels}; in_graph: rows
+ * [N * 6] of x1, y1, x2, y2 (model-input pixels), score, class id, those scoring below 0 (padding) dropped. */
 function decodeDetections(row, params) {
+  if (params.in_graph) {
+    const [boxes, scores, labels] = [[], [], []];
+    for (let o = 0; o + 6 <= row.length; o += 6) {
+      if (!(row[o + 4] >= 0)) continue;
+      boxes.push(Array.from(row.subarray(o, o + 4)));
+      scores.push(row[o + 4]);
+      labels.push(Math.trunc(row[o + 5]));
+    }
+    return { boxes, scores, labels };
+  }
   const { anchors, size } = params;
   const width = row.length / anchors.length;
   const [cands, found, scores, labels] = [[], [], [], []];
@@ -570,7 +599,52 @@ function decodeDetections(row, params) {
   };
 }
 
-/** Objects in image files (detection bundles), as runner.py predict_boxes: boxes in the image's own pixels. */
+/** IoU of two boxes [x1, y1, x2, y2] (runner.py box_iou). */
+function boxIou(a, b) {
+  const w = Math.max(0, Math.min(a[2], b[2]) - Math.max(a[0], b[0]));
+  const inter = w * Math.max(0, Math.min(a[3], b[3]) - Math.max(a[1], b[1]));
+  const area = (x) => Math.max(0, x[2] - x[0]) * Math.max(0, x[3] - x[1]);
+  return inter / Math.max(area(a) + area(b) - inter, 1e-12);
+}
+
+/** How far `got`'s detections ([{boxes, scores, labels}] per image) are from `reference`'s (runner.py detection_diff):
+ * boxes matched one to one (same class, IoU >= `iou`, the reference's best first); the largest |difference| of a
+ * matched pair's coordinates and score, a box left unmatched on either side counting its own score. */
+function detectionDiff(reference, got, iou = 0.5) {
+  if (reference.length !== got.length) {
+    throw new BundleError(`detections of ${got.length} images, expected ${reference.length}`);
+  }
+  let [diff, hits, total] = [0, 0, 0];
+  reference.forEach((r, k) => {
+    const g = got[k];
+    total += r.boxes.length + g.boxes.length;
+    const pairs = new Map(); // reference index -> got index
+    const taken = new Set();
+    const desc = (v) => v.map((_, i) => i).sort((a, b) => v[b] - v[a]); // stable: ties keep index order
+    for (const i of desc(r.scores)) {
+      const ious = g.boxes.map((b, j) => (r.labels[i] === g.labels[j] ? boxIou(r.boxes[i], b) : 0));
+      for (const j of desc(ious)) {
+        if (ious[j] < iou) break;
+        if (!taken.has(j)) {
+          pairs.set(i, j);
+          taken.add(j);
+          break;
+        }
+      }
+    }
+    hits += pairs.size;
+    for (const [i, j] of pairs) {
+      r.boxes[i].forEach((v, c) => { diff = Math.max(diff, Math.abs(v - g.boxes[j][c])); });
+      diff = Math.max(diff, Math.abs(r.scores[i] - g.scores[j]));
+    }
+    r.scores.forEach((s, i) => { if (!pairs.has(i)) diff = Math.max(diff, s); });
+    g.scores.forEach((s, j) => { if (!taken.has(j)) diff = Math.max(diff, s); });
+  });
+  return { diff, hits, total };
+}
+
+/** Objects in image files (detection bundles), as runner.py predict_boxes: boxes in the image's own pixels; a model
+ * with its batch dimension fixed at 1 runs one image per run, and an in-graph decoder's boxes are taken as they are. */
 async function predictBoxes(bundle, files, minScore = 0.3) {
   const c = bundle.preprocess.crop;
   const images = [];
@@ -690,6 +764,18 @@ async function verifyGolden(bundle) {
     const size = c * c * 3;
     const imgs = Array.from({ length: n }, (_, i) => arrays.images.data.subarray(i * size, (i + 1) * size));
     const rows = await logits(bundle, imgs);
+    if (spec.compare === 'detections') { // final boxes (an in-graph decoder): matched, coordinates and scores compared
+      const width = ref.data.length / n; // the reference's rows, padded with -1 to the longest; ours as they came
+      const params = { in_graph: true };
+      const row = (i) => ref.data.subarray(i * width, (i + 1) * width);
+      const want = Array.from({ length: n }, (_, i) => decodeDetections(row(i), params));
+      const { diff, hits, total } = detectionDiff(want, rows.map((r) => decodeDetections(r, params)));
+      const agree = total === 0 ? 1 : (2 * hits) / total;
+      return {
+        n, max_abs_diff: diff, tolerance: spec.tolerance, top1_agreement: agree, min_agreement: spec.min_agreement,
+        passed: diff <= spec.tolerance && agree >= spec.min_agreement, model: spec.model,
+      };
+    }
     got = new Float32Array(rows.reduce((k, r) => k + r.length, 0));
     rows.forEach((r, i) => got.set(r, i * r.length));
   } else if (spec.compare === 'tokens') { // generated ids: identical outputs, and the share of differing tokens
@@ -764,7 +850,7 @@ async function main(argv) {
 module.exports = {
   BundleError, verifyManifest, loadBundle, prepare, normalize, readPng, loadInput, logits, softmax, predictFiles,
   loadTokenizer, encodeTexts, textLogits, predictTexts, predictEntities, predict, verifyGolden, viterbi, splitWords,
-  nms, decodeDetections, predictBoxes, generateIds, generate,
+  nms, decodeDetections, detectionDiff, predictBoxes, generateIds, generate,
 };
 
 if (require.main === module) main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

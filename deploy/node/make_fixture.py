@@ -1,6 +1,6 @@
-"""Build two tiny bundles (images on sklearn digits; text on a random tiny BERT) and write what Python's runner
-makes of a few inputs, so the Node example can be checked against it (test/predict.test.js reads
-OUT/fixture.json).
+"""Build tiny bundles (images on sklearn digits; text on a random tiny BERT; NER, seq2seq, and SSDLite and Faster
+R-CNN detectors) and write what Python's runner makes of a few inputs, so the Node example can be checked against it
+(test/predict.test.js reads OUT/fixture.json).
 
     .venv/bin/python deploy/node/make_fixture.py OUT_DIR [--bundle IMAGE_BUNDLE] [--text-bundle TEXT_BUNDLE]
 
@@ -129,7 +129,7 @@ def seq2seq_cases(bundle: Path) -> dict:
     return {"bundle": str(bundle), "texts": S2S_TEXTS, "results": model.generate(S2S_TEXTS)}
 
 
-def detection_cases(bundle: Path, out: Path) -> dict:
+def detection_cases(bundle: Path, out: Path, min_score: float = 0.0) -> dict:
     """The Python runner's boxes (all of them: min score 0) for a few PNGs of other sizes than the model's."""
     from PIL import Image
 
@@ -140,7 +140,23 @@ def detection_cases(bundle: Path, out: Path) -> dict:
         canvas = Image.open(sorted((out / "det_data" / "images").iterdir())[i]).convert("RGB").resize((w, h))
         files.append(out / f"det{i}_{w}x{h}.png")
         canvas.save(files[-1])
-    return {"bundle": str(bundle), "files": [str(f) for f in files], "results": model.predict_boxes(files, 0.0)}
+    return {
+        "bundle": str(bundle),
+        "files": [str(f) for f in files],
+        "min_score": min_score,
+        "results": model.predict_boxes(files, min_score),
+    }
+
+
+def faster_rcnn_recipe(annotations: Path) -> dict:
+    """The tiny detection recipe with a two-stage detector (decodes in its graph, one image per run): one epoch, no
+    prune / distill. lr 0.001: at the tiny recipe's 0.003 the untrained RoI head learns "background" for every
+    proposal in three steps and finds nothing, so there would be no boxes to compare."""
+    recipe = {k: v for k, v in detection_recipe(annotations).items() if k not in ("prune", "distill")}
+    recipe["name"] = "tiny_frcnn"
+    recipe["task"] = {**recipe["task"], "detector": "faster_rcnn"}
+    recipe["finetune"] = {**recipe["finetune"], "epochs": 1, "lr": 0.001}
+    return recipe
 
 
 def load_runner(bundle: Path):
@@ -195,9 +211,9 @@ def main() -> None:
         },
         "ner_bundle",
     )
-    det_bundle = build_bundle(
-        args.out, detection_recipe(write_digit_boxes(args.out / "det_data", n=48)), "det_bundle"
-    ).resolve()
+    det_data = write_digit_boxes(args.out / "det_data", n=48)
+    det_bundle = build_bundle(args.out, detection_recipe(det_data), "det_bundle").resolve()
+    frcnn_bundle = build_bundle(args.out, faster_rcnn_recipe(det_data), "frcnn_bundle").resolve()
     s2s_bundle = build_bundle(
         args.out,
         seq2seq_recipe(make_tiny_bert(args.out / "s2s_bert"), write_pairs(args.out / "pairs.csv")),
@@ -240,6 +256,8 @@ def main() -> None:
         "text": text_cases(text_bundle.resolve()),
         "ner": ner_cases(ner_bundle.resolve()),
         "detection": detection_cases(det_bundle, args.out),
+        # min score 0.05 (the graph's own threshold): an untrained detector's boxes all score low
+        "faster_rcnn": detection_cases(frcnn_bundle, args.out, 0.05),
         "seq2seq": seq2seq_cases(s2s_bundle),
     }
     (args.out / "fixture.json").write_text(json.dumps(fixture, indent=2))

@@ -74,7 +74,7 @@ def quantize_file(
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter(calib or [])
+            self.batches = iter(_one_per_run(src, calib or []))
 
         def get_next(self):
             return next(self.batches, None)
@@ -86,6 +86,10 @@ def quantize_file(
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         except Exception:  # noqa: BLE001 - pre-processing is an optimisation; quantize the raw export instead
             pre = src
+        if float_tail and ops is None and _decodes_boxes(pre):
+            # a graph that decodes its own boxes (a two-stage detector: proposals, RoIAlign, NMS) quantizes its compute
+            # only: its coordinate and index tensors (proposals, the RoIs' Concat / Gather) stay float
+            ops = list(FUSED_OPS)
         method = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
@@ -121,6 +125,24 @@ def quantize_file(
             if pre != src:
                 pre.unlink(missing_ok=True)
     return dst
+
+
+def _decodes_boxes(path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(n.op_type in ("NonMaxSuppression", "RoiAlign") for n in graph.node)
+
+
+def _one_per_run(path: Path, feeds: list[dict]) -> list[dict]:
+    """Calibration feeds as the graph takes them: one example each where its batch dimension is fixed at 1 (a
+    two-stage detector)."""
+    import onnx
+
+    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    if not feeds or not dim or dim[0].dim_value != 1:
+        return feeds
+    return [{k: v[i : i + 1] for k, v in f.items()} for f in feeds for i in range(len(next(iter(f.values()))))]
 
 
 COMPUTE = ("Conv", "MatMul", "Gemm", "ConvTranspose")

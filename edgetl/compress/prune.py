@@ -280,6 +280,9 @@ def make_pruner(model, example, cfg: PruneCfg, head: str):
         iterative_steps=max(cfg.steps, 1),
         ignored_layers=protected_layers(model, head, cfg.protect),
         round_to=cfg.round_to,
+        # a model whose output is not differentiable end to end (a two-stage detector's NMS) is traced up to the maps
+        # its protected head reads (Torch-Pruning's forward_fn extension point)
+        forward_fn=(lambda m, x: m.trace_forward(x)) if hasattr(model, "trace_forward") else None,
     )
 
 

@@ -20,9 +20,11 @@ def create_task(kind: str, classes: list[str], cfg=None):
             classes, crf=bool(getattr(cfg, "crf", False)), crf_lr_scale=getattr(cfg, "crf_lr_scale", 100.0)
         )
     if kind == "detection":
-        from edgetl.tasks.detection import Detection
+        from edgetl.tasks.detection import Detection, TwoStageDetection
 
-        return Detection(classes, detector=getattr(cfg, "detector", "ssdlite"))
+        detector = getattr(cfg, "detector", "ssdlite")
+        cls = TwoStageDetection if detector == "faster_rcnn" else Detection
+        return cls(classes, detector=detector, score_thresh=getattr(cfg, "score_thresh", None))
     if kind == "seq2seq":
         from edgetl.tasks.seq2seq import Seq2Seq
 

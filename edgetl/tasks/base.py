@@ -73,6 +73,10 @@ class Task(Protocol):
     hf_auto_class: str  # transformers Auto class for hf: backbones
     optimum_task: str  # optimum's exporter task name
     float_tail: bool  # INT8 leaves every node after the last Conv / MatMul in float (a detector's raw outputs)
+    # optional (getattr defaults): the ONNX graph takes any batch (False: one example per run, a two-stage detector's
+    # traced graph), and how the device's golden check compares outputs ("values", or "detections": matched boxes)
+    batch_axis: bool
+    golden_compare: str
 
     def head(self, in_features: int) -> Any:
         """The new torch head on top of a pretrained trunk's features."""

@@ -89,11 +89,14 @@ class Detection:
     hf_auto_class = ""
     float_tail = True  # INT8: leave the nodes after the last Conv / MatMul in float (quantize_onnx)
     optimum_task = ""
+    batch_axis = True
+    golden_compare = "values"
 
-    def __init__(self, classes: list[str], detector: str = "ssdlite"):
+    def __init__(self, classes: list[str], detector: str = "ssdlite", score_thresh: float | None = None):
         self.classes = list(classes)
         self.num_outputs = len(self.classes) + 1  # + background
         self.detector = detector
+        self.score_thresh = score_thresh  # None: the detector's own (SSD 0.01, Faster R-CNN 0.05)
         self._helper = None
 
     @property
@@ -164,7 +167,7 @@ class Detection:
             return {
                 "anchors": model.anchors.detach().numpy().astype(np.float32),
                 "size": int(model.size),  # boxes are clipped to the model's input
-                "score_thresh": h.score_thresh,
+                "score_thresh": h.score_thresh if self.score_thresh is None else self.score_thresh,
                 "topk": h.topk_candidates,
                 "nms": h.nms_thresh,
                 "max_det": h.detections_per_img,
@@ -324,3 +327,86 @@ def pictures(report: dict) -> str:
         return "<p class='muted'>no example images</p>"
     imgs = "".join(f"<img alt='test image {i}' src='data:image/png;base64,{e['png']}'> " for i, e in enumerate(found))
     return f"<div>{imgs}</div><p class='muted'>the shipped model under ONNX Runtime, test split, score >= 0.3</p>"
+
+
+class TwoStageDetection(Detection):
+    """Faster R-CNN (``edgetl.detector.build_faster_rcnn``): the graph decodes its own boxes (RPN proposals, RoI
+    head, NMS), so raw outputs *are* the detections, [B, N, 6] (box, score, class id; -1 rows pad), and the graph
+    takes one image per run. Loss: torchvision's RPN + RoI-head losses on the FPN maps. Distillation: the teacher's
+    confident detections (score >= 0.5) as a second set of targets, ``alpha * loss(teacher's boxes) + (1 - alpha) *
+    loss(true boxes)``: proposals differ between teacher and student, so there are no per-anchor outputs to align
+    (the SSD recipe's KL); ``distill.feature_weight`` with FPN layers adds feature imitation on top. Parity: final
+    boxes matched between PyTorch and ORT, coordinates and scores compared (``runner.detection_diff``)."""
+
+    output_names = ("detections",)
+    batch_axis = False  # the traced graph loops over the images it was exported with: one per run
+    golden_compare = "detections"
+
+    def output_axes(self) -> dict:
+        return {"detections": {1: "boxes"}}
+
+    @staticmethod
+    def _targets(targets) -> list[dict]:
+        return [{"boxes": t["boxes"].float(), "labels": t["labels"] + 1} for t in targets]  # 0 is the background
+
+    def loss(self, outputs, targets, label_smoothing: float = 0.0, model=None):
+        maps = outputs if isinstance(outputs, dict) else model.last_maps  # eval: the maps behind the detections
+        return sum(model.losses(maps, self._targets(targets)).values())
+
+    def distill_loss(
+        self, student, teacher, targets, alpha: float, temperature: float, label_smoothing: float = 0.0, model=None
+    ):
+        if alpha == 0.0:
+            return self.loss(student, targets, model=model)
+        pseudo = []
+        for rows in teacher.detach():
+            rows = rows[rows[:, 4] >= CONFIDENT]
+            pseudo.append({"boxes": rows[:, :4], "labels": rows[:, 5].long() + 1})
+        maps = student if isinstance(student, dict) else model.last_maps
+        kd = sum(model.losses(maps, pseudo).values())
+        return kd if alpha == 1.0 else alpha * kd + (1.0 - alpha) * self.loss(student, targets, model=model)
+
+    def decode(self, outputs: np.ndarray, feed: dict | None = None, params=None) -> list[dict]:
+        from edgetl.runner import decode_detections
+
+        return decode_detections(np.asarray(outputs), {"in_graph": True})
+
+    def decode_params(self, model=None, metadata: dict | None = None):
+        """The graph's own thresholds (what the runtime reports; it decodes nothing)."""
+        import json
+
+        if model is not None and hasattr(model, "det"):
+            heads = model.det.roi_heads
+            return {
+                "in_graph": True,
+                "size": int(model.size),
+                "score_thresh": float(heads.score_thresh),
+                "nms": float(heads.nms_thresh),
+                "max_det": int(heads.detections_per_img),
+            }
+        if metadata and "edgetl.detection" in metadata:
+            return json.loads(metadata["edgetl.detection"])
+        return None
+
+    def export_metadata(self, model) -> dict:
+        import json
+
+        return {"edgetl.detection": json.dumps(self.decode_params(model=model))}
+
+    def parity(self, reference: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> Parity:
+        """Final boxes of both, matched (same class, IoU >= 0.5): the largest coordinate or score difference, where
+        a box only one side found counts its score; agreement: matched boxes as an F1 over all boxes."""
+        from edgetl.runner import detection_diff
+
+        found = [[self.decode(b) for b in side] for side in (reference, got)]
+        diff, hits, total = detection_diff(*(sum(side, []) for side in found))
+        scale = max((float(np.abs(r[..., :4]).max()) for r in reference if r.size), default=1.0)
+        n = sum(len(r) for r in reference)
+        return Parity(diff, atol + rtol * scale, 1.0 if total == 0 else 2 * hits / total, n)
+
+    def check_outputs(self, outputs: Any) -> None:
+        if outputs.dim() != 3 or outputs.shape[-1] != 6:
+            raise EdgetlError(
+                f"the model outputs shape {tuple(outputs.shape)}; expected [batch, boxes, 6] (keep 'det' in "
+                "prune.protect)"
+            )

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from edgetl.cli import main
 from edgetl.tasks import create_task
-from tests.conftest import rebuilt_from_cache, write_recipe
+from tests.conftest import golden_pngs, rebuilt_from_cache, write_recipe
 from tests.tiny import detection_recipe, write_digit_boxes
 
 CLASSES = ["a", "b", "c"]
@@ -226,19 +226,10 @@ def test_int8_runs_int8_convs_and_keeps_the_box_and_score_tail_float(det_bundle)
 def test_runner_predicts_the_builds_boxes_and_draws_them(det_bundle, tmp_path):
     """The runner on PNG files of the golden images (prepared at the model's size) returns exactly what the build's
     decoding gives on the model's outputs for them; --draw writes the picture; verify passes."""
-    from PIL import Image
-
     from edgetl.runner import Bundle, decode_detections, normalize
 
     out, _ = det_bundle
-    spec = json.loads((out / "golden.json").read_text())
-    raw = (out / "golden.bin").read_bytes()
-    a = spec["inputs"]["images"]
-    images = np.frombuffer(raw, np.uint8, int(np.prod(a["shape"])), a["offset"]).reshape(a["shape"])[:4]
-    files = []
-    for i, im in enumerate(images):
-        files.append(tmp_path / f"{i}.png")
-        Image.fromarray(im).save(files[-1])
+    images, files = golden_pngs(out, 4, tmp_path)
     bundle = Bundle(out)
     want = decode_detections(
         bundle.session.run(None, {"input": normalize(images, bundle.preprocess)})[0], bundle.detection

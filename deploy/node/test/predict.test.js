@@ -264,6 +264,82 @@ test('detection: boxes, labels and scores equal the Python runner\'s on images o
   assert.equal(JSON.parse(r.stdout).length, d.files.length);
 });
 
+test('Faster R-CNN (decoded in its graph, one image per run): boxes equal the Python runner\'s; verify matches boxes',
+  { skip }, async () => {
+    const d = fx.faster_rcnn;
+    const bundle = await edgetl.loadBundle(d.bundle);
+    assert.ok(bundle.detection.in_graph && !bundle.detection.anchors);
+    assert.equal(bundle.session.inputMetadata[0].shape[0], 1); // batch fixed at 1: predictBoxes runs image by image
+    const got = await edgetl.predictBoxes(bundle, d.files, d.min_score);
+    const sets = (rs) => rs.map((r) => ({
+      boxes: r.objects.map((o) => o.box), scores: r.objects.map((o) => o.score), labels: r.objects.map((o) => o.label),
+    }));
+    const { hits, total } = edgetl.detectionDiff(sets(d.results), sets(got));
+    assert.ok(total > 0, 'the tiny Faster R-CNN found no boxes to compare');
+    assert.ok(2 * hits >= 0.95 * total, `${hits} of ${total / 2} boxes matched`); // ties at max_det / the threshold
+    let [close, want] = [0, 0]; // each of Python's boxes: one of Node's, same class, within rounding and 1e-4
+    got.forEach((r, i) => {
+      assert.deepEqual([r.width, r.height], [d.results[i].width, d.results[i].height]);
+      assert.ok(Math.abs(r.objects.length - d.results[i].objects.length) <= 2, r.file);
+      for (const w of d.results[i].objects) {
+        want += 1;
+        const near = (g) => g.label === w.label && Math.abs(g.score - w.score) < TOL
+          && g.box.every((v, j) => Math.abs(v - w.box[j]) <= 0.11);
+        if (r.objects.some(near)) close += 1;
+      }
+    });
+    assert.ok(close >= 0.95 * want, `${close} of Python's ${want} boxes found by Node`);
+    const r = cli([d.bundle, ...d.files]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(JSON.parse(r.stdout).length, d.files.length);
+
+    const v = cli([d.bundle, '--verify']); // compare "detections": boxes matched, not outputs of one shape
+    assert.equal(v.status, 0, v.stdout + v.stderr);
+    assert.ok(JSON.parse(v.stdout).passed);
+    const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'edgetl-node-'));
+    try {
+      fs.cpSync(d.bundle, copy, { recursive: true });
+      const spec = JSON.parse(fs.readFileSync(path.join(copy, 'golden.json'), 'utf8'));
+      assert.equal(spec.compare, 'detections');
+      const bin = path.join(copy, 'golden.bin');
+      const raw = fs.readFileSync(bin);
+      const [, boxes, width] = spec.outputs.shape;
+      let found = 0;
+      for (let j = 0; j < boxes * width; j++) { // the first image's detections negated: scores < 0, all dropped
+        const at = spec.outputs.offset + 4 * j;
+        if (j % width === 4 && raw.readFloatLE(at) >= 0) found += 1;
+        raw.writeFloatLE(-raw.readFloatLE(at), at);
+      }
+      assert.ok(found > 0, 'the golden set\'s first image has no boxes');
+      fs.writeFileSync(bin, raw);
+      const manifestFile = path.join(copy, 'manifest.json');
+      const manifest = JSON.parse(fs.readFileSync(manifestFile, 'utf8'));
+      manifest.files['golden.bin'] = require('node:crypto').createHash('sha256').update(raw).digest('hex');
+      fs.writeFileSync(manifestFile, JSON.stringify(manifest));
+      const bad = cli([copy, '--verify']);
+      assert.equal(bad.status, 1, bad.stdout + bad.stderr);
+      assert.ok(JSON.parse(bad.stdout).top1_agreement < spec.min_agreement);
+    } finally {
+      fs.rmSync(copy, { recursive: true, force: true });
+    }
+  });
+
+test('in-graph detections: -1 padding dropped; detectionDiff matches runner.py detection_diff', () => {
+  const rows = Float32Array.from([1, 2, 11, 12, 0.9, 2, -1, -1, -1, -1, -1, -1, 0, 0, 5, 5, 0, 0]);
+  assert.deepEqual(edgetl.decodeDetections(rows, { in_graph: true }),
+    { boxes: [[1, 2, 11, 12], [0, 0, 5, 5]], scores: [Math.fround(0.9), 0], labels: [2, 0] });
+  const ref = [{ boxes: [[0, 0, 10, 10], [20, 20, 30, 30]], scores: [0.9, 0.6], labels: [0, 1] }];
+  const same = edgetl.detectionDiff(ref, ref);
+  assert.deepEqual(same, { diff: 0, hits: 2, total: 4 });
+  // one box moved by 1 px, one of another class: 1 matched pair (diff 1), two lone boxes (their scores count)
+  const got = [{ boxes: [[1, 0, 11, 10], [20, 20, 30, 30]], scores: [0.85, 0.7], labels: [0, 0] }];
+  const r = edgetl.detectionDiff(ref, got);
+  assert.deepEqual([r.hits, r.total], [1, 4]);
+  assert.ok(Math.abs(r.diff - 1) < 1e-9);
+  assert.deepEqual(edgetl.detectionDiff([{ boxes: [], scores: [], labels: [] }], got),
+    { diff: 0.85, hits: 0, total: 2 });
+});
+
 test('NMS keeps the highest-scoring box of each overlapping group (runner.py nms)', () => {
   const boxes = [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 9]];
   assert.deepEqual(edgetl.nms(boxes, [0.9, 0.95, 0.5, 0.2], 0.5), [1, 2]);
