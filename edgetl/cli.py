@@ -145,6 +145,13 @@ def build(recipe: str, overrides: tuple[str, ...], out: str | None, no_cache: bo
     "lets several machines work on one study.",
 )
 @click.option(
+    "--margin",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Metric points inside the gates a trial must be on validation (room for the test split's noise).",
+)
+@click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="Bundle directory [default: artifacts/<name>]."
 )
 @friendly
@@ -154,6 +161,7 @@ def search_cmd(
     trials: int,
     timeout_min: float | None,
     storage: str | None,
+    margin: float,
     out: str | None,
 ) -> None:
     """Find the fastest model inside the recipe's gates, then build it.
@@ -161,13 +169,14 @@ def search_cmd(
     \b
     Optuna (multi-objective TPE) maximises the validation metric and the speed-up over the fine-tuned FP32 ONNX
     model (ORT, batch 1, verify.threads) over:
-      prune.target_macs 0.1-1 (1: none)   prune.importance   prune.round_to (images)   distill.epochs (0 = none)
-      quantize.method qat | ptq (images)
+      prune.target_macs 0.2-1 (1: none)   prune.importance   prune.round_to (images)   distill.epochs (0 = none)
+      prune.recovery_epochs 0-2x the recipe's   quantize.method qat | ptq (images)
     subject to verify.max_metric_drop (or max_accuracy_drop, against the fine-tuned model on validation),
     min_metric, min_speedup and max_size_mb. The fine-tune runs once (the stage cache); trials see validation only.
     The fastest trial of the feasible Pareto front is built as a normal bundle and measured once on test; its
     report.html shows every trial, the front and the budget. The study is stored beside the bundle and resumes:
-    run the command again for more trials.
+    run the command again for more trials; a trial whose process was killed is retried once. --margin keeps trials
+    that far inside the metric gates on validation, so the test split's noise does not fail the final build.
     Example: edgetl search models/mobilenet_v2_fmnist.yaml --set verify.max_accuracy_drop=1 --trials 30
     """
     import signal
@@ -177,7 +186,7 @@ def search_cmd(
 
     signal.signal(signal.SIGTERM, _terminated)  # a terminated search removes its trial's work directory too
     cfg = load_recipe(recipe, overrides)
-    state, result = search(cfg, out, trials, timeout_min, storage)
+    state, result = search(cfg, out, trials, timeout_min, storage, margin=margin)
     click.echo(summary(state))
     chosen = result["chosen_params"]
     click.echo(

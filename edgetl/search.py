@@ -24,7 +24,15 @@ from pathlib import Path
 from edgetl.config import Recipe, recipe_from_dict, recipe_to_dict
 from edgetl.errors import EdgetlError, GateFailed
 
-SEARCHED = ("prune.target_macs", "prune.round_to", "prune.importance", "distill.epochs", "quantize.method")
+SEARCHED = (
+    "prune.target_macs",
+    "prune.round_to",
+    "prune.importance",
+    "prune.recovery_epochs",
+    "distill.epochs",
+    "quantize.method",
+)
+HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process stopped beating for GRACE_S (killed) is failed and retried
 MACS_RANGE = (0.2, 1.0, 0.05)  # prune.target_macs: low, high, step (a repeated point is a cache hit); 1.0: no pruning
 
 
@@ -32,9 +40,12 @@ def space(recipe: Recipe) -> dict:
     """The search space for this recipe: {recipe key: (kind, choices or (low, high, step))}."""
     image = not recipe.backbone.name.startswith("hf:")  # transformer encoders prune heads / neurons
     d = recipe.distill.epochs if recipe.distill else 2
+    r = recipe.prune.recovery_epochs if recipe.prune else 1
     out = {
         "prune.target_macs": ("float", MACS_RANGE),  # the top of the range, 1.0, is "no pruning"
         "prune.importance": ("categorical", ("magnitude", "taylor", "lamp") if image else ("magnitude", "taylor")),
+        # the training budget is searched too: a deeper prune may stay inside the budget with more recovery
+        "prune.recovery_epochs": ("int", (0, max(2 * r, 1), 1)),
         "distill.epochs": ("int", (0, max(d, 1), 1)),  # 0: no distillation
     }
     if image:
@@ -60,15 +71,44 @@ def trial_recipe(recipe: Recipe, params: dict) -> Recipe:
     return recipe_from_dict(raw)
 
 
-def budget(recipe: Recipe) -> dict:
-    """The recipe's gates that a trial must meet (None: not set)."""
+def budget(recipe: Recipe, margin: float = 0.0) -> dict:
+    """The recipe's gates that a trial must meet on validation (None: not set), the metric's ``margin`` inside them
+    (the chosen trial is measured once more on test, where the gates apply as written)."""
     v = recipe.verify
     if v is None:
         return {}
     drop = v.max_accuracy_drop if v.max_accuracy_drop is not None else v.max_metric_drop
     least = v.min_accuracy if v.min_accuracy is not None else v.min_metric
+    if margin and drop is not None:
+        drop -= margin
+    if margin and least is not None:
+        least += margin if recipe_direction(recipe) else -margin
     out = {"max_metric_drop": drop, "min_metric": least, "min_speedup": v.min_speedup, "max_size_mb": v.max_size_mb}
     return {k: x for k, x in out.items() if x is not None}
+
+
+def recipe_direction(recipe: Recipe) -> bool:
+    """Whether the recipe's task metric is better higher (every edgetl metric is today)."""
+    from edgetl.tasks import create_task
+
+    return create_task(recipe.task.kind, [], recipe.task).higher_is_better
+
+
+def open_storage(url: str, grace_s: float | None = None):
+    """An Optuna storage with heartbeats for a database URL: a trial whose process was killed (its heartbeat stops
+    for ``grace_s``) is marked failed when any worker next starts a trial, and its point is queued again once."""
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+
+    if "://" not in url:
+        return url  # let Optuna say what is wrong
+    grace = GRACE_S if grace_s is None else grace_s
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=max(1, min(HEARTBEAT_S, int(grace / 2))),
+        grace_period=int(max(grace, 1)),
+        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+    )
 
 
 def judge(state, threads: int, runs: int, warmup: int) -> dict:
@@ -114,9 +154,9 @@ def constraints(measured: dict, limits: dict) -> dict:
     return out
 
 
-def study_name(recipe: Recipe) -> str:
-    """The recipe name and a hash of everything but the searched keys: a changed recipe or budget (the gates are the
-    trials' constraints) starts a new study; the stage cache keeps repeated points cheap."""
+def study_name(recipe: Recipe, margin: float = 0.0) -> str:
+    """The recipe name and a hash of everything but the searched keys: a changed recipe, budget or margin (the gates
+    are the trials' constraints) starts a new study; the stage cache keeps repeated points cheap."""
     from edgetl.cache import _digest
 
     raw = recipe_to_dict(recipe)
@@ -124,7 +164,7 @@ def study_name(recipe: Recipe) -> str:
         section, field = key.split(".")
         if isinstance(raw.get(section), dict):
             raw[section].pop(field, None)
-    return f"{recipe.name}-{_digest(raw)[:10]}"
+    return f"{recipe.name}-{_digest(raw)[:10]}" + (f"-margin{margin:g}" if margin else "")
 
 
 def default_storage(out: Path) -> str:
@@ -209,6 +249,7 @@ def search(
     timeout_min: float | None = None,
     storage: str | None = None,
     log: Callable[[str], None] = print,
+    margin: float = 0.0,
 ):
     """Run (or resume) the study, then build the chosen trial as the bundle at ``out``; returns the build's state."""
     import optuna
@@ -223,14 +264,16 @@ def search(
     _clean_trial_dirs(out.parent)
     storage = storage or default_storage(out)
     store = open_cache()  # the shared fine-tune is the point: the search always uses the cache
-    sp, limits = space(recipe), budget(recipe)
+    if margin < 0:
+        raise EdgetlError("--margin must be 0 or more (metric points inside the gates)")
+    sp, limits = space(recipe), budget(recipe, margin)
     threads = recipe.verify.threads if recipe.verify else 1
     runs, warmup = (recipe.verify.runs, recipe.verify.warmup) if recipe.verify else (100, 10)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is one line of ours, not a traceback
     try:
         study = optuna.create_study(
-            storage=storage,
-            study_name=study_name(recipe),
+            storage=open_storage(storage),
+            study_name=study_name(recipe, margin),
             directions=["maximize", "maximize"],  # the task metric (sign-adjusted), the speed-up
             load_if_exists=True,
             sampler=optuna.samplers.TPESampler(seed=recipe.seed, n_startup_trials=min(10, max(trials // 2, 1))),
@@ -295,6 +338,7 @@ def search(
         "storage": storage,
         "space": {k: list(v[1]) for k, v in sp.items()},
         "budget": limits,
+        "margin": margin,
         "threads": threads,
         "trials": rows,
         "front": sorted(t.number for t in front),

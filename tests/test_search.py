@@ -114,3 +114,39 @@ def test_a_point_of_the_space_is_a_valid_recipe_and_the_budget_names_the_study(s
     assert study_name(searched) == study_name(recipe)  # the searched keys are the study's variables, not its name
     tighter = recipe_from_dict(searchable, ["verify.max_accuracy_drop=1"])
     assert study_name(tighter) != study_name(recipe)  # stored constraints are relative to the budget
+
+
+def test_the_training_budget_is_searched_and_a_margin_tightens_the_metric_gates(searchable):
+    from edgetl.search import budget, space, study_name, trial_recipe
+
+    recipe = recipe_from_dict(searchable)
+    assert space(recipe)["prune.recovery_epochs"] == ("int", (0, 2 * recipe.prune.recovery_epochs, 1))
+    r = trial_recipe(recipe, {"prune.target_macs": 0.5, "prune.recovery_epochs": 2})
+    assert r.prune.recovery_epochs == 2
+    gates = budget(recipe_from_dict(searchable, ["verify.max_accuracy_drop=2", "verify.min_accuracy=80"]))
+    inside = budget(recipe_from_dict(searchable, ["verify.max_accuracy_drop=2", "verify.min_accuracy=80"]), 0.5)
+    assert (gates["max_metric_drop"], gates["min_metric"]) == (2, 80)
+    assert (inside["max_metric_drop"], inside["min_metric"]) == (1.5, 80.5)  # validation must beat them by 0.5
+    assert study_name(recipe, 0.5) != study_name(recipe)  # its constraints are other numbers
+
+
+def test_a_trial_whose_process_was_killed_is_failed_and_its_point_queued_again(tmp_path):
+    """The storage beats a heartbeat per running trial; one that stops beating (kill -9) is failed by the next worker
+    and its point is tried once more."""
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from edgetl.search import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", grace_s=1)
+    study = optuna.create_study(storage=storage, directions=["maximize", "maximize"])
+    trial = study.ask()
+    trial.suggest_float("prune.target_macs", 0.2, 1.0, step=0.05)
+    storage.record_heartbeat(trial._trial_id)  # its process beat once, then died
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    states = [(t.state, t.params) for t in study.get_trials(deepcopy=False)]
+    assert states[0] == (TrialState.FAIL, trial.params)
+    assert states[1] == (TrialState.WAITING, trial.params)  # queued again: the next optimize runs it first

@@ -84,6 +84,39 @@ def test_training_steps_lower_the_rpn_and_roi_losses_and_distillation_targets_th
         assert np.isfinite(float(task.loss(out, targets, model=model)))
 
 
+def test_box_head_pruner_removes_the_weakest_roi_neurons_with_the_trunks_channels():
+    """The RoI box head runs once per proposal: its neurons go with the trunk's channels. fc6 -> fc7 -> predictor
+    stay chained, the neurons kept are the strongest (L2 of in- and out-weights), MACs fall, the model still trains."""
+    import torch
+
+    from edgetl.compress.prune import _score, pruner_for
+    from edgetl.config import PruneCfg
+    from edgetl.measure import count_params_macs
+
+    model = _model().eval()
+    box = model.det.roi_heads.box_head
+    strength = _score(box.fc6.weight, "magnitude", True).sum(1) + _score(box.fc7.weight, "magnitude", False).sum(1)
+    want = set(strength.argsort(descending=True)[:256].tolist())
+    rows = box.fc6.weight.detach().clone()
+    macs0 = count_params_macs(model, 64)[1]
+    trunk0 = sum(p.numel() for p in model.features.parameters())
+    backbone = type("B", (), {"transformer": False, "head": "det"})()
+    pruner = pruner_for(model, torch.randn(1, 3, 64, 64), PruneCfg(ratio=0.5, steps=1), backbone)
+    pruner.step()
+    pred = model.det.roi_heads.box_predictor
+    assert (box.fc6.out_features, box.fc7.in_features, box.fc7.out_features) == (256, 256, 256)
+    assert pred.cls_score.in_features == pred.bbox_pred.in_features == 256
+    # fc6's rows kept are the strongest neurons' rows, unchanged
+    kept = {int((rows == r).all(1).nonzero()[0, 0]) for r in box.fc6.weight.detach()}
+    assert kept == want
+    assert pruner.describe()[0] == {"box_head": [256, 256]}
+    assert count_params_macs(model, 64)[1] < 0.7 * macs0
+    assert sum(p.numel() for p in model.features.parameters()) < 0.5 * trunk0  # the trunk's channels went too
+    model.train()
+    task = create_task("detection", CLASSES, type("T", (), {"detector": "faster_rcnn"})())
+    task.loss(model(torch.randn(2, 3, 64, 64)), _targets()[:2], model=model).backward()
+
+
 def _dets(*rows):
     a = np.asarray(rows, np.float32).reshape(-1, 6)
     return {"boxes": a[:, :4], "scores": a[:, 4], "labels": a[:, 5].astype(np.int64)}
@@ -132,6 +165,8 @@ def test_faster_rcnn_bundle_is_pruned_distilled_int8_and_takes_one_image_per_run
         parity = report["metrics"]["export"][role]
         assert parity["max_abs_diff"] <= parity["tolerance"] and parity["agreement"] == 1.0
     assert rows["pruned"]["params"] < rows["fp32"]["params"]
+    pruned = report["metrics"]["prune"]
+    assert pruned["steps"][-1]["box_head"] == [384, 384] and pruned["macs_after"] < pruned["macs_before"]  # 512 -> 384
     assert json.loads((out / "detection.json").read_text())["in_graph"] is True
     assert json.loads((out / "golden.json").read_text())["compare"] == "detections"
 
