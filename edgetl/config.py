@@ -558,6 +558,9 @@ def _check_values(recipe: Recipe) -> None:
     if recipe.task.score_thresh is not None and not 0.0 <= recipe.task.score_thresh < 1.0:
         raise EdgetlError("recipe key 'task.score_thresh': must be in [0, 1)")
     boxes = recipe.task.kind == "detection"
+    if boxes and recipe.task.detector == "faster_rcnn" and recipe.export.fp16:
+        # ORT's float16 converter breaks the graph's NMS / RoIAlign subgraphs (not a DAG after its Casts)
+        raise EdgetlError("recipe key 'export.fp16': not supported for task.detector faster_rcnn yet")
     if boxes != (recipe.data.kind in ("coco", "voc", "yolo")):
         raise EdgetlError(
             "recipe key 'data.kind': detection reads coco, voc or yolo annotations"

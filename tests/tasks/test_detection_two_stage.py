@@ -253,3 +253,6 @@ def test_torchvisions_faster_rcnn_gets_a_new_box_predictor_and_other_detectors_o
         raw["backbone"]["name"] = f"torchvision:{name}"
         result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", raw)])
         assert result.exit_code == 2 and message in result.output, result.output
+    raw["task"]["detector"], raw["export"] = "faster_rcnn", {"fp16": True}  # refused at load, before any training
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", raw)])
+    assert result.exit_code == 2 and "'export.fp16': not supported for task.detector faster_rcnn" in result.output
