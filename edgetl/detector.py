@@ -30,6 +30,9 @@ from edgetl.lazy import lazy_classes, picklable
 from edgetl.runner import BOX_WEIGHTS  # the device decodes with the weights the loss encodes with
 
 DETECTORS = ("ssdlite", "faster_rcnn")
+# the RPN keeps its top proposals whatever their objectness (torchvision's mobile preset drops those under 0.05): an
+# image with none would leave the RoI head zero rows, which the exported graph's Reshape(0, -1) cannot take in ORT
+NO_EMPTY_PROPOSALS = 0.0
 PAD = -1.0  # a padding row of a two-stage detector's output (score -1: runner.decode_detections drops it)
 
 
@@ -175,7 +178,7 @@ def _two_stage(size: int, chans: list[int], num_classes: int, fpn_width: int, an
         dict(training=2000, testing=rcnn.get("pre_nms", 150)),
         dict(training=2000, testing=rcnn.get("post_nms", 150)),
         0.7,
-        score_thresh=0.05,
+        score_thresh=NO_EMPTY_PROPOSALS,
     )
     pooler = MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2)
     width = rcnn.get("representation", 512)
@@ -243,6 +246,7 @@ def wrap_torchvision_rcnn(detector, size: int, num_classes: int, score_thresh: f
     if score_thresh is not None:
         heads.score_thresh = score_thresh
     body, fpn = detector.backbone.body, detector.backbone.fpn
+    detector.rpn.score_thresh = NO_EMPTY_PROPOSALS
     return _modules()[2](body, None, fpn, detector.rpn, heads, size).train(detector.training)
 
 

@@ -292,14 +292,19 @@ def decode_detections(outputs: np.ndarray, params: dict) -> list[dict]:
     return out
 
 
-def detection_diff(reference: list[dict], got: list[dict], iou: float = 0.5) -> tuple[float, int, int]:
+DIFF_MIN_SCORE = 0.3  # parity of a two-stage detector's final boxes: boxes under this score are not compared
+
+
+def detection_diff(
+    reference: list[dict], got: list[dict], iou: float = 0.5, min_score: float = 0.0
+) -> tuple[float, int, int]:
     """How far ``got``'s detections are from ``reference``'s, image by image: boxes matched one to one (same class,
     IoU >= ``iou``, the reference's best first); the largest |difference| of a matched pair's coordinates and score,
-    where a box left unmatched on either side counts its own score (it fell under the other's threshold). Returns
-    (that difference, matched pairs, boxes on both sides)."""
+    where a box left unmatched on either side counts its own score (it fell under the other's threshold). Pairs and
+    lone boxes scoring under ``min_score`` are matched but not counted: weak proposals can trade places with a near
+    duplicate when proposals differ by float rounding. Returns (that difference, counted pairs, counted boxes)."""
     diff, hits, total = 0.0, 0, 0
     for r, g in zip(reference, got, strict=True):
-        total += len(r["boxes"]) + len(g["boxes"])
         pairs: dict = {}  # reference index -> got index
         if len(r["boxes"]) and len(g["boxes"]):
             ious = box_iou(r["boxes"], g["boxes"])
@@ -311,13 +316,17 @@ def detection_diff(reference: list[dict], got: list[dict], iou: float = 0.5) -> 
                     if j not in pairs.values():
                         pairs[int(i)] = int(j)
                         break
-        hits += len(pairs)
         for i, j in pairs.items():
-            d = np.abs(r["boxes"][i] - g["boxes"][j]).max()
-            diff = max(diff, float(d), float(abs(r["scores"][i] - g["scores"][j])))
+            if max(r["scores"][i], g["scores"][j]) >= min_score:
+                hits += 1
+                total += 2
+                d = np.abs(r["boxes"][i] - g["boxes"][j]).max()
+                diff = max(diff, float(d), float(abs(r["scores"][i] - g["scores"][j])))
         lone = [s for i, s in enumerate(r["scores"]) if i not in pairs]
         lone += [s for j, s in enumerate(g["scores"]) if j not in pairs.values()]
-        diff = max([diff, *map(float, lone)])
+        lone = [float(s) for s in lone if s >= min_score]
+        total += len(lone)
+        diff = max([diff, *lone])
     return diff, hits, total
 
 
@@ -1005,7 +1014,7 @@ class Bundle:
         if spec.get("compare") == "detections":  # final boxes: matched, their coordinates and scores compared
             params = {"in_graph": True}
             found = [decode_detections(x, params) for x in (ref, got)]
-            diff, hits, total = detection_diff(*found)
+            diff, hits, total = detection_diff(*found, min_score=float(spec.get("min_score", 0.0)))
             agree = 1.0 if total == 0 else 2 * hits / total
             return self._verdict(len(ref), diff, tolerance, agree, need, spec)
         if got.shape != ref.shape:

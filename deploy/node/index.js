@@ -610,14 +610,13 @@ function boxIou(a, b) {
 /** How far `got`'s detections ([{boxes, scores, labels}] per image) are from `reference`'s (runner.py detection_diff):
  * boxes matched one to one (same class, IoU >= `iou`, the reference's best first); the largest |difference| of a
  * matched pair's coordinates and score, a box left unmatched on either side counting its own score. */
-function detectionDiff(reference, got, iou = 0.5) {
+function detectionDiff(reference, got, iou = 0.5, minScore = 0) {
   if (reference.length !== got.length) {
     throw new BundleError(`detections of ${got.length} images, expected ${reference.length}`);
   }
   let [diff, hits, total] = [0, 0, 0];
   reference.forEach((r, k) => {
     const g = got[k];
-    total += r.boxes.length + g.boxes.length;
     const pairs = new Map(); // reference index -> got index
     const taken = new Set();
     const desc = (v) => v.map((_, i) => i).sort((a, b) => v[b] - v[a]); // stable: ties keep index order
@@ -632,13 +631,22 @@ function detectionDiff(reference, got, iou = 0.5) {
         }
       }
     }
-    hits += pairs.size;
+    // pairs and lone boxes under minScore are matched but not counted (runner.py detection_diff)
     for (const [i, j] of pairs) {
+      if (Math.max(r.scores[i], g.scores[j]) < minScore) continue;
+      hits += 1;
+      total += 2;
       r.boxes[i].forEach((v, c) => { diff = Math.max(diff, Math.abs(v - g.boxes[j][c])); });
       diff = Math.max(diff, Math.abs(r.scores[i] - g.scores[j]));
     }
-    r.scores.forEach((s, i) => { if (!pairs.has(i)) diff = Math.max(diff, s); });
-    g.scores.forEach((s, j) => { if (!taken.has(j)) diff = Math.max(diff, s); });
+    const lone = (scores, used) => scores.forEach((s, i) => {
+      if (!used(i) && s >= minScore) {
+        total += 1;
+        diff = Math.max(diff, s);
+      }
+    });
+    lone(r.scores, (i) => pairs.has(i));
+    lone(g.scores, (j) => taken.has(j));
   });
   return { diff, hits, total };
 }
@@ -769,7 +777,8 @@ async function verifyGolden(bundle) {
       const params = { in_graph: true };
       const row = (i) => ref.data.subarray(i * width, (i + 1) * width);
       const want = Array.from({ length: n }, (_, i) => decodeDetections(row(i), params));
-      const { diff, hits, total } = detectionDiff(want, rows.map((r) => decodeDetections(r, params)));
+      const found = rows.map((r) => decodeDetections(r, params));
+      const { diff, hits, total } = detectionDiff(want, found, 0.5, Number(spec.min_score || 0));
       const agree = total === 0 ? 1 : (2 * hits) / total;
       return {
         n, max_abs_diff: diff, tolerance: spec.tolerance, top1_agreement: agree, min_agreement: spec.min_agreement,

@@ -84,6 +84,10 @@ def write_golden(state: State, recipe: Recipe, model: Path, int8: bool) -> dict:
         "tolerance": tolerance,
         "min_agreement": recipe.export.min_agreement,
     }
+    if spec["compare"] == "detections":  # boxes under this score are not compared (runner.detection_diff)
+        from edgetl.runner import DIFF_MIN_SCORE
+
+        spec["min_score"] = DIFF_MIN_SCORE
     (state.workdir / GOLDEN).write_text(json.dumps(spec))
     return {"n": len(outputs), "tolerance": tolerance, "bytes": len(blob)}
 

@@ -395,11 +395,13 @@ class TwoStageDetection(Detection):
 
     def parity(self, reference: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> Parity:
         """Final boxes of both, matched (same class, IoU >= 0.5): the largest coordinate or score difference, where
-        a box only one side found counts its score; agreement: matched boxes as an F1 over all boxes."""
-        from edgetl.runner import detection_diff
+        a box only one side found counts its score; agreement: matched boxes as an F1. Boxes scoring under 0.3 are
+        not counted (``runner.DIFF_MIN_SCORE``): float rounding reorders weak proposals, and a weak box may then
+        give way to a near duplicate a few pixels off."""
+        from edgetl.runner import DIFF_MIN_SCORE, detection_diff
 
         found = [[self.decode(b) for b in side] for side in (reference, got)]
-        diff, hits, total = detection_diff(*(sum(side, []) for side in found))
+        diff, hits, total = detection_diff(*(sum(side, []) for side in found), min_score=DIFF_MIN_SCORE)
         scale = max((float(np.abs(r[..., :4]).max()) for r in reference if r.size), default=1.0)
         n = sum(len(r) for r in reference)
         return Parity(diff, atol + rtol * scale, 1.0 if total == 0 else 2 * hits / total, n)

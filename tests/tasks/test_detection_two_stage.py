@@ -117,6 +117,26 @@ def test_box_head_pruner_removes_the_weakest_roi_neurons_with_the_trunks_channel
     task.loss(model(torch.randn(2, 3, 64, 64)), _targets()[:2], model=model).backward()
 
 
+def test_the_onnx_graph_takes_an_image_without_detections(tmp_path):
+    """No box over the score threshold: ORT gives [1, 0, 6] (proposals are never empty: the RPN keeps its top ones,
+    whose zero rows the graph's Reshape(0, -1) could not take)."""
+    import torch
+
+    from edgetl.backbones import build_backbone
+    from edgetl.config import BackboneCfg
+    from edgetl.onnx_export import export_onnx
+    from edgetl.runner import decode_detections, session
+
+    task = create_task("detection", CLASSES, type("T", (), {"detector": "faster_rcnn", "score_thresh": 0.999})())
+    torch.manual_seed(0)
+    bb = build_backbone(BackboneCfg(name="torchvision:mobilenet_v2", pretrained=False, input_size=64), task)
+    assert bb.model.det.rpn.score_thresh == 0.0
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    path = export_onnx(bb.model.eval(), bb.contract, tmp_path / "m.onnx", {"input": x}, 17)
+    out = session(path).run(None, {"input": x})[0]
+    assert out.shape == (1, 0, 6) and decode_detections(out, {"in_graph": True})[0]["boxes"].shape == (0, 4)
+
+
 def _dets(*rows):
     a = np.asarray(rows, np.float32).reshape(-1, 6)
     return {"boxes": a[:, :4], "scores": a[:, 4], "labels": a[:, 5].astype(np.int64)}
@@ -134,6 +154,11 @@ def test_detection_diff_matches_boxes_and_counts_a_lost_box_by_its_score():
     assert diff == pytest.approx(0.6) and (hits, total) == (1, 4)
     relabelled = [_dets([10, 10, 30, 30, 0.9, 2], [40, 40, 60, 60, 0.6, 1]), _dets()]
     assert detection_diff(ref, relabelled)[:2] == (pytest.approx(0.9), 1)  # another class is another box
+    # boxes under min_score are matched but not counted: a weak pair 3 px apart, a weak lone box
+    weak = [_dets([10, 10, 30, 30, 0.9, 0], [40, 40, 60, 60, 0.2, 1], [0, 0, 8, 8, 0.1, 1])]
+    moved = [_dets([10, 10, 30, 30, 0.9, 0], [43, 40, 63, 60, 0.25, 1])]
+    assert detection_diff(weak, moved, min_score=0.3) == (0.0, 1, 2)
+    assert detection_diff(weak, moved) == pytest.approx((3.0, 2, 5))
     padded = np.asarray([[[10, 10, 30, 30, 0.9, 0], [-1, -1, -1, -1, -1, -1]]], np.float32)
     (found,) = decode_detections(padded, {"in_graph": True})
     assert found["boxes"].shape == (1, 4) and found["labels"].tolist() == [0]

@@ -338,6 +338,11 @@ test('in-graph detections: -1 padding dropped; detectionDiff matches runner.py d
   assert.ok(Math.abs(r.diff - 1) < 1e-9);
   assert.deepEqual(edgetl.detectionDiff([{ boxes: [], scores: [], labels: [] }], got),
     { diff: 0.85, hits: 0, total: 2 });
+  // with minScore 0.3 (golden.json's min_score): a weak pair 3 px apart and a weak lone box are not counted
+  const weak = [{ boxes: [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], scores: [0.9, 0.2, 0.1], labels: [0, 1, 1] }];
+  const moved = [{ boxes: [[0, 0, 10, 10], [23, 20, 33, 30]], scores: [0.9, 0.25], labels: [0, 1] }];
+  assert.deepEqual(edgetl.detectionDiff(weak, moved, 0.5, 0.3), { diff: 0, hits: 1, total: 2 });
+  assert.deepEqual(edgetl.detectionDiff(weak, moved).total, 5);
 });
 
 test('NMS keeps the highest-scoring box of each overlapping group (runner.py nms)', () => {
