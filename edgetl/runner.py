@@ -293,16 +293,21 @@ def decode_detections(outputs: np.ndarray, params: dict) -> list[dict]:
 
 
 DIFF_MIN_SCORE = 0.3  # parity of a two-stage detector's final boxes: boxes under this score are not compared
+# ... and how far a matched pair may differ, in score and in 1 - IoU (0.25: IoU >= 0.75, COCO's strict AP75 match):
+# float rounding reorders proposals of the same object, so the one NMS keeps (and the box the RoI head regresses
+# from it) can be a neighbour a few pixels off
+BOX_SLACK = 0.25
 
 
 def detection_diff(
-    reference: list[dict], got: list[dict], iou: float = 0.5, min_score: float = 0.0
+    reference: list[dict], got: list[dict], iou: float = 0.5, min_score: float = 0.0, relative: bool = False
 ) -> tuple[float, int, int]:
     """How far ``got``'s detections are from ``reference``'s, image by image: boxes matched one to one (same class,
     IoU >= ``iou``, the reference's best first); the largest |difference| of a matched pair's coordinates and score,
     where a box left unmatched on either side counts its own score (it fell under the other's threshold). Pairs and
     lone boxes scoring under ``min_score`` are matched but not counted: weak proposals can trade places with a near
-    duplicate when proposals differ by float rounding. Returns (that difference, counted pairs, counted boxes)."""
+    duplicate when proposals differ by float rounding. ``relative``: a pair's coordinates count as 1 - their IoU
+    instead of pixels. Returns (that difference, counted pairs, counted boxes)."""
     diff, hits, total = 0.0, 0, 0
     for r, g in zip(reference, got, strict=True):
         pairs: dict = {}  # reference index -> got index
@@ -320,7 +325,10 @@ def detection_diff(
             if max(r["scores"][i], g["scores"][j]) >= min_score:
                 hits += 1
                 total += 2
-                d = np.abs(r["boxes"][i] - g["boxes"][j]).max()
+                if relative:
+                    d = 1.0 - box_iou(r["boxes"][i : i + 1], g["boxes"][j : j + 1])[0, 0]
+                else:
+                    d = np.abs(r["boxes"][i] - g["boxes"][j]).max()
                 diff = max(diff, float(d), float(abs(r["scores"][i] - g["scores"][j])))
         lone = [s for i, s in enumerate(r["scores"]) if i not in pairs]
         lone += [s for j, s in enumerate(g["scores"]) if j not in pairs.values()]
@@ -1014,7 +1022,9 @@ class Bundle:
         if spec.get("compare") == "detections":  # final boxes: matched, their coordinates and scores compared
             params = {"in_graph": True}
             found = [decode_detections(x, params) for x in (ref, got)]
-            diff, hits, total = detection_diff(*found, min_score=float(spec.get("min_score", 0.0)))
+            diff, hits, total = detection_diff(
+                *found, min_score=float(spec.get("min_score", 0.0)), relative=bool(spec.get("relative"))
+            )
             agree = 1.0 if total == 0 else 2 * hits / total
             return self._verdict(len(ref), diff, tolerance, agree, need, spec)
         if got.shape != ref.shape:

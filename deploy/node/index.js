@@ -610,7 +610,7 @@ function boxIou(a, b) {
 /** How far `got`'s detections ([{boxes, scores, labels}] per image) are from `reference`'s (runner.py detection_diff):
  * boxes matched one to one (same class, IoU >= `iou`, the reference's best first); the largest |difference| of a
  * matched pair's coordinates and score, a box left unmatched on either side counting its own score. */
-function detectionDiff(reference, got, iou = 0.5, minScore = 0) {
+function detectionDiff(reference, got, iou = 0.5, minScore = 0, relative = false) {
   if (reference.length !== got.length) {
     throw new BundleError(`detections of ${got.length} images, expected ${reference.length}`);
   }
@@ -636,7 +636,8 @@ function detectionDiff(reference, got, iou = 0.5, minScore = 0) {
       if (Math.max(r.scores[i], g.scores[j]) < minScore) continue;
       hits += 1;
       total += 2;
-      r.boxes[i].forEach((v, c) => { diff = Math.max(diff, Math.abs(v - g.boxes[j][c])); });
+      if (relative) diff = Math.max(diff, 1 - boxIou(r.boxes[i], g.boxes[j])); // runner.py: 1 - IoU, not pixels
+      else r.boxes[i].forEach((v, c) => { diff = Math.max(diff, Math.abs(v - g.boxes[j][c])); });
       diff = Math.max(diff, Math.abs(r.scores[i] - g.scores[j]));
     }
     const lone = (scores, used) => scores.forEach((s, i) => {
@@ -778,7 +779,7 @@ async function verifyGolden(bundle) {
       const row = (i) => ref.data.subarray(i * width, (i + 1) * width);
       const want = Array.from({ length: n }, (_, i) => decodeDetections(row(i), params));
       const found = rows.map((r) => decodeDetections(r, params));
-      const { diff, hits, total } = detectionDiff(want, found, 0.5, Number(spec.min_score || 0));
+      const { diff, hits, total } = detectionDiff(want, found, 0.5, Number(spec.min_score || 0), !!spec.relative);
       const agree = total === 0 ? 1 : (2 * hits) / total;
       return {
         n, max_abs_diff: diff, tolerance: spec.tolerance, top1_agreement: agree, min_agreement: spec.min_agreement,

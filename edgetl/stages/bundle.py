@@ -84,12 +84,12 @@ def write_golden(state: State, recipe: Recipe, model: Path, int8: bool) -> dict:
         "tolerance": tolerance,
         "min_agreement": recipe.export.min_agreement,
     }
-    if spec["compare"] == "detections":  # boxes under this score are not compared (runner.detection_diff)
-        from edgetl.runner import DIFF_MIN_SCORE
+    if spec["compare"] == "detections":  # matched boxes as the export's parity compares them (runner.detection_diff)
+        from edgetl.runner import BOX_SLACK, DIFF_MIN_SCORE
 
-        spec["min_score"] = DIFF_MIN_SCORE
+        spec.update(min_score=DIFF_MIN_SCORE, relative=True, tolerance=atol + BOX_SLACK)
     (state.workdir / GOLDEN).write_text(json.dumps(spec))
-    return {"n": len(outputs), "tolerance": tolerance, "bytes": len(blob)}
+    return {"n": len(outputs), "tolerance": spec["tolerance"], "bytes": len(blob)}
 
 
 def write_manifest(root: Path) -> dict:

@@ -394,17 +394,18 @@ class TwoStageDetection(Detection):
         return {"edgetl.detection": json.dumps(self.decode_params(model=model))}
 
     def parity(self, reference: list[np.ndarray], got: list[np.ndarray], atol: float, rtol: float) -> Parity:
-        """Final boxes of both, matched (same class, IoU >= 0.5): the largest coordinate or score difference, where
-        a box only one side found counts its score; agreement: matched boxes as an F1. Boxes scoring under 0.3 are
-        not counted (``runner.DIFF_MIN_SCORE``): float rounding reorders weak proposals, and a weak box may then
-        give way to a near duplicate a few pixels off."""
-        from edgetl.runner import DIFF_MIN_SCORE, detection_diff
+        """Final boxes of both, matched (same class, IoU >= 0.5): the largest score difference or 1 - IoU of a
+        matched pair, where a box only one side found counts its score, within ``atol`` + 0.25
+        (``runner.BOX_SLACK``: IoU >= 0.75, COCO's strict match); agreement: matched boxes as an F1. Boxes scoring under 0.3 are not counted
+        (``runner.DIFF_MIN_SCORE``). Float rounding reorders the proposals of one object, so NMS can keep a
+        neighbour of the proposal PyTorch kept and the RoI head's box moves by a few pixels (4.75 px on one box of
+        80 in the demo's FP32 export): exact coordinates are not the contract of a two-stage graph."""
+        from edgetl.runner import BOX_SLACK, DIFF_MIN_SCORE, detection_diff
 
         found = [[self.decode(b) for b in side] for side in (reference, got)]
-        diff, hits, total = detection_diff(*(sum(side, []) for side in found), min_score=DIFF_MIN_SCORE)
-        scale = max((float(np.abs(r[..., :4]).max()) for r in reference if r.size), default=1.0)
+        diff, hits, total = detection_diff(*(sum(side, []) for side in found), min_score=DIFF_MIN_SCORE, relative=True)
         n = sum(len(r) for r in reference)
-        return Parity(diff, atol + rtol * scale, 1.0 if total == 0 else 2 * hits / total, n)
+        return Parity(diff, atol + BOX_SLACK, 1.0 if total == 0 else 2 * hits / total, n)
 
     def check_outputs(self, outputs: Any) -> None:
         if outputs.dim() != 3 or outputs.shape[-1] != 6:

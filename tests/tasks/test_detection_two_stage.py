@@ -159,6 +159,8 @@ def test_detection_diff_matches_boxes_and_counts_a_lost_box_by_its_score():
     moved = [_dets([10, 10, 30, 30, 0.9, 0], [43, 40, 63, 60, 0.25, 1])]
     assert detection_diff(weak, moved, min_score=0.3) == (0.0, 1, 2)
     assert detection_diff(weak, moved) == pytest.approx((3.0, 2, 5))
+    # relative: a pair's coordinates count as 1 - IoU (20 x 20 boxes 3 px apart: 1 - 340 / 460)
+    assert detection_diff(weak, moved, relative=True)[0] == pytest.approx(1 - 340 / 460)
     padded = np.asarray([[[10, 10, 30, 30, 0.9, 0], [-1, -1, -1, -1, -1, -1]]], np.float32)
     (found,) = decode_detections(padded, {"in_graph": True})
     assert found["boxes"].shape == (1, 4) and found["labels"].tolist() == [0]

@@ -343,6 +343,10 @@ test('in-graph detections: -1 padding dropped; detectionDiff matches runner.py d
   const moved = [{ boxes: [[0, 0, 10, 10], [23, 20, 33, 30]], scores: [0.9, 0.25], labels: [0, 1] }];
   assert.deepEqual(edgetl.detectionDiff(weak, moved, 0.5, 0.3), { diff: 0, hits: 1, total: 2 });
   assert.deepEqual(edgetl.detectionDiff(weak, moved).total, 5);
+  // relative: a pair's coordinates count as 1 - IoU (a 10 x 10 box moved 1 px: 1 - 90/110)
+  const r2 = edgetl.detectionDiff(ref, [{ boxes: [[1, 0, 11, 10], [20, 20, 30, 30]], scores: [0.9, 0.6], labels: [0, 1] }],
+    0.5, 0, true);
+  assert.ok(Math.abs(r2.diff - (1 - 90 / 110)) < 1e-9 && r2.hits === 2);
 });
 
 test('NMS keeps the highest-scoring box of each overlapping group (runner.py nms)', () => {
