@@ -397,9 +397,10 @@ class TwoStageDetection(Detection):
         """Final boxes of both, matched (same class, IoU >= 0.5): the largest score difference or 1 - IoU of a
         matched pair, where a box only one side found counts its score, within ``atol`` + 0.25
         (``runner.BOX_SLACK``: IoU >= 0.75, COCO's strict match); agreement: matched boxes as an F1. Boxes scoring
-        under 0.3 are not counted (``runner.DIFF_MIN_SCORE``). Float rounding reorders the proposals of one object, so NMS can keep a
-        neighbour of the proposal PyTorch kept and the RoI head's box moves by a few pixels (4.75 px on one box of
-        80 in the demo's FP32 export): exact coordinates are not the contract of a two-stage graph."""
+        under 0.3 are not counted (``runner.DIFF_MIN_SCORE``). Float rounding reorders the proposals of one
+        object, so NMS can keep a neighbour of the proposal PyTorch kept and the RoI head's box moves by a few pixels
+        (4.75 px on one box of 80 in the demo's FP32 export): exact coordinates are not the contract of a two-stage
+        graph."""
         from edgetl.runner import BOX_SLACK, DIFF_MIN_SCORE, detection_diff
 
         found = [[self.decode(b) for b in side] for side in (reference, got)]
