@@ -336,7 +336,7 @@ class TwoStageDetection(Detection):
     confident detections (score >= 0.5) as a second set of targets, ``alpha * loss(teacher's boxes) + (1 - alpha) *
     loss(true boxes)``: proposals differ between teacher and student, so there are no per-anchor outputs to align
     (the SSD recipe's KL); ``distill.feature_weight`` with FPN layers adds feature imitation on top. Parity: final
-    boxes matched between PyTorch and ORT, coordinates and scores compared (``runner.detection_diff``)."""
+    boxes matched between PyTorch and ORT (``runner.detection_diff``); their agreement gates the export."""
 
     output_names = ("detections",)
     batch_axis = False  # the traced graph loops over the images it was exported with: one per run
