@@ -25,17 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def depthwise(path: Path) -> list[str]:
-    """Names of the depthwise Convs (one input channel per group) of the ONNX graph at ``path``."""
+    """Names of the depthwise Convs of the ONNX graph at ``path`` (``int8_ops.conv_kinds``' classes, in order)."""
     import onnx
 
-    graph = onnx.load(str(path)).graph
-    shapes = {i.name: list(i.dims) for i in graph.initializer}
-    out = []
-    for node in graph.node:
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if node.op_type == "Conv" and group > 1 and shapes[node.input[1]][1] == 1:
-            out.append(node.name)
-    return out
+    from benchmarks.int8_ops import conv_kinds
+
+    names = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    return [n for n, kind in zip(names, conv_kinds(path), strict=True) if kind == "depthwise"]
 
 
 def main() -> None:
