@@ -68,9 +68,10 @@ demo-seq2seq-compressed: setup
 	$(MAKE) $(SEQ2SEQ_DATA)
 	$(VENV)/bin/edgetl build models/minilm_punctuation_seq2seq_compressed.yaml
 
+# one pytest worker per core (pytest-xdist), each module's tests on one worker so its built bundles are shared
 test: setup
 	$(PY) -m edgetl.assets
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadscope
 	deploy/node/run_test.sh
 
 # the house style: ruff's lint rules and its formatter (120 columns), both checked in CI

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,17 +99,19 @@ def open_storage(url: str, grace_s: float | None = None):
     """An Optuna storage with heartbeats for a database URL: a trial whose process was killed (its heartbeat stops
     for ``grace_s``) is marked failed when any worker next starts a trial, and its point is queued again once."""
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     if "://" not in url:
         return url  # let Optuna say what is wrong
     grace = GRACE_S if grace_s is None else grace_s
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=max(1, min(HEARTBEAT_S, int(grace / 2))),
-        grace_period=int(max(grace, 1)),
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5: a warning on every search
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=max(1, min(HEARTBEAT_S, int(grace / 2))),
+            grace_period=int(max(grace, 1)),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
 
 
 def judge(state, threads: int, runs: int, warmup: int) -> dict:

@@ -13,6 +13,11 @@ from click.testing import CliRunner
 
 from tests.tiny import TINY
 
+# `make test` runs two pytest-xdist workers on the 2 cores: one thread each for torch (read at its import) and the
+# processes the tests start, so the workers do not fight over the cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # every build saves its stages (so the tests exercise the cache) into a directory of this run, never ~/.cache;
 # each test gets its own below, so a test's build never reuses another test's stages
 os.environ["EDGETL_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgetl-test-cache.")

@@ -36,9 +36,14 @@ def test_search_fine_tunes_once_and_ships_the_fastest_trial_inside_the_budget(se
     state, result = search(recipe, out, trials=3)
     assert len(runs) == 1  # every trial and the final build start from the one cached fine-tune
 
-    trials = result["trials"]
-    assert len(trials) == 3 and all(t["state"] == "COMPLETE" for t in trials)
-    assert set(trials[0]["params"]) == set(space(recipe))
+    rows = result["trials"]
+    assert len(rows) == 3 and set(rows[0]["params"]) == set(space(recipe))
+    # a point the model cannot reach (a MACs target below what this tiny net can lose) fails with its one-line
+    # reason and the study goes on; the seeded sampler draws one such point here
+    failed = [t for t in rows if t["state"] != "COMPLETE"]
+    assert all(t["state"] == "FAIL" and "out of reach" in t["error"] and "\n" not in t["error"] for t in failed)
+    trials = [t for t in rows if t["state"] == "COMPLETE"]
+    assert len(trials) >= 2 and rows[0] in trials
     assert all(0 < t["speedup"] and t["size_mb"] > 0 and t["feasible"] == (t["val_drop"] <= 50.0) for t in trials)
     chosen = next(t for t in trials if t["number"] == result["chosen"])
     assert chosen["number"] in result["front"] and chosen["feasible"]
