@@ -254,6 +254,23 @@ def test_runner_runs_the_faster_rcnn_bundle_image_by_image(rcnn_bundle, tmp_path
     )
     assert verify.returncode == 0 and verify.stdout.startswith("verify PASS"), verify.stdout + verify.stderr
 
+    # a golden set holding a confident box the model does not find fails (the first image's first row replaced)
+    import shutil
+
+    from edgetl.runner import sha256
+
+    copy = shutil.copytree(out, tmp_path / "copy")
+    spec = json.loads((copy / "golden.json").read_text())
+    raw = bytearray((copy / "golden.bin").read_bytes())
+    at = spec["outputs"]["offset"]
+    raw[at : at + 24] = np.asarray([3, 3, 9, 9, 0.99, 0], "<f4").tobytes()
+    (copy / "golden.bin").write_bytes(raw)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["golden.bin"] = sha256(copy / "golden.bin")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    bad = subprocess.run([sys.executable, str(copy / "runner.py"), str(copy), "verify"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stdout.startswith("verify FAIL"), bad.stdout + bad.stderr
+
 
 def test_torchvisions_faster_rcnn_gets_a_new_box_predictor_and_other_detectors_one_error_line(tmp_path):
     from edgetl.backbones import build_backbone
