@@ -10,8 +10,9 @@ Text (minilm; minilm_ner: the NER demo, entity F1): the demo bundle (built here,
 then ORT FP32 | optimum ORTQuantizer dynamic INT8 of the same FP32 model (the peer default, AutoQuantizationConfig
 for this CPU) | edgetl's shipped INT8, at batch 1 with sequences padded to 32 and to 128 tokens, the task's metric
 on the bundle's test split.
-Detection (ssdlite: the detection demo's bundle, --det-bundle): PyTorch eager FP32 | ORT FP32 | ORT quantize_static
-defaults | edgetl INT8 of the fine-tuned detector | the bundle's pruned + distilled + INT8, COCO mAP on its test split.
+Detection (ssdlite: the detection demo's bundle, or a Faster R-CNN one with --det-bundle): PyTorch eager FP32 | ORT
+FP32 | ORT quantize_static defaults | edgetl INT8 of the fine-tuned detector (the bundle's placement) | the bundle's
+shipped model (pruned + distilled + INT8 where its recipe prunes), COCO mAP on its test split.
 seq2seq (the seq2seq demo's bundle, --s2s-bundle): ORT FP32 | optimum ORTQuantizer dynamic INT8 per component | the
 bundle's INT8, BLEU on its test split, time to first token and to 32 generated tokens at batch 1.
 All variants are timed interleaved in chunks of 10 runs (noise hits them alike); ratios are p50(ORT FP32) /
@@ -98,6 +99,9 @@ def ort_default_ptq(src: Path, dst: Path, calib: np.ndarray) -> Path:
         def get_next(self):
             return next(self.it, None)
 
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # its calibration sessions warn once per unused initializer
     quantize_static(str(src), str(dst), Reader())
     return dst
 

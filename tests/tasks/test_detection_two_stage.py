@@ -173,6 +173,7 @@ def rcnn_bundle(tmp_path_factory):
     raw["verify"]["runs"] = 3
     # every scored box leaves the graph (a one-epoch detector scores low): the runner and the golden check compare boxes
     raw["task"] = {"kind": "detection", "detector": "faster_rcnn", "score_thresh": 0.0}
+    raw["export"] = {**raw.get("export", {}), "ort_format": True}  # model.ort (ORT Mobile) of the INT8 graph too
     out = tmp / "bundle"
     result = CliRunner().invoke(main, ["build", write_recipe(tmp / "r.yaml", raw), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -227,7 +228,7 @@ def test_faster_rcnn_bundle_is_pruned_distilled_int8_and_takes_one_image_per_run
 
 def test_runner_runs_the_faster_rcnn_bundle_image_by_image(rcnn_bundle, tmp_path):
     """The runner on PNGs of the golden images returns what the graph gives for each image alone; verify passes."""
-    from edgetl.runner import Bundle, decode_detections, normalize
+    from edgetl.runner import Bundle, decode_detections, normalize, session
 
     out, _ = rcnn_bundle
     images, files = golden_pngs(out, 3, tmp_path)
@@ -253,6 +254,14 @@ def test_runner_runs_the_faster_rcnn_bundle_image_by_image(rcnn_bundle, tmp_path
         [sys.executable, str(out / "runner.py"), str(out), "verify"], capture_output=True, text=True
     )
     assert verify.returncode == 0 and verify.stdout.startswith("verify PASS"), verify.stdout + verify.stderr
+
+    # model.ort, ORT Mobile's format of the shipped graph (NMS, RoiAlign, QDQ), gives the same boxes
+    ort_file = json.loads((out / "report.json").read_text())["metrics"]["ort_format"]["file"]
+    mobile = session(out / ort_file)
+    for im, w in zip(images, want, strict=True):
+        found = mobile.run(None, {"input": normalize(im[None], bundle.preprocess)})[0]
+        (m,) = decode_detections(found, {"in_graph": 1})
+        assert m["labels"].tolist() == w["labels"].tolist() and np.allclose(m["boxes"], w["boxes"], atol=1e-3)
 
     # a golden set holding a confident box the model does not find fails (the first image's first row replaced)
     import shutil
