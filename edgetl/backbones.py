@@ -177,7 +177,9 @@ def _detector(trunk, cfg: BackboneCfg, task, tf) -> Backbone:
 
     size = cfg.input_size or 320  # torchvision's SSDLite size; small objects or small devices: set input_size
     if task.detector == "faster_rcnn":
-        model = build_faster_rcnn(trunk, size, len(task.classes), score_thresh=task.score_thresh)
+        model = build_faster_rcnn(
+            trunk, size, len(task.classes), score_thresh=task.score_thresh, proposals=task.proposals
+        )
     else:
         model = build_ssdlite(trunk, size, len(task.classes))
     groups = [[f"features.{n}.{p}" for p, _ in m.named_parameters()] for n, m in model.features.named_children()]
@@ -206,7 +208,9 @@ def _torchvision_detector(detector, cfg: BackboneCfg, task) -> Backbone:
         kind = "faster_rcnn" if two_stage else "ssdlite"
         raise EdgetlError(f"backbone.name: {type(detector).__name__} is detected with task.detector: {kind}")
     if two_stage:
-        model = wrap_torchvision_rcnn(detector, size, len(task.classes), score_thresh=task.score_thresh)
+        model = wrap_torchvision_rcnn(
+            detector, size, len(task.classes), score_thresh=task.score_thresh, proposals=task.proposals
+        )
     else:
         model = wrap_torchvision_ssd(detector, size, len(task.classes))
     # the fine-tuning blocks: IntermediateLayerGetter's children (Faster R-CNN), or each SSD backbone part's

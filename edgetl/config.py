@@ -44,6 +44,10 @@ class TaskCfg:
     # detection: boxes scoring under this are dropped before NMS (None: the detector's own, SSD 0.01, Faster R-CNN
     # 0.05); mAP counts low-scoring boxes, so lower keeps recall; `runner.py predict --min-score` filters for display
     score_thresh: float | None = None
+    # detection, faster_rcnn: proposals per image the RPN hands the RoI head at inference (its top-n per FPN level
+    # before NMS and per image after; training keeps 2000). None: 150, torchvision's 320 px model. The RoI pooling and
+    # box head run once per proposal, so fewer is faster; a few times the most objects an image holds is plenty
+    proposals: int | None = None
     # seq2seq: target texts are truncated to max_target_length tokens for training; generation stops at the end
     # token or after max_new_tokens (None: max_target_length)
     max_target_length: int = 64
@@ -558,6 +562,10 @@ def _check_values(recipe: Recipe) -> None:
     if recipe.task.score_thresh is not None and not 0.0 <= recipe.task.score_thresh < 1.0:
         raise EdgetlError("recipe key 'task.score_thresh': must be in [0, 1)")
     boxes = recipe.task.kind == "detection"
+    if recipe.task.proposals is not None and (
+        recipe.task.proposals < 1 or not boxes or recipe.task.detector != "faster_rcnn"
+    ):
+        raise EdgetlError("recipe key 'task.proposals': a positive count, for task.detector faster_rcnn only")
     if boxes and recipe.task.detector == "faster_rcnn" and recipe.export.fp16:
         # ORT's float16 converter breaks the graph's NMS / RoIAlign subgraphs (not a DAG after its Casts)
         raise EdgetlError("recipe key 'export.fp16': not supported for task.detector faster_rcnn yet")

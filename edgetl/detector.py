@@ -224,18 +224,35 @@ def _trunk_maps(trunk, size: int, detector: str):
     return features, max(i for i, s in enumerate(strides) if s <= 16), widths
 
 
-def build_faster_rcnn(trunk, size: int, num_classes: int, fpn_width: int = 128, score_thresh: float | None = None):
+def build_faster_rcnn(
+    trunk,
+    size: int,
+    num_classes: int,
+    fpn_width: int = 128,
+    score_thresh: float | None = None,
+    proposals: int | None = None,
+):
     """Faster R-CNN over ``trunk.features`` for ``num_classes`` object classes (+ background) at ``size`` x ``size``:
-    the trunk's last stride-16 and stride-32 maps feed the FPN."""
+    the trunk's last stride-16 and stride-32 maps feed the FPN; ``proposals`` per image at inference (None: 150)."""
     features, last16, widths = _trunk_maps(trunk, size, "faster_rcnn")
     taps = [last16, len(features) - 1]
     fpn, rpn, heads = _two_stage(size, [widths[i] for i in taps], num_classes, fpn_width, size / 320)
-    if score_thresh is not None:
-        heads.score_thresh = score_thresh
+    _set_heads(rpn, heads, score_thresh, proposals)
     return _modules()[2](features, taps, fpn, rpn, heads, size).train(features.training)
 
 
-def wrap_torchvision_rcnn(detector, size: int, num_classes: int, score_thresh: float | None = None):
+def _set_heads(rpn, heads, score_thresh: float | None, proposals: int | None) -> None:
+    """The recipe's inference settings: the RoI head's score threshold, the RPN's proposals per image (its top-n per
+    FPN level before NMS and per image after, at inference; training keeps its own)."""
+    if score_thresh is not None:
+        heads.score_thresh = score_thresh
+    if proposals is not None:
+        rpn._pre_nms_top_n["testing"] = rpn._post_nms_top_n["testing"] = proposals
+
+
+def wrap_torchvision_rcnn(
+    detector, size: int, num_classes: int, score_thresh: float | None = None, proposals: int | None = None
+):
     """A torchvision Faster R-CNN (``torchvision:fasterrcnn_mobilenet_v3_large_320_fpn``, COCO weights for online
     users) with a new box predictor for ``num_classes``, at a fixed ``size``; its own resize / normalise transform and
     box rescaling give way to edgetl's (the bundle's runner does them)."""
@@ -243,8 +260,7 @@ def wrap_torchvision_rcnn(detector, size: int, num_classes: int, score_thresh: f
 
     heads = detector.roi_heads
     heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes + 1)
-    if score_thresh is not None:
-        heads.score_thresh = score_thresh
+    _set_heads(detector.rpn, heads, score_thresh, proposals)
     body, fpn = detector.backbone.body, detector.backbone.fpn
     detector.rpn.score_thresh = NO_EMPTY_PROPOSALS
     return _modules()[2](body, None, fpn, detector.rpn, heads, size).train(detector.training)

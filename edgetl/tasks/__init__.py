@@ -23,8 +23,11 @@ def create_task(kind: str, classes: list[str], cfg=None):
         from edgetl.tasks.detection import Detection, TwoStageDetection
 
         detector = getattr(cfg, "detector", "ssdlite")
-        cls = TwoStageDetection if detector == "faster_rcnn" else Detection
-        return cls(classes, detector=detector, score_thresh=getattr(cfg, "score_thresh", None))
+        if detector == "faster_rcnn":
+            return TwoStageDetection(
+                classes, score_thresh=getattr(cfg, "score_thresh", None), proposals=getattr(cfg, "proposals", None)
+            )
+        return Detection(classes, detector=detector, score_thresh=getattr(cfg, "score_thresh", None))
     if kind == "seq2seq":
         from edgetl.tasks.seq2seq import Seq2Seq
 

@@ -342,6 +342,10 @@ class TwoStageDetection(Detection):
     batch_axis = False  # the traced graph loops over the images it was exported with: one per run
     golden_compare = "detections"
 
+    def __init__(self, classes: list[str], score_thresh: float | None = None, proposals: int | None = None):
+        super().__init__(classes, "faster_rcnn", score_thresh)
+        self.proposals = proposals  # RPN proposals per image at inference (None: the detector's 150)
+
     def output_axes(self) -> dict:
         return {"detections": {1: "boxes"}}
 

@@ -137,6 +137,36 @@ def test_the_onnx_graph_takes_an_image_without_detections(tmp_path):
     assert out.shape == (1, 0, 6) and decode_detections(out, {"in_graph": True})[0]["boxes"].shape == (0, 4)
 
 
+def test_task_proposals_sets_the_rpns_inference_proposals_and_is_refused_elsewhere(tmp_path):
+    """``task.proposals``: the RPN's top-n at inference (training keeps 2000), which the RoI head pools one by one;
+    a one-line error for SSDLite or a count under 1."""
+    import torch
+
+    from edgetl.backbones import build_backbone
+    from edgetl.config import recipe_from_dict
+
+    raw = detection_recipe(write_digit_boxes(tmp_path / "data", n=10))
+    raw["task"] = {"kind": "detection", "detector": "faster_rcnn", "proposals": 7}
+    recipe = recipe_from_dict(raw)
+    task = create_task("detection", CLASSES, recipe.task)
+    torch.manual_seed(0)
+    model = build_backbone(recipe.backbone, task).model.train()
+    rpn = model.det.rpn
+    assert (rpn.pre_nms_top_n(), rpn.post_nms_top_n()) == (2000, 2000)  # training keeps its own
+    found = []
+    rpn.register_forward_hook(lambda m, i, out: found.append([len(p) for p in out[0]]))
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 96, 96))
+    assert (rpn.pre_nms_top_n(), rpn.post_nms_top_n()) == (7, 7) and found == [[7, 7]]  # the RoI head pools 7 each
+    for task_raw in ({"kind": "detection", "proposals": 7}, {**raw["task"], "proposals": 0}):
+        raw["task"] = task_raw
+        result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", raw)])
+        assert (
+            result.exit_code == 2
+            and "'task.proposals': a positive count, for task.detector faster_rcnn" in result.output
+        )
+
+
 def _dets(*rows):
     a = np.asarray(rows, np.float32).reshape(-1, 6)
     return {"boxes": a[:, :4], "scores": a[:, 4], "labels": a[:, 5].astype(np.int64)}
