@@ -49,7 +49,7 @@ demo-detect: assets
 	$(MAKE) $(DETECT_DATA)
 	$(VENV)/bin/edgetl build models/ssdlite_mobilenet_v2_fmnist.yaml
 
-# the same data through a two-stage detector (Faster R-CNN parts over MobileNetV2), fine-tuned and INT8 (~30 min)
+# the same data through a two-stage detector (Faster R-CNN parts over MobileNetV2), fine-tuned and INT8 (~15 min)
 demo-detect-frcnn: assets
 	$(MAKE) $(DETECT_DATA)
 	$(VENV)/bin/edgetl build models/fasterrcnn_mobilenet_v2_fmnist.yaml
