@@ -349,6 +349,29 @@ def bench_seq2seq(runs: int, bundle: Path, tokens: int = 32) -> list[dict]:
     return out
 
 
+def crash_check(path: Path, inputs: Path) -> str | None:
+    """Run the graph at ``path`` over the images in ``inputs`` (.npy) in a child process, one run per image as the
+    runner does: None when every run returns, else why not (a segfault in ORT is a row of the table, not the end of
+    the benchmark)."""
+    import subprocess
+
+    code = (
+        "import sys, numpy as np\n"
+        "from edgetl.runner import run_batch, session\n"
+        "x, s = np.load(sys.argv[2]), session(sys.argv[1])\n"
+        "for i in range(len(x)):\n"
+        "    run_batch(s, {'input': x[i : i + 1]})\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(inputs)], cwd=ROOT, capture_output=True, text=True
+    )
+    if proc.returncode < 0:
+        return f"ORT crashed on it (signal {-proc.returncode})"
+    if proc.returncode:
+        return (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]
+    return None
+
+
 def bench_detection(runs: int, bundle: Path) -> list[dict]:
     """Detection rows on a detection demo's bundle (``make demo-detect``: SSDLite; ``make demo-detect-frcnn``:
     Faster R-CNN): COCO mAP on its test split and batch-1 latency of ORT FP32 (the fine-tuned detector), ORT
@@ -397,12 +420,16 @@ def bench_detection(runs: int, bundle: Path) -> list[dict]:
     )
     variants[f"edgetl {compressed} bundle ({shipped})"] = bundle / "model.onnx"
     test, y = mod.feeds(state.data.test), mod.targets(state.data.test)
+    np.save(work / "test.npy", np.concatenate([f["input"] for f in test]))
     rows = {"PyTorch eager FP32": {"acc": None, "size_mb": None}}
     for name, path in list(variants.items()):
+        why = crash_check(path, work / "test.npy")  # ORT's default INT8 of a detector may crash ORT itself
         try:
+            if why:
+                raise RuntimeError(why)
             rows[name] = {"acc": ort_metric(task, path, test, y).value, "size_mb": path.stat().st_size / 1e6}
-        except Exception as e:  # ORT's default INT8 of a detector may not run at all
-            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        except Exception as e:  # or not run at all
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][-300:]}"
             del variants[name]
     for name, why in failed.items():
         print(f"{name}: failed on this graph ({why})")
