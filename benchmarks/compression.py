@@ -86,15 +86,13 @@ def run_stages(state, recipe, names):
 def ort_default_ptq(src: Path, dst: Path, calib: np.ndarray) -> Path:
     """What a user gets from ONNX Runtime alone: quantize_static with its default arguments (calibration batches of
     16, or of the graph's fixed batch: a two-stage detector's graph takes one image per run)."""
-    import onnx
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
-    fixed = onnx.load(str(src), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0].dim_value
-    step = fixed or 16
+    from edgetl.compress.ort_quant import _one_per_run
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"input": calib[i : i + step]} for i in range(0, len(calib) - len(calib) % step, step)])
+            self.it = iter(_one_per_run(src, [{"input": calib[i : i + 16]} for i in range(0, len(calib), 16)]))
 
         def get_next(self):
             return next(self.it, None)
@@ -400,13 +398,17 @@ def bench_detection(runs: int, bundle: Path) -> list[dict]:
     shipped = report["metrics"]["quantize"]["chosen"]
     compressed = "pruned + distilled + INT8" if recipe.prune else "INT8"
     variants = {"ORT FP32": fp32}
-    failed = {}
-    try:
-        variants["ORT quantize_static (defaults)"] = ort_default_ptq(
-            fp32, work / "ort_default.onnx", np.concatenate([f["input"] for f in calib])
-        )
-    except Exception as e:  # the peer's failure is a result of this benchmark
-        failed["ORT quantize_static (defaults)"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    test, y = mod.feeds(state.data.test), mod.targets(state.data.test)
+    np.save(work / "test.npy", np.concatenate([f["input"] for f in test]))
+    try:  # the peer's failure is a result of this benchmark; its graph may even crash ORT (run apart first)
+        peer = ort_default_ptq(fp32, work / "ort_default.onnx", np.concatenate([f["input"] for f in calib]))
+        why = crash_check(peer, work / "test.npy")
+        if why:
+            raise RuntimeError(why)
+        variants["ORT quantize_static (defaults)"] = peer
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][-300:]}"  # the end names ORT's node and the shapes
+        print(f"ORT quantize_static (defaults): failed on this graph ({why})")
     # the placement the build chose for its shipped INT8 (e.g. ptq_fl2: the first 2 convs FP32), here on the unpruned
     fl = re.search(r"_fl(\d+)", shipped)  # detector; ORT static with the box / score tail float, as the build does
     variants["edgetl INT8 (not pruned)"] = quantize_onnx(
@@ -419,20 +421,9 @@ def bench_detection(runs: int, bundle: Path) -> list[dict]:
         float_tail=True,
     )
     variants[f"edgetl {compressed} bundle ({shipped})"] = bundle / "model.onnx"
-    test, y = mod.feeds(state.data.test), mod.targets(state.data.test)
-    np.save(work / "test.npy", np.concatenate([f["input"] for f in test]))
     rows = {"PyTorch eager FP32": {"acc": None, "size_mb": None}}
-    for name, path in list(variants.items()):
-        why = crash_check(path, work / "test.npy")  # ORT's default INT8 of a detector may crash ORT itself
-        try:
-            if why:
-                raise RuntimeError(why)
-            rows[name] = {"acc": ort_metric(task, path, test, y).value, "size_mb": path.stat().st_size / 1e6}
-        except Exception as e:  # or not run at all
-            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][-300:]}"
-            del variants[name]
-    for name, why in failed.items():
-        print(f"{name}: failed on this graph ({why})")
+    for name, path in variants.items():
+        rows[name] = {"acc": ort_metric(task, path, test, y).value, "size_mb": path.stat().st_size / 1e6}
     model = state.backbone.model.eval()  # the unpruned architecture, for eager latency
     feed = mod.latency_feed(state.data.test)
     for threads in (1, 2):

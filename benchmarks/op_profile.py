@@ -1,7 +1,8 @@
 """Where an image bundle's time goes: ORT's per-kernel time summed by operator, its FP32 model vs its shipped INT8.
 
 Both graphs of one bundle (``model.fp32.onnx`` and ``model.onnx``) run with ORT's profiler on the bundle's first
-golden image (batch 1, as the device prepares it), interleaved in rounds so that load hits both alike; the table
+golden image (batch 1, as the device prepares it), interleaved in rounds of 20 runs so that load hits both alike
+(ORT profiles a session from its creation, so each round is a fresh session and its first run counts); the table
 gives each operator's mean kernel time per run, its share of the graph's kernel time, and the FP32 / INT8 ratio of
 the summed groups: Conv (QLinearConv / ConvInteger in INT8), MatMul + Gemm (their quantized forms), Q / DQ, and the
 rest by name (a detector's RoiAlign, NonMaxSuppression, TopK ... stay float). The CPU and its int8 features are
