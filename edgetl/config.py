@@ -169,6 +169,10 @@ class PruneCfg:
     # text encoders: FFN neurons are cut by ``ratio`` and attention heads by ``head_ratio`` (None = ratio), evenly
     # in every layer; at least one head stays per layer
     head_ratio: float | None = None
+    # image classifiers: the student resizes its input (bilinear) to this side inside the model, before its first
+    # layer, and learns the lower resolution from the teacher (distill); the bundle's input and preprocessing stay
+    # the fine-tuned model's. target_macs then counts at this size; ratio 0 removes no channels
+    input_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -481,7 +485,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "finetune.unfreeze_every": (_at_least(1), ">= 1"),
     "finetune.unfreeze_group": (_at_least(1), ">= 1"),
-    "prune.ratio": (_fraction, "between 0 and 1"),
+    "prune.ratio": (lambda v: 0 <= v < 1, "in [0, 1) (0: no channels removed, for prune.input_size alone)"),
+    "prune.input_size": (_at_least(8), ">= 8 pixels"),
     "prune.target_macs": (_fraction, "between 0 and 1 (a fraction of the starting MACs)"),
     "prune.head_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "prune.steps": (_at_least(1), ">= 1"),
@@ -559,6 +564,12 @@ def _check_values(recipe: Recipe) -> None:
             raise EdgetlError("recipe key 'export.ort_format': not supported for seq2seq (two ONNX files)")
         if recipe.export.fp16:
             raise EdgetlError("recipe key 'export.fp16': not supported for seq2seq yet (two ONNX files)")
+    if (
+        recipe.prune is not None
+        and recipe.prune.input_size is not None
+        and (kind != "classification" or recipe.backbone.name.startswith("hf:"))
+    ):
+        raise EdgetlError("recipe key 'prune.input_size': for image classification only (set null)")
     if recipe.task.score_thresh is not None and not 0.0 <= recipe.task.score_thresh < 1.0:
         raise EdgetlError("recipe key 'task.score_thresh': must be in [0, 1)")
     boxes = recipe.task.kind == "detection"

@@ -211,10 +211,17 @@ def header(report: dict) -> str:
         ("train / val / test", " / ".join(_fmt(splits.get(s)) for s in ("train", "val", "test")) if splits else None),
         ("would ship" if failed else "ships", f"{shipped} ({ship.get('file')})" if ship else shipped),
         ("training", _training(m.get("train"))),
+        ("input resolution", _resized((m.get("prune") or {}).get("input_size"))),
     ]
     lines = "".join(f"<li><b>{escape(k)}</b>: {escape(str(v))}</li>" for k, v in items if v is not None)
     banner = "<p class='fail'>BUILD FAILED: a gate was not met, nothing was shipped</p>" if failed else ""
     return f"<h1>{escape(str(report.get('name', '')))}</h1>{banner}<ul>{lines}</ul>"
+
+
+def _resized(size: int | None) -> str | None:
+    if size is None:
+        return None
+    return f"{size} px, resized inside the model (prune.input_size); the bundle's input keeps the fine-tuned size"
 
 
 def _training(train: dict | None) -> str | None:

@@ -1,7 +1,8 @@
 """``edgetl search``: the fastest model inside the recipe's budget, found by Optuna over the compression settings.
 
 Every trial is the recipe with a point of the search space (prune depth ``prune.target_macs``, ``prune.round_to``
-and ``prune.importance``, the distillation epochs, ``quantize.method``), run up to quantize through the stage
+and ``prune.importance``, image classifiers' input resolution ``prune.input_size``, the prune recovery and
+distillation epochs, the distillation transfer set, ``quantize.method``), run up to quantize through the stage
 cache, so the fine-tune (whose key does not depend on those settings) runs once and every trial starts from it.
 Trials are judged on the validation split only: the shipped model's metric under ONNX Runtime, its speed-up over
 the fine-tuned FP32 ONNX model (batch 1, at ``verify.threads``, measured interleaved), and its size. The budget is
@@ -27,14 +28,30 @@ from edgetl.errors import EdgetlError, GateFailed
 
 SEARCHED = (
     "prune.target_macs",
+    "prune.input_size",
     "prune.round_to",
     "prune.importance",
     "prune.recovery_epochs",
     "distill.epochs",
+    "distill.transfer_size",
     "quantize.method",
 )
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process stopped beating for GRACE_S (killed) is failed and retried
 MACS_RANGE = (0.2, 1.0, 0.05)  # prune.target_macs: low, high, step (a repeated point is a cache hit); 1.0: no pruning
+SCALES = (
+    5 / 6,
+    2 / 3,
+    1 / 2,
+)  # prune.input_size: these fractions of the input side (multiples of 8), besides the full size
+
+
+def input_sizes(recipe: Recipe) -> tuple:
+    """The input resolutions searched (None: the fine-tuned model's); image classifiers with a set
+    backbone.input_size only (the pretrained default size is known only once the backbone is loaded)."""
+    side = recipe.backbone.input_size
+    if side is None or recipe.backbone.name.startswith("hf:") or recipe.task.kind != "classification":
+        return (None,)
+    return (None, *sorted({int(round(side * f / 8)) * 8 for f in SCALES} - {side}, reverse=True))
 
 
 def space(recipe: Recipe) -> dict:
@@ -49,24 +66,74 @@ def space(recipe: Recipe) -> dict:
         "prune.recovery_epochs": ("int", (0, max(2 * r, 1), 1)),
         "distill.epochs": ("int", (0, max(d, 1), 1)),  # 0: no distillation
     }
+    t = recipe.distill.transfer_size if recipe.distill else 0
+    if t:  # the recipe's transfer set is the ceiling: with it or without (each epoch then costs that much more)
+        out["distill.transfer_size"] = ("categorical", (0, t))
     if image:
         out["prune.round_to"] = ("categorical", (8, 16))
         out["quantize.method"] = ("categorical", ("qat", "ptq"))
+    if len(input_sizes(recipe)) > 1:  # a lower resolution inside the model, learnt from the teacher
+        out["prune.input_size"] = ("categorical", input_sizes(recipe))
     return out
+
+
+def recipe_point(recipe: Recipe, sp: dict) -> dict:
+    """The recipe's own settings as a point of the space ``sp``: the keys whose value the space holds (a ``ratio``
+    without ``target_macs`` has no MACs value: the sampler draws that one)."""
+    p, d = recipe.prune, recipe.distill
+    have = {
+        "prune.target_macs": 1.0 if p is None else p.target_macs,
+        "prune.input_size": None if p is None else p.input_size,
+        "prune.importance": None if p is None else p.importance,
+        "prune.round_to": None if p is None else p.round_to,
+        "prune.recovery_epochs": None if p is None else p.recovery_epochs,
+        "distill.epochs": 0 if d is None else d.epochs,
+        "distill.transfer_size": None if d is None else d.transfer_size,
+        "quantize.method": recipe.quantize.method if recipe.quantize else None,
+    }
+    out = {}
+    for key, (kind, arg) in sp.items():
+        v = have.get(key)
+        if kind == "categorical" and v in arg and (v is not None or key == "prune.input_size"):
+            out[key] = v
+        elif kind in ("int", "float") and v is not None:
+            low, high, step = arg
+            v = round(low + round((min(max(v, low), high) - low) / step) * step, 4)
+            out[key] = int(v) if kind == "int" else v
+    return out
+
+
+def _prune_section(current: dict | None, params: dict) -> dict | None:
+    """The prune section of a point: None (no pruning), channels and / or a lower input size. Settings that a point
+    makes moot (how channels are ranked when none are removed) keep the recipe's values, so such points share the
+    stage cache."""
+    chosen = {k.split(".")[1]: v for k, v in params.items() if k.startswith("prune.")}
+    if not chosen:
+        return current
+    channels = chosen.get("target_macs", 0.0) < 1.0
+    if not channels and chosen.get("input_size") is None:
+        return None
+    if not channels:
+        chosen = {
+            "ratio": 0.0,
+            "target_macs": None,
+            **{k: chosen[k] for k in ("input_size", "recovery_epochs") if k in chosen},
+        }
+    return {**(current or {}), **chosen}
 
 
 def trial_recipe(recipe: Recipe, params: dict) -> Recipe:
     """The recipe with one point of the space (prune / distill / quantize sections added with their defaults when
     the recipe has none)."""
     raw = recipe_to_dict(recipe)
+    raw["prune"] = _prune_section(raw.get("prune"), params)
     for key, value in params.items():
         section, field = key.split(".")
-        if (key == "distill.epochs" and value == 0) or (key == "prune.target_macs" and value >= 1.0):
-            raw[section] = None
-        elif key.startswith("prune.") and "prune.target_macs" in params and params["prune.target_macs"] >= 1.0:
-            continue  # no pruning: its other settings are moot
-        else:
-            raw[section] = {**(raw.get(section) or {}), field: value}
+        if section == "prune" or (section == "distill" and params.get("distill.epochs") == 0):
+            continue
+        raw[section] = {**(raw.get(section) or {}), field: value}
+    if params.get("distill.epochs") == 0:
+        raw["distill"] = None
     if raw.get("quantize") is None:  # INT8 is part of every point (text: ORT dynamic / static, chosen on val)
         raw["quantize"] = {}
     return recipe_from_dict(raw)
@@ -286,6 +353,8 @@ def search(
     study.sampler = optuna.samplers.TPESampler(  # a resumed study does not redraw the first session's points
         seed=recipe.seed + len(study.trials), n_startup_trials=min(10, max(trials // 2, 1))
     )
+    if not study.trials:  # a new study starts from the recipe's own settings: nothing worse ships inside the budget
+        study.enqueue_trial(recipe_point(recipe, sp))
     earlier = sum(t.state.is_finished() for t in study.trials)  # not counting points waiting in the queue
     log(f"search: study {study.study_name} in {storage}, {earlier} earlier trials; budget {limits or 'none'}")
 
@@ -364,9 +433,14 @@ def search(
 def as_overrides(params: dict) -> list[str]:
     """The chosen point as --set arguments for edgetl build."""
     out = []
+    prune = _prune_section({}, params)
+    if any(k.startswith("prune.") for k in params):
+        out += (
+            ["prune=null"] if prune is None else [f"prune.{k}={'null' if v is None else v}" for k, v in prune.items()]
+        )
+    if params.get("distill.epochs") == 0:
+        out.append("distill=null")
     for k, v in params.items():
-        if (k == "distill.epochs" and v == 0) or (k == "prune.target_macs" and v >= 1.0):
-            out.append(f"{k.split('.')[0]}=null")
-        elif not (k.startswith("prune.") and params.get("prune.target_macs", 0) >= 1.0):
+        if not (k.startswith("prune.") or (k.startswith("distill.") and params.get("distill.epochs") == 0)):
             out.append(f"{k}={v}")
     return out

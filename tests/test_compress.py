@@ -13,7 +13,14 @@ from click.testing import CliRunner
 from edgetl.backbones import build_backbone
 from edgetl.cli import main
 from edgetl.compress.ort_quant import float_compute_ops, optimized_ops, quantize_onnx
-from edgetl.compress.prune import make_pruner, protected_layers, prune_step, ratio_for_macs
+from edgetl.compress.prune import (
+    input_size_of,
+    make_pruner,
+    protected_layers,
+    prune_step,
+    ratio_for_macs,
+    resize_input,
+)
 from edgetl.compress.qat import attach_fake_quant, detach_fake_quant
 from edgetl.config import BackboneCfg, PruneCfg, QuantizeCfg
 from edgetl.errors import EdgetlError
@@ -44,6 +51,66 @@ def test_pruning_removes_channels_and_still_exports(tmp_path):
     path = export_onnx(model, b.contract, tmp_path / "p.onnx", {"input": x[:1]}, 17)
     check = parity(create_task("classification", list("abcde")), model, path, [{"input": x}], b.contract.atol, 0.0)
     assert check.ok and check.max_abs_diff < b.contract.atol and check.agreement == 1.0
+
+
+def test_a_lower_input_size_is_part_of_the_model_pruned_counted_and_exported(tmp_path):
+    import pickle
+
+    b = _mnv2()
+    model = b.model.eval()
+    _, macs0 = count_params_macs(model, 32)
+    resize_input(model, 16)  # the input is resized inside the model: what the device feeds stays 32 x 32
+    _, macs_small = count_params_macs(model, 32)
+    assert macs_small < 0.5 * macs0  # a quarter of the positions in the early layers (the last ones are 1 x 1)
+    assert input_size_of(pickle.loads(pickle.dumps(model))) == 16  # survives the stage cache
+    with pytest.raises(EdgetlError, match="already resizes"):
+        resize_input(model, 16)
+    example = torch.randn(1, 3, 32, 32)
+    pruner = make_pruner(model, example, PruneCfg(ratio=0.5, steps=1), b.head)
+    prune_step(pruner, model, example)
+    _, macs1 = count_params_macs(model, 32)
+    assert macs1 < 0.5 * macs_small and input_size_of(model) == 16
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    path = export_onnx(model, b.contract, tmp_path / "r.onnx", {"input": x[:1]}, 17)
+    graph = onnx.load(path).graph
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 32]
+    resize = next(n for n in graph.node if n.op_type == "Resize")  # the input, resized, feeds the first Conv
+    assert resize.input[0] == graph.input[0].name
+    assert next(n for n in graph.node if n.op_type == "Conv").input[0] == resize.output[0]
+    check = parity(create_task("classification", list("abcde")), model, path, [{"input": x}], b.contract.atol, 0.0)
+    assert check.ok and check.agreement == 1.0
+
+
+def test_input_size_builds_a_bundle_that_takes_the_full_size(tmp_path, tiny_raw):
+    tiny_raw["finetune"].update(epochs=1)
+    tiny_raw["prune"] = {"ratio": 0, "input_size": 24, "recovery_epochs": 1}  # the resolution alone
+    tiny_raw["quantize"] = {"method": "ptq", "require_speedup": False, "calibration_size": 32}
+    out = tmp_path / "r"
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "input resized to 24 px inside the model" in result.output
+    report = json.loads((out / "report.json").read_text())
+    p = report["metrics"]["prune"]
+    assert p["input_size"] == 24 and p["macs_before"] < p["macs_fine_tuned"] and p["macs_after"] == p["macs_before"]
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert rows["pruned"]["params"] == rows["fp32"]["params"] and rows["pruned"]["macs"] < rows["fp32"]["macs"]
+    shipped = onnx.load(out / "model.onnx").graph
+    assert [d.dim_value for d in shipped.input[0].type.tensor_type.shape.dim[2:]] == [32, 32]
+    assert any(n.op_type == "Resize" for n in shipped.node)
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert pre["crop"] == 32  # the device prepares images as for the fine-tuned model
+    assert "24 px, resized inside the model" in (out / "report.html").read_text()
+    # only where it means something: image classifiers below their input size
+    tiny_raw["prune"]["input_size"] = 32
+    result = CliRunner().invoke(main, ["build", write_recipe(tmp_path / "r.yaml", tiny_raw), "--out", str(out)])
+    assert result.exit_code == 2 and "prune.input_size': 32 must be below the input size 32" in result.output
+    from edgetl.config import recipe_from_dict
+    from tests.tiny import detection_recipe
+
+    det = detection_recipe(tmp_path / "a.json")
+    det["prune"]["input_size"] = 32
+    with pytest.raises(EdgetlError, match="prune.input_size': for image classification only"):
+        recipe_from_dict(det)
 
 
 def test_target_macs_searches_the_ratio_that_lands_on_it():
@@ -86,6 +153,22 @@ def test_protected_layers_come_from_the_model_being_pruned():
     layers = protected_layers(b.model, b.head, ("stem", "head"))
     own = list(b.model.modules())
     assert all(any(layer is m for m in own) for layer in layers) and len(layers) == 2
+
+
+def test_the_teacher_in_onnx_runtime_gives_the_same_distillation_loss(tmp_path):
+    from edgetl.runner import session
+    from edgetl.train import Distill
+
+    teacher, student = _mnv2(), _mnv2()
+    resize_input(student.model, 24)
+    x = torch.randn(8, 3, 32, 32)
+    path = export_onnx(teacher.model.eval(), teacher.contract, tmp_path / "t.onnx", {"input": x[:1].numpy()}, 17)
+    task, y = create_task("classification", list("abcde")), torch.randint(0, 5, (8,))
+    by_torch = Distill(task, teacher.model)(student.model.eval(), x, y)
+    by_ort = Distill(task, teacher.model, teacher_session=session(path))(student.model, x, y)
+    assert by_ort.item() == pytest.approx(by_torch.item(), rel=1e-4)
+    by_ort.backward()  # the student still learns through it
+    assert student.model.features[0][0].weight.grad is not None
 
 
 def test_kd_loss_is_cross_entropy_at_alpha_zero_and_matches_teacher_at_one():

@@ -126,7 +126,7 @@ def test_bench_settings_are_valid_overrides_of_the_demo_recipe():
     [
         ("verify.runs=0", "recipe key 'verify.runs': 0 must be >= 1"),
         ("quantize.float_leading_convs=-1", "recipe key 'quantize.float_leading_convs': -1 must be auto or >= 0"),
-        ("prune.ratio=1.0", "recipe key 'prune.ratio': 1.0 must be between 0 and 1"),
+        ("prune.ratio=1.0", "recipe key 'prune.ratio': 1.0 must be in [0, 1)"),
         ("data.val_fraction=0", "recipe key 'data.val_fraction': 0.0 must be between 0 and 1"),
         ("name=../elsewhere", "recipe key 'name': '../elsewhere' must be a plain file name"),
         ("name=", "recipe key 'name'"),

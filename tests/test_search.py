@@ -112,6 +112,38 @@ def test_a_point_of_the_space_is_a_valid_recipe_and_the_budget_names_the_study(s
     r = trial_recipe(recipe, point)  # the top of the MACs range is "no pruning"; 0 epochs is "no distillation"
     assert r.prune is None and r.distill is None and r.quantize.method == "ptq"
     assert as_overrides(point) == ["prune=null", "distill=null", "quantize.method=ptq"]
+    # a lower input resolution without channel pruning keeps a prune section that removes no channels
+    low = trial_recipe(recipe, {**point, "prune.input_size": 24})
+    assert (low.prune.input_size, low.prune.ratio, low.prune.target_macs, low.prune.importance) == (
+        24,
+        0.0,
+        None,
+        recipe.prune.importance,  # moot without channels: the recipe's, so such points share the stage cache
+    )
+    assert as_overrides({**point, "prune.input_size": 24})[:3] == [  # the same recipe as edgetl build arguments
+        "prune.ratio=0.0",
+        "prune.target_macs=null",
+        "prune.input_size=24",
+    ]
+    assert recipe_from_dict(searchable, as_overrides({**point, "prune.input_size": 24})).prune == low.prune
+    assert trial_recipe(recipe, {**point, "prune.input_size": None}).prune is None
+    assert trial_recipe(recipe, {**point, "distill.transfer_size": 100}).distill is None  # moot without distillation
+    assert as_overrides({**point, "distill.transfer_size": 100}) == [
+        "prune=null",
+        "distill=null",
+        "quantize.method=ptq",
+    ]
+    # a new study's first trial is the recipe's own settings, on the space's grid; a ratio has no MACs value
+    from edgetl.search import recipe_point, space
+
+    own = recipe_from_dict(
+        searchable, ["prune.target_macs=0.43", "prune.input_size=24", "distill.epochs=1", "quantize.method=ptq"]
+    )
+    first = recipe_point(own, space(own))
+    assert (first["prune.target_macs"], first["prune.input_size"], first["distill.epochs"]) == (0.45, 24, 1)
+    assert first["quantize.method"] == "ptq" and first["prune.recovery_epochs"] == 1
+    assert "prune.target_macs" not in recipe_point(recipe, space(recipe))
+    assert recipe_point(recipe_from_dict(searchable, ["prune=null"]), space(recipe))["prune.target_macs"] == 1.0
     r = trial_recipe(recipe, {**point, "prune.target_macs": 0.35, "distill.epochs": 2})
     assert (r.prune.target_macs, r.prune.importance, r.distill.epochs) == (0.35, "lamp", 2)
     assert r.prune.steps == 1  # the recipe's own prune settings stay
@@ -126,6 +158,15 @@ def test_the_training_budget_is_searched_and_a_margin_tightens_the_metric_gates(
 
     recipe = recipe_from_dict(searchable)
     assert space(recipe)["prune.recovery_epochs"] == ("int", (0, 2 * recipe.prune.recovery_epochs, 1))
+    assert space(recipe)["prune.input_size"] == ("categorical", (None, 24, 16))  # 32 px: 5/6 and 2/3 of it -> 24
+    demo = recipe_from_dict(searchable, ["backbone.input_size=96"])
+    assert space(demo)["prune.input_size"] == ("categorical", (None, 80, 64, 48))
+    assert "distill.transfer_size" not in space(recipe)
+    assert space(recipe_from_dict(searchable, ["distill.transfer_size=500"]))["distill.transfer_size"] == (
+        "categorical",
+        (0, 500),
+    )
+    assert "prune.input_size" not in space(recipe_from_dict(searchable, ["backbone.input_size=null"]))
     r = trial_recipe(recipe, {"prune.target_macs": 0.5, "prune.recovery_epochs": 2})
     assert r.prune.recovery_epochs == 2
     gates = budget(recipe_from_dict(searchable, ["verify.max_accuracy_drop=2", "verify.min_accuracy=80"]))

@@ -402,3 +402,31 @@ def prune_step(pruner, model, example, loader=None, loss=None) -> None:
                 break
     pruner.step()
     model.zero_grad(set_to_none=True)
+
+
+class InputResize:
+    """A forward pre-hook that resizes a CNN's image input to ``size`` x ``size`` (bilinear) before its first layer:
+    a lower input resolution, learnt through distillation from the teacher at the full size. It is part of the
+    model, so ONNX export writes it as the graph's first node (a Resize) and the bundle's input and preprocessing
+    stay the fine-tuned model's. A class, not a closure, so the model still pickles (the stage cache)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, module, args):
+        import torch.nn.functional as F
+
+        x, *rest = args
+        return (F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False), *rest)
+
+
+def input_size_of(model) -> int | None:
+    """The side a model resizes its input to (``resize_input``), or None."""
+    return next((h.size for h in model._forward_pre_hooks.values() if isinstance(h, InputResize)), None)
+
+
+def resize_input(model, size: int) -> None:
+    """Make ``model`` resize its input to ``size`` x ``size`` first (in place; once)."""
+    if input_size_of(model) is not None:
+        raise EdgetlError("the model already resizes its input")
+    model.register_forward_pre_hook(InputResize(size))
