@@ -105,7 +105,8 @@ def onnx_teacher(state: State, recipe: Recipe, folder):
         return None
     teacher = state.teacher.eval()
     feed = mod.feeds(state.data.val, batch=16, limit=16)[0]
-    path = export_onnx(teacher, state.backbone.contract, folder / "teacher.onnx", feed, recipe.export.opset)
+    # opset 17: the lowest edgetl exports; this file is internal (never shipped), so export.opset is not read
+    path = export_onnx(teacher, state.backbone.contract, folder / "teacher.onnx", feed, 17)
     sess = session(path, threads=torch.get_num_threads())
     with torch.no_grad():
         ref = teacher(torch.from_numpy(feed["input"])).numpy()
