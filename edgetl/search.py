@@ -9,7 +9,9 @@ the fine-tuned FP32 ONNX model (batch 1, at ``verify.threads``, measured interle
 the recipe's gates, as Optuna constraints: ``max_metric_drop`` (/ ``max_accuracy_drop``) against the fine-tuned
 model's validation metric, ``min_metric``, ``min_speedup``, ``max_size_mb``. Optuna's multi-objective sampler
 (TPE) maximises the metric and the speed-up; of the feasible Pareto front the fastest trial is then built as a
-normal bundle, measured once on test (its gates apply) with the search in its report.
+normal bundle, measured once on test (its gates apply) with the search in its report. Once a trial is inside the
+budget, a later point is timed right after pruning (``speed_bound``) and not trained further when its layers
+cannot come within ``SPEED_SLACK`` of that trial's speed-up.
 
 The study lives in an Optuna storage, by default ``<out>.search.db`` (SQLite) beside the output, so a search
 resumes after an interruption; an RDB URL (``postgresql://...``) lets several machines work on one study.
@@ -37,6 +39,7 @@ SEARCHED = (
     "quantize.method",
 )
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process stopped beating for GRACE_S (killed) is failed and retried
+SPEED_SLACK = 0.1  # a point is trained unless its layers' speed-up is this far under the fastest feasible trial's
 MACS_RANGE = (0.2, 1.0, 0.05)  # prune.target_macs: low, high, step (a repeated point is a cache hit); 1.0: no pruning
 SCALES = (
     5 / 6,
@@ -209,6 +212,45 @@ def judge(state, threads: int, runs: int, warmup: int) -> dict:
     }
 
 
+def fastest_feasible(study, limits: dict) -> tuple[int, float] | None:
+    """(number, speed-up) of the fastest measured trial inside the budget so far, or None."""
+    from optuna.trial import TrialState
+
+    inside = [
+        (t.number, t.user_attrs["measured"]["speedup"])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("measured") and all(c <= 0 for c in constraints(t.user_attrs["measured"], limits).values())
+    ]
+    return max(inside, key=lambda x: x[1], default=None)
+
+
+def speed_bound(state, threads: int, runs: int, warmup: int) -> float | None:
+    """The speed-up over the fine-tuned FP32 model that a trial's layers allow, measured right after pruning, before
+    distillation: latency depends on the layers, not on the weights that training will change. The pruned model
+    as exported and as ORT static INT8 (every Conv, calibrated on two batches), the faster of the two; None where
+    INT8 is not static QDQ (text: the quantize stage chooses)."""
+    from edgetl.compress.ort_quant import quantize_onnx
+    from edgetl.config import QuantizeCfg
+    from edgetl.measure import add_latency
+    from edgetl.onnx_export import export_onnx
+    from edgetl.runner import cpu_int8_features
+
+    mod = state.modality
+    if not getattr(mod, "static_int8", False) or state.teacher is None:
+        return None
+    feed, contract = mod.latency_feed(state.data.val), state.backbone.contract
+    with tempfile.TemporaryDirectory(prefix="edgetl-bound.") as tmp:
+        d = Path(tmp)
+        export_onnx(state.teacher, contract, d / "fp32.onnx", feed, 17)
+        pruned = export_onnx(state.backbone.model, contract, d / "pruned.onnx", feed, 17)
+        calib = mod.calibration(state.data.train, 32)
+        reduce_range = not cpu_int8_features()["vnni_or_dot"]
+        quantize_onnx(pruned, d / "int8.onnx", calib, QuantizeCfg(float_leading_convs=0), reduce_range)
+        rows = [{"stage": s, "file": f"{s}.onnx"} for s in ("fp32", "pruned", "int8")]
+        add_latency(rows, d, feed, threads, runs, warmup)
+    return max(r["speedup_vs_fp32"] for r in rows[1:])
+
+
 def constraints(measured: dict, limits: dict) -> dict:
     """Optuna constraint values (feasible when <= 0) of one trial."""
     sign = 1 if measured["higher_is_better"] else -1
@@ -374,6 +416,18 @@ def search(
                 raise
             with tempfile.TemporaryDirectory(prefix=f".edgetl-trial.{os.getpid()}.", dir=out.parent) as tmp:
                 try:
+                    fastest = fastest_feasible(study, limits)
+                    if fastest is not None and r.prune is not None:  # can its layers beat the fastest so far?
+                        pruned = run_stages(r, Path(tmp), store, log=lambda line: None, until="prune")
+                        bound = speed_bound(pruned, threads, runs, warmup)
+                        if bound is not None and bound < fastest[1] * (1 - SPEED_SLACK):
+                            why = (
+                                f"skipped before distillation: its layers run about {bound:.2f}x FP32, under trial "
+                                f"{fastest[0]}'s {fastest[1]:.2f}x inside the budget"
+                            )
+                            trial.set_user_attr("error", why)
+                            log(f"  {why}")
+                            raise optuna.TrialPruned(why)
                     state = run_stages(r, Path(tmp), store, log=lambda line: None, until="quantize")
                 except EdgetlError as e:
                     trial.set_user_attr("error", str(e))

@@ -25,12 +25,15 @@ def searchable(tiny_raw):
 
 
 def test_search_fine_tunes_once_and_ships_the_fastest_trial_inside_the_budget(searchable, tmp_path, monkeypatch):
+    import edgetl.search as search_module
     import edgetl.stages.finetune as finetune
     from edgetl.search import search, space
 
     runs = []
     original = finetune.run
     monkeypatch.setattr(finetune, "run", lambda state, recipe: runs.append(1) or original(state, recipe))
+    # every point trained (skipping on timed layers depends on timing noise; it has its own test below)
+    monkeypatch.setattr(search_module, "speed_bound", lambda *a: None)
     out = tmp_path / "out"
     recipe = recipe_from_dict(searchable)
     state, result = search(recipe, out, trials=3)
@@ -69,8 +72,6 @@ def test_search_fine_tunes_once_and_ships_the_fastest_trial_inside_the_budget(se
     # again (enqueued, as TPE sometimes proposes one), so trial 0's measurements are reused, nothing is judged again
     import optuna
 
-    import edgetl.search as search_module
-
     optuna.load_study(study_name=result["study"], storage=result["storage"]).enqueue_trial(trials[0]["params"])
     monkeypatch.setattr(search_module, "judge", lambda *a: pytest.fail("a repeated point was judged again"))
     result = CliRunner().invoke(
@@ -81,6 +82,27 @@ def test_search_fine_tunes_once_and_ships_the_fastest_trial_inside_the_budget(se
     assert "the same build: edgetl build " in result.output and "--set prune.target_macs=" in result.output
     assert "the same point as trial 0: its measurements reused" in result.output
     assert len(runs) == 1
+
+
+def test_a_point_whose_layers_cannot_beat_the_fastest_feasible_trial_is_not_trained(searchable, tmp_path, monkeypatch):
+    import edgetl.search as search_module
+    import edgetl.stages.distill as distill
+
+    bounds, distilled = [], []
+    real = search_module.speed_bound
+    monkeypatch.setattr(search_module, "speed_bound", lambda *a: bounds.append(real(*a)) or 0.01)
+    original = distill.run
+    monkeypatch.setattr(distill, "run", lambda state, recipe: distilled.append(1) or original(state, recipe))
+    searchable["distill"] = {"epochs": 1}
+    state, result = search_module.search(recipe_from_dict(searchable), tmp_path / "out", trials=4)
+    rows = result["trials"]
+    first = next(t for t in rows if t["state"] == "COMPLETE" and t["feasible"])
+    later = [t for t in rows if t["number"] > first["number"]]
+    pruned = [t for t in later if t["params"]["prune.target_macs"] < 1 or t["params"].get("prune.input_size")]
+    assert pruned and bounds and all(b > 0 for b in bounds)  # measured on the real pruned layers
+    for t in pruned:  # measured after pruning, not trained further
+        assert t["state"] == "PRUNED" and t["error"].startswith("skipped before distillation: its layers run")
+    assert len(distilled) <= len(rows) - len(pruned) + 1  # the final build may distil once more
 
 
 def test_a_budget_no_trial_meets_is_one_line_and_no_bundle(searchable, tmp_path):
