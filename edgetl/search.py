@@ -41,11 +41,8 @@ SEARCHED = (
 HEARTBEAT_S, GRACE_S = 60, 180  # a trial whose process stopped beating for GRACE_S (killed) is failed and retried
 SPEED_SLACK = 0.1  # a point is trained unless its layers' speed-up is this far under the fastest feasible trial's
 MACS_RANGE = (0.2, 1.0, 0.05)  # prune.target_macs: low, high, step (a repeated point is a cache hit); 1.0: no pruning
-SCALES = (
-    5 / 6,
-    2 / 3,
-    1 / 2,
-)  # prune.input_size: these fractions of the input side (multiples of 8), besides the full size
+# prune.input_size: these fractions of the input side (multiples of 8), besides the full size
+SCALES = (5 / 6, 2 / 3, 1 / 2)
 
 
 def input_sizes(recipe: Recipe) -> tuple:

@@ -91,11 +91,10 @@ def onnx_teacher(state: State, recipe: Recipe, folder):
     """An ONNX Runtime session on the teacher, for image classifiers distilled from logits on the CPU (about 5x
     eager PyTorch's speed on a batch: the teacher's forward pass was most of an epoch); None where PyTorch runs it
     (a GPU, feature KD, other tasks) or where ORT's outputs differ beyond the export tolerance on a batch."""
-    import numpy as np
     import torch
 
     from edgetl.distributed import device_name
-    from edgetl.onnx_export import export_onnx
+    from edgetl.onnx_export import export_onnx, parity
     from edgetl.runner import session
 
     cfg, mod = recipe.distill, state.modality
@@ -107,11 +106,10 @@ def onnx_teacher(state: State, recipe: Recipe, folder):
     feed = mod.feeds(state.data.val, batch=16, limit=16)[0]
     # opset 17: the lowest edgetl exports; this file is internal (never shipped), so export.opset is not read
     path = export_onnx(teacher, state.backbone.contract, folder / "teacher.onnx", feed, 17)
-    sess = session(path, threads=torch.get_num_threads())
-    with torch.no_grad():
-        ref = teacher(torch.from_numpy(feed["input"])).numpy()
-    if np.abs(sess.run(None, {"input": feed["input"]})[0] - ref).max() > state.backbone.contract.atol:
+    atol = state.backbone.contract.atol
+    if parity(state.task, teacher, path, [feed], atol, 0.0).max_abs_diff > atol:
         return None
+    sess = session(path, threads=torch.get_num_threads())
     print("  teacher: its ONNX export, in ONNX Runtime (logits only, on the CPU)")
     return sess
 
